@@ -1,0 +1,33 @@
+"""AdaRound post-training weight rounding for PyTorch, with a PyTorch Lightning callback.
+
+Public API: ``adaround`` and ``AdaRoundConfig`` (plain PyTorch), the grid granularities,
+the result types, the observer hooks, and ``AdaRoundCallback`` (imported lazily so the
+core works without Lightning installed).
+"""
+
+from lightning_adaround.api import adaround
+from lightning_adaround.config import AdaRoundConfig
+from lightning_adaround.observer import AdaRoundObserver
+from lightning_adaround.quant import PerChannel, PerTensor, QuantGrid
+from lightning_adaround.result import AdaRoundResult, LayerResult
+
+__all__ = [
+    "AdaRoundCallback",
+    "AdaRoundConfig",
+    "AdaRoundObserver",
+    "AdaRoundResult",
+    "LayerResult",
+    "PerChannel",
+    "PerTensor",
+    "QuantGrid",
+    "adaround",
+]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "AdaRoundCallback":
+        from lightning_adaround.callback import AdaRoundCallback
+
+        return AdaRoundCallback
+    raise AttributeError(f"module 'lightning_adaround' has no attribute {name!r}")

@@ -1,0 +1,239 @@
+"""``adaround(model, batches, config)``: round a model's weights in place, layer by layer.
+
+Plain PyTorch. Data flows one way: calibration batches -> capture -> objective ->
+optimise -> hard-rounded weight written back -> result. Any failure restores the float
+weights, so the model is never left half rounded.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_adaround.capture import (
+    ForwardFn, LayerData, capture_layer, default_forward, execution_order,
+)
+from lightning_adaround.config import AdaRoundConfig
+from lightning_adaround.layers import (
+    SUPPORTED_LAYER_TYPES, bits_for, following_activation, select_layers, weight_channel_axis,
+)
+from lightning_adaround.loss import BetaSchedule
+from lightning_adaround.objective import MinibatchObjective
+from lightning_adaround.observer import AdaRoundObserver
+from lightning_adaround.optimize import GradReduce, optimize_rounding
+from lightning_adaround.quant import choose_grid
+from lightning_adaround.result import AdaRoundResult, LayerResult, compact_integer
+from lightning_adaround.rounding import RoundingVariable
+
+Activation = Callable[[Tensor], Tensor]
+MoveBatch = Callable[[Any, torch.device], Any]
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors anywhere inside tuples, lists and dicts go to ``device``; the rest is untouched."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def adaround(
+    model: nn.Module,
+    calibration_batches: Iterable[Any],
+    config: Optional[AdaRoundConfig] = None,
+    *,
+    forward_fn: Optional[ForwardFn] = None,
+    device: Optional[torch.device | str] = None,
+    activations: Optional[dict[str, Optional[Activation]]] = None,
+    observer: Optional[AdaRoundObserver] = None,
+    grad_reduce: Optional[GradReduce] = None,
+    move_batch: MoveBatch = move_to_device,
+) -> AdaRoundResult:
+    """Round ``model``'s weights in place with AdaRound and return what was done per layer.
+
+    Args:
+        model: Any ``nn.Module``; its supported layers (Linear, Conv1-3d, ConvTranspose1-3d)
+            selected by ``config`` are rounded in the order the forward pass reaches them.
+        calibration_batches: An iterable of batches (read once, kept for the run).
+        config: How to round; ``AdaRoundConfig()`` by default.
+        forward_fn: ``forward_fn(model, batch)`` runs the model on a batch; by default a
+            tensor is the input, a tuple/list's first element is, a dict is keyword arguments.
+        device: Where to compute (default: where the model's parameters are). The model
+            returns to its own device afterwards.
+        activations: Layer name -> callable applied to the layer's output inside the loss
+            (``None`` turns the automatic BatchNorm/activation detection off for that layer).
+        observer: Receives progress, per-step losses and per-layer results.
+        grad_reduce: Called with ``[V.grad]`` after each backward (e.g. a DDP all-reduce).
+        move_batch: ``move_batch(batch, device)`` moves one batch to the device.
+
+    Raises:
+        ValueError: empty calibration data, no supported layer selected, a forward function
+            that fails on the first batch, NaN/Inf activations.
+    """
+    config = config if config is not None else AdaRoundConfig()
+    forward_fn = forward_fn if forward_fn is not None else default_forward
+    observer = observer if observer is not None else AdaRoundObserver()
+    layers = _selected_layers(model, config)
+    batches = list(calibration_batches)
+    if not batches:
+        raise ValueError(
+            "the calibration data is empty; pass an iterable with at least one batch "
+            "(AdaRound needs a few hundred to a thousand samples)."
+        )
+    home = _model_device(model)
+    device = torch.device(device) if device is not None else home
+    was_training = model.training
+    float_weights = {name: module.weight.detach().clone() for name, module in layers}
+    modules = dict(layers)
+    try:
+        model.to(device).eval()
+        cache_device = torch.device("cpu") if config.cache_on_cpu else device
+        staged = [move_batch(b, cache_device) for b in batches]
+        run = (lambda m, b: forward_fn(m, move_batch(b, device))) if cache_device != device else forward_fn
+        with torch.inference_mode(False), torch.enable_grad():
+            staged = [_clone_inference_tensors(b) for b in staged]
+            float_weights = {n: w.to(device) for n, w in float_weights.items()}
+            order = _first_pass_order(model, layers, staged[0], run)
+            result = _round_layers(
+                model, modules, order, staged, run, config, float_weights, device,
+                cache_device, activations or {}, observer, grad_reduce,
+            )
+    except BaseException:
+        with torch.no_grad():
+            for name, module in layers:
+                module.weight.copy_(float_weights[name].to(module.weight.device))
+        raise
+    finally:
+        model.to(home)
+        model.train(was_training)
+    observer.on_end(result)
+    return result
+
+
+def _selected_layers(model: nn.Module, config: AdaRoundConfig) -> list[tuple[str, nn.Module]]:
+    layers = select_layers(model, config.layers, config.exclude, config.layer_types)
+    if not layers:
+        kinds = ", ".join(t.__name__ for t in SUPPORTED_LAYER_TYPES)
+        raise ValueError(
+            f"no layer to round in {type(model).__name__}: AdaRound rounds {kinds} "
+            f"(selected by layers={config.layers!r}, exclude={list(config.exclude)!r}); "
+            "check the model or the name globs."
+        )
+    return layers
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _clone_inference_tensors(batch: Any) -> Any:
+    """Batches made under ``torch.inference_mode`` cannot feed autograd; copy those out."""
+    if isinstance(batch, Tensor):
+        return batch.clone() if batch.is_inference() else batch
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_clone_inference_tensors(b) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _clone_inference_tensors(v) for k, v in batch.items()}
+    return batch
+
+
+def _first_pass_order(
+    model: nn.Module, layers: list[tuple[str, nn.Module]], batch: Any, forward_fn: ForwardFn
+) -> list[str]:
+    """Execution order from one forward pass; layers it misses go last (maybe unreached)."""
+    try:
+        order = execution_order(model, layers, batch, forward_fn)
+    except Exception as err:
+        raise ValueError(
+            f"running the model on the first calibration batch failed with {type(err).__name__}: {err}. "
+            "Pass forward_fn=lambda model, batch: ... that turns one of your batches into a forward call."
+        ) from err
+    return order + [name for name, _ in layers if name not in order]
+
+
+def _round_layers(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    order: list[str],
+    batches: list[Any],
+    forward_fn: ForwardFn,
+    config: AdaRoundConfig,
+    float_weights: dict[str, Tensor],
+    device: torch.device,
+    cache_device: torch.device,
+    activations: dict[str, Optional[Activation]],
+    observer: AdaRoundObserver,
+    grad_reduce: Optional[GradReduce],
+) -> AdaRoundResult:
+    result = AdaRoundResult()
+    generator = torch.Generator().manual_seed(config.seed)
+    schedule = BetaSchedule(config.iterations, config.warm_start, config.beta_start, config.beta_end)
+    rounded: dict[str, nn.Module] = {}
+    observer.on_start(list(order))
+    for index, name in enumerate(order):
+        layer = modules[name]
+        started = time.perf_counter()
+        activation = activations[name] if name in activations else (
+            following_activation(model, name) if config.include_activation else None
+        )
+        data = capture_layer(
+            model, name, layer, batches, forward_fn, rounded, float_weights, activation, cache_device,
+        )
+        if data is None:
+            result.unreached.append(name)
+            continue
+        observer.on_layer_start(name, index, config.iterations)
+        train, evaluation = _split_holdout(data, config.holdout_fraction, generator)
+        bits = bits_for(name, config.bits, dict(config.layer_bits))
+        weight = float_weights[name].float()
+        grid = choose_grid(
+            weight, bits, config.symmetric, config.granularity, config.scale_method,
+            channel_axis=weight_channel_axis(layer),
+        )
+        objective = MinibatchObjective(layer, train, evaluation, config.batch_size, activation, generator, device)
+        nearest_mse = objective.mse(grid.fake_quantize(weight))
+        rounding = RoundingVariable(weight, grid)
+        optimize_rounding(
+            rounding, objective, config.iterations, config.lr, config.reg_lambda, schedule,
+            grad_reduce=grad_reduce,
+            on_log=lambda step, metrics, name=name: observer.on_step(name, step, metrics),
+            log_every_n_steps=config.log_every_n_steps,
+        )
+        hard = rounding.hard_weight()
+        with torch.no_grad():
+            layer.weight.copy_(hard.to(layer.weight.dtype))
+        rounded[name] = layer
+        layer_result = LayerResult(
+            name=name, bits=bits, scale=grid.scale.cpu(), zero_point=grid.zero_point.cpu(),
+            qmin=grid.qmin, qmax=grid.qmax, axis=grid.axis,
+            integer_weight=compact_integer(rounding.integer_weight(), grid.qmin, grid.qmax),
+            nearest_mse=nearest_mse, adaround_mse=objective.mse(hard),
+            iterations=config.iterations, seconds=time.perf_counter() - started,
+            num_samples=train.num_samples, eval_samples=evaluation.num_samples,
+            loss_form=objective.form, with_activation=activation is not None,
+        )
+        result.layers[name] = layer_result
+        observer.on_layer_end(layer_result)
+    return result
+
+
+def _split_holdout(data: LayerData, fraction: float, generator: torch.Generator) -> tuple[LayerData, LayerData]:
+    """Keep ``fraction`` of the samples out of optimisation to report errors honestly."""
+    n = data.num_samples
+    held = int(n * fraction)
+    if held < 1 or n - held < 1:
+        return data, data
+    perm = torch.randperm(n, generator=generator)
+    train_idx, eval_idx = perm[held:].to(data.inputs.device), perm[:held].to(data.inputs.device)
+    return (
+        LayerData(data.inputs[train_idx], data.targets[train_idx]),
+        LayerData(data.inputs[eval_idx], data.targets[eval_idx]),
+    )

@@ -1,0 +1,100 @@
+"""One configuration object for a rounding run, checked when it is built.
+
+A typo or an out-of-range value fails here, before a single calibration batch is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+from torch import nn
+
+from lightning_adaround.layers import SUPPORTED_LAYER_TYPES
+from lightning_adaround.quant import SCALE_METHODS, Granularity, PerChannel, PerTensor, check_bits
+
+
+@dataclass
+class AdaRoundConfig:
+    """How to round.
+
+    Args:
+        bits: Weight bit width, 2-8.
+        symmetric: Signed grid with zero point 0 (``True``) or an unsigned affine grid.
+        granularity: ``PerChannel()`` (one scale per output channel) or ``PerTensor()``.
+        scale_method: ``"mse"`` searches the clipping range that minimises rounding error;
+            ``"minmax"`` covers the full weight range.
+        iterations: Optimisation steps per layer (paper: 10,000).
+        batch_size: Calibration samples per step (paper: 32).
+        lr: Adam learning rate on the rounding variables.
+        reg_lambda: Weight of the rounding regularizer.
+        warm_start: Fraction of iterations with the regularizer off.
+        beta_start, beta_end: Regularizer exponent, annealed on a cosine after the warm start.
+        include_activation: Put the BatchNorm/activation that directly follows a layer in an
+            ``nn.Sequential`` into its reconstruction loss.
+        holdout_fraction: Share of calibration samples kept out of optimisation to report
+            nearest vs AdaRound error (0: report on the training samples).
+        cache_on_cpu: Keep cached activations in host memory (for a short device).
+        seed: Seed of the minibatch sampler; same seed, same integer weights.
+        layers: Name globs of layers to round (``None``: every supported layer).
+        exclude: Name globs of layers to leave in full precision.
+        layer_types: Module types to round.
+        layer_bits: Name glob -> bits overrides, e.g. ``{"conv1": 8, "fc": 8}``.
+        log_every_n_steps: How often per-step losses reach the observer/loggers.
+    """
+
+    bits: int = 4
+    symmetric: bool = True
+    granularity: Granularity = field(default_factory=PerChannel)
+    scale_method: str = "mse"
+    iterations: int = 10_000
+    batch_size: int = 32
+    lr: float = 1e-3
+    reg_lambda: float = 0.01
+    warm_start: float = 0.2
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    include_activation: bool = True
+    holdout_fraction: float = 0.1
+    cache_on_cpu: bool = False
+    seed: int = 0
+    layers: Optional[Sequence[str]] = None
+    exclude: Sequence[str] = ()
+    layer_types: Sequence[type[nn.Module]] = SUPPORTED_LAYER_TYPES
+    layer_bits: Mapping[str, int] = field(default_factory=dict)
+    log_every_n_steps: int = 50
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        for pattern, bits in self.layer_bits.items():
+            check_bits(bits, f"layer_bits[{pattern!r}]")
+        if self.scale_method not in SCALE_METHODS:
+            raise ValueError(f"scale_method={self.scale_method!r} is not one of {SCALE_METHODS}.")
+        if not isinstance(self.granularity, (PerTensor, PerChannel)):
+            raise TypeError(
+                f"granularity={self.granularity!r}: use PerChannel() or PerTensor() "
+                "from lightning_adaround."
+            )
+        _positive_int("iterations", self.iterations)
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("log_every_n_steps", self.log_every_n_steps)
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be positive (the reference uses 1e-3).")
+        if not self.reg_lambda >= 0:
+            raise ValueError(f"reg_lambda={self.reg_lambda} must be >= 0 (the reference uses 0.01).")
+        if not 0.0 <= self.warm_start < 1.0:
+            raise ValueError(f"warm_start={self.warm_start} must be in [0, 1) (the reference uses 0.2).")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction={self.holdout_fraction} must be in [0, 1).")
+        if not self.beta_start >= self.beta_end > 0:
+            raise ValueError(
+                f"beta must anneal downwards from a positive value: got beta_start={self.beta_start}, "
+                f"beta_end={self.beta_end} (the reference uses 20 -> 2)."
+            )
+        if isinstance(self.layers, str) or isinstance(self.exclude, str):
+            raise TypeError("layers and exclude take a list of name globs, e.g. layers=['features.*'].")
+
+
+def _positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer.")

@@ -1,0 +1,108 @@
+"""Which modules AdaRound can round, and one way to run any of them with a substitute weight.
+
+Every supported layer runs through its own ``forward`` via ``torch.func.functional_call``,
+so stride, padding modes, groups and transposed convolutions need no code of ours.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+SUPPORTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+def is_supported(module: nn.Module) -> bool:
+    return isinstance(module, SUPPORTED_LAYER_TYPES)
+
+
+def weight_channel_axis(module: nn.Module) -> int:
+    """The weight axis that indexes output channels: 1 for transposed convolutions, else 0."""
+    return 1 if getattr(module, "transposed", False) else 0
+
+
+def output_channel_dim(module: nn.Module) -> int:
+    """The activation dim holding output channels: last for Linear, 1 for convolutions."""
+    return -1 if isinstance(module, nn.Linear) else 1
+
+
+def run_with_weight(module: nn.Module, inputs: Tensor, weight: Tensor) -> Tensor:
+    """The module's own forward with ``weight`` in place of its weight parameter."""
+    return torch.func.functional_call(module, {"weight": weight}, (inputs,))
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select_layers(
+    model: nn.Module,
+    include: Optional[Sequence[str]] = None,
+    exclude: Sequence[str] = (),
+    layer_types: Sequence[type[nn.Module]] = SUPPORTED_LAYER_TYPES,
+) -> list[tuple[str, nn.Module]]:
+    """Supported modules of the requested types whose names match ``include`` (globs) and not ``exclude``."""
+    unsupported = [t for t in layer_types if not issubclass(t, SUPPORTED_LAYER_TYPES)]
+    if unsupported:
+        names = ", ".join(t.__name__ for t in SUPPORTED_LAYER_TYPES)
+        raise TypeError(f"layer_types {unsupported} are not supported; choose among {names}.")
+    chosen = []
+    for name, module in model.named_modules():
+        if not isinstance(module, tuple(layer_types)):
+            continue
+        if include is not None and not _matches(name, include):
+            continue
+        if _matches(name, exclude):
+            continue
+        chosen.append((name, module))
+    return chosen
+
+
+def bits_for(name: str, default_bits: int, overrides: dict[str, int]) -> int:
+    """The bit width for layer ``name``: the first matching glob in ``overrides`` wins."""
+    for pattern, bits in overrides.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return bits
+    return default_bits
+
+
+_ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish,
+    nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Mish,
+)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def following_activation(model: nn.Module, layer_name: str) -> Optional[nn.Module]:
+    """The BatchNorm and/or activation right after ``layer_name`` inside an ``nn.Sequential``.
+
+    Putting them in the reconstruction loss weighs each channel as the network does and
+    ignores errors a ReLU would zero out. ``None`` when nothing of that kind follows.
+    """
+    parent_name, _, child = layer_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not isinstance(parent, nn.Sequential):
+        return None
+    children = list(parent.named_children())
+    names = [n for n, _ in children]
+    position = names.index(child) + 1
+    chain: list[nn.Module] = []
+    if position < len(children) and isinstance(children[position][1], _BATCH_NORMS):
+        chain.append(children[position][1])
+        position += 1
+    if position < len(children) and isinstance(children[position][1], _ELEMENTWISE_ACTIVATIONS):
+        chain.append(children[position][1])
+    if not chain:
+        return None
+    return chain[0] if len(chain) == 1 else nn.Sequential(*chain)

@@ -1,0 +1,31 @@
+"""Hooks through which a rounding run reports progress, losses and per-layer results.
+
+The core calls these; the Lightning callback implements them with loggers and a progress
+bar. The base class does nothing, so plain-PyTorch users need not subclass it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lightning_adaround.result import AdaRoundResult, LayerResult
+
+
+class AdaRoundObserver:
+    """Override any subset; every method is a no-op here."""
+
+    def on_start(self, layer_names: list[str]) -> None:
+        """Called once with the layers that will be rounded, in execution order."""
+
+    def on_layer_start(self, name: str, index: int, iterations: int) -> None:
+        """Called before layer ``index`` (0-based) starts its ``iterations`` steps."""
+
+    def on_step(self, name: str, step: int, metrics: dict[str, float]) -> None:
+        """Called every ``log_every_n_steps`` with ``recon_loss``, ``reg_loss`` and ``beta``."""
+
+    def on_layer_end(self, result: "LayerResult") -> None:
+        """Called after a layer's hard-rounded weight has been written back."""
+
+    def on_end(self, result: "AdaRoundResult") -> None:
+        """Called once when every layer is done."""

@@ -1,0 +1,57 @@
+"""The per-layer optimisation loop: Adam on V only, reconstruction plus annealed regularizer.
+
+Shared by every layer type and both objective forms; an optional ``grad_reduce`` hook
+(e.g. a DDP all-reduce) sees V's gradient before each update.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_adaround.loss import BetaSchedule, rounding_regularizer
+from lightning_adaround.objective import ReconstructionObjective
+from lightning_adaround.rounding import RoundingVariable
+
+GradReduce = Callable[[list[Tensor]], None]
+StepLogger = Callable[[int, dict[str, float]], None]
+
+
+def optimize_rounding(
+    rounding: RoundingVariable,
+    objective: ReconstructionObjective,
+    iterations: int,
+    lr: float,
+    reg_lambda: float,
+    schedule: BetaSchedule,
+    grad_reduce: Optional[GradReduce] = None,
+    on_log: Optional[StepLogger] = None,
+    log_every_n_steps: int = 50,
+) -> None:
+    """Run ``iterations`` Adam steps on ``rounding.v``; V is left at its final value."""
+    optimizer = torch.optim.Adam([rounding.v], lr=lr)
+    for step in range(iterations):
+        optimizer.zero_grad(set_to_none=True)
+        weight, h = rounding.soft()
+        recon = objective.step_loss(weight)
+        regularizing = schedule.regularizing(step)
+        beta = schedule.beta(step)
+        if regularizing:
+            reg = rounding_regularizer(h, beta)
+            loss = recon + reg_lambda * reg
+        else:
+            reg = None
+            loss = recon
+        loss.backward()
+        if grad_reduce is not None:
+            grad_reduce([rounding.v.grad])
+        optimizer.step()
+        last = step == iterations - 1
+        if on_log is not None and (step % log_every_n_steps == 0 or last):
+            on_log(step, {
+                "recon_loss": float(recon.detach()),
+                "reg_loss": float(reg.detach()) if reg is not None else 0.0,
+                "beta": beta,
+            })

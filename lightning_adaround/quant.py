@@ -1,0 +1,159 @@
+"""The quantization grid: which integers a weight may take and what they are worth.
+
+Pure functions over tensors (no module state), so the optimizer, the tests and export
+all share one definition of the grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+import torch
+from torch import Tensor
+
+ScaleMethod = Literal["mse", "minmax"]
+SCALE_METHODS = ("mse", "minmax")
+MIN_BITS, MAX_BITS = 2, 8
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One scale (and zero point) for the whole weight tensor."""
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    """One scale per slice along ``axis`` (``None``: the layer's output-channel axis)."""
+
+    axis: Optional[int] = None
+
+
+Granularity = Union[PerTensor, PerChannel]
+
+
+@dataclass(frozen=True)
+class QuantGrid:
+    """An affine integer grid: ``w_q = (w_int - zero_point) * scale``, ``qmin <= w_int <= qmax``.
+
+    ``scale`` and ``zero_point`` have the weight's rank with size 1 on every dim but
+    ``axis`` (per-channel) or on every dim (per-tensor), so they broadcast against it.
+    """
+
+    scale: Tensor
+    zero_point: Tensor
+    qmin: int
+    qmax: int
+    bits: int
+    symmetric: bool
+    axis: Optional[int]
+
+    def quantize(self, weight: Tensor) -> Tensor:
+        """Round to nearest: the integer weight (as a float tensor of integral values)."""
+        return torch.clamp(torch.round(weight / self.scale) + self.zero_point, self.qmin, self.qmax)
+
+    def dequantize(self, weight_int: Tensor) -> Tensor:
+        return (weight_int - self.zero_point) * self.scale
+
+    def fake_quantize(self, weight: Tensor) -> Tensor:
+        """Round-to-nearest on the grid, back in float: the baseline AdaRound must beat."""
+        return self.dequantize(self.quantize(weight))
+
+    def to(self, device: torch.device) -> "QuantGrid":
+        return QuantGrid(
+            self.scale.to(device), self.zero_point.to(device), self.qmin, self.qmax,
+            self.bits, self.symmetric, self.axis,
+        )
+
+
+def check_bits(bits: int, what: str = "bits") -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"{what} must be an int between {MIN_BITS} and {MAX_BITS}, got {bits!r}.")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(
+            f"{what}={bits} is outside the supported range {MIN_BITS}-{MAX_BITS}. "
+            f"Pick a bit width between {MIN_BITS} and {MAX_BITS} (4 is a good start)."
+        )
+
+
+def integer_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Signed range for symmetric grids, unsigned for asymmetric (affine) ones."""
+    check_bits(bits)
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _reduce_dims(weight: Tensor, axis: Optional[int]) -> list[int]:
+    if axis is None:
+        return list(range(weight.dim()))
+    return [d for d in range(weight.dim()) if d != axis]
+
+
+def _grid_from_range(
+    w_min: Tensor, w_max: Tensor, bits: int, symmetric: bool, axis: Optional[int]
+) -> QuantGrid:
+    qmin, qmax = integer_range(bits, symmetric)
+    tiny = torch.finfo(torch.float32).tiny * 1e4
+    if symmetric:
+        max_abs = torch.maximum(w_min.abs(), w_max.abs())
+        scale = torch.clamp(max_abs / qmax, min=tiny)
+        zero_point = torch.zeros_like(scale)
+    else:
+        w_min = torch.clamp(w_min, max=0.0)  # zero must be exactly representable
+        w_max = torch.clamp(w_max, min=0.0)
+        scale = torch.clamp((w_max - w_min) / (qmax - qmin), min=tiny)
+        zero_point = torch.clamp(torch.round(qmin - w_min / scale), qmin, qmax)
+    return QuantGrid(scale, zero_point, qmin, qmax, bits, symmetric, axis)
+
+
+def choose_grid(
+    weight: Tensor,
+    bits: int,
+    symmetric: bool = True,
+    granularity: Granularity = PerChannel(),
+    method: ScaleMethod = "mse",
+    channel_axis: int = 0,
+    num_candidates: int = 100,
+) -> QuantGrid:
+    """Pick scale (and zero point) for ``weight``.
+
+    ``"minmax"`` covers the full range; ``"mse"`` shrinks the range by the factor (out of
+    ``num_candidates`` in (0.2, 1]) that minimises the round-to-nearest squared error,
+    separately per channel: at 4 bits and below, clipping outliers beats covering them.
+    """
+    if method not in SCALE_METHODS:
+        raise ValueError(f"scale method {method!r} is not one of {SCALE_METHODS}.")
+    if isinstance(granularity, PerTensor):
+        axis = None
+    elif isinstance(granularity, PerChannel):
+        axis = channel_axis if granularity.axis is None else granularity.axis
+        if not -weight.dim() <= axis < weight.dim():
+            raise ValueError(f"per-channel axis {axis} does not exist in a weight of shape {tuple(weight.shape)}.")
+        axis = axis % weight.dim()
+    else:
+        raise TypeError(f"granularity must be PerTensor() or PerChannel(axis), got {granularity!r}.")
+    w = weight.detach().float()
+    dims = _reduce_dims(w, axis)
+    w_min = w.amin(dim=dims, keepdim=True)
+    w_max = w.amax(dim=dims, keepdim=True)
+    if method == "minmax":
+        return _grid_from_range(w_min, w_max, bits, symmetric, axis)
+
+    best: Optional[QuantGrid] = None
+    best_err: Optional[Tensor] = None
+    for ratio in torch.linspace(1.0, 0.2, num_candidates).tolist():
+        grid = _grid_from_range(w_min * ratio, w_max * ratio, bits, symmetric, axis)
+        err = (grid.fake_quantize(w) - w).pow(2).sum(dim=dims, keepdim=True)
+        if best is None:
+            best, best_err = grid, err
+            continue
+        better = err < best_err
+        best = QuantGrid(
+            torch.where(better, grid.scale, best.scale),
+            torch.where(better, grid.zero_point, best.zero_point),
+            grid.qmin, grid.qmax, bits, symmetric, axis,
+        )
+        best_err = torch.where(better, err, best_err)
+    assert best is not None
+    return best

@@ -1,0 +1,92 @@
+"""What a rounding run did, per layer: grid, integer weights, errors, time.
+
+Kept small and plain (tensors on CPU, numbers) so it can be logged, printed, checkpointed
+and exported without the model at hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LayerResult:
+    name: str
+    bits: int
+    scale: Tensor
+    zero_point: Tensor
+    qmin: int
+    qmax: int
+    axis: Optional[int]
+    integer_weight: Tensor
+    nearest_mse: float
+    adaround_mse: float
+    iterations: int
+    seconds: float
+    num_samples: int
+    eval_samples: int
+    loss_form: str = "minibatch"
+    with_activation: bool = False
+
+    @property
+    def improvement(self) -> float:
+        """Nearest MSE over AdaRound MSE (>1: AdaRound did better)."""
+        return self.nearest_mse / self.adaround_mse if self.adaround_mse > 0 else float("inf")
+
+    def dequantized_weight(self) -> Tensor:
+        return (self.integer_weight.float() - self.zero_point) * self.scale
+
+    def state(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "LayerResult":
+        return cls(**state)
+
+
+@dataclass
+class AdaRoundResult:
+    layers: dict[str, LayerResult] = field(default_factory=dict)
+    unreached: list[str] = field(default_factory=list)
+
+    def summary_table(self) -> str:
+        """A plain-text per-layer table: what a user reads at the end of a run."""
+        header = ("layer", "bits", "form", "samples", "nearest MSE", "AdaRound MSE", "ratio", "seconds")
+        rows = [
+            (
+                r.name, str(r.bits), r.loss_form, str(r.num_samples), f"{r.nearest_mse:.3e}",
+                f"{r.adaround_mse:.3e}", f"{r.improvement:.2f}x", f"{r.seconds:.1f}",
+            )
+            for r in self.layers.values()
+        ]
+        rows += [(name, "-", "unreached", "0", "-", "-", "-", "-") for name in self.unreached]
+        widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+        lines = [
+            "  ".join(h.ljust(w) for h, w in zip(header, widths)),
+            "  ".join("-" * w for w in widths),
+        ]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+        return "\n".join(lines)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "layers": {name: r.state() for name, r in self.layers.items()},
+            "unreached": list(self.unreached),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "AdaRoundResult":
+        return cls(
+            layers={n: LayerResult.from_state(s) for n, s in state["layers"].items()},
+            unreached=list(state.get("unreached", [])),
+        )
+
+
+def compact_integer(weight_int: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Integer weights in the smallest dtype that holds ``[qmin, qmax]`` (int8 or uint8)."""
+    dtype = torch.uint8 if qmin >= 0 else torch.int8
+    return weight_int.detach().round().to(torch.int16).clamp(qmin, qmax).to(dtype).cpu()
