@@ -5,7 +5,7 @@ the result types, the observer hooks, and ``AdaRoundCallback`` (imported lazily 
 core works without Lightning installed).
 """
 
-from lightning_adaround.api import adaround
+from lightning_adaround.api import adaround, round_to_nearest
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.observer import AdaRoundObserver
 from lightning_adaround.quant import PerChannel, PerTensor, QuantGrid
@@ -21,6 +21,7 @@ __all__ = [
     "PerTensor",
     "QuantGrid",
     "adaround",
+    "round_to_nearest",
 ]
 __version__ = "0.1.0"
 

@@ -24,7 +24,7 @@ from lightning_adaround.loss import BetaSchedule
 from lightning_adaround.objective import MinibatchObjective
 from lightning_adaround.observer import AdaRoundObserver
 from lightning_adaround.optimize import GradReduce, optimize_rounding
-from lightning_adaround.quant import choose_grid
+from lightning_adaround.quant import QuantGrid, choose_grid
 from lightning_adaround.result import AdaRoundResult, LayerResult, compact_integer
 from lightning_adaround.rounding import RoundingVariable
 
@@ -89,29 +89,29 @@ def adaround(
     home = _model_device(model)
     device = torch.device(device) if device is not None else home
     was_training = model.training
-    float_weights = {name: module.weight.detach().clone() for name, module in layers}
-    modules = dict(layers)
-    try:
-        model.to(device).eval()
-        cache_device = torch.device("cpu") if config.cache_on_cpu else device
-        staged = [move_batch(b, cache_device) for b in batches]
-        run = (lambda m, b: forward_fn(m, move_batch(b, device))) if cache_device != device else forward_fn
-        with torch.inference_mode(False), torch.enable_grad():
-            staged = [_clone_inference_tensors(b) for b in staged]
-            float_weights = {n: w.to(device) for n, w in float_weights.items()}
+    # Lightning's validate runs hooks under inference_mode: tensors made there cannot be
+    # saved for backward, so everything below is created outside it.
+    with torch.inference_mode(False), torch.enable_grad():
+        float_weights = {name: module.weight.detach().clone() for name, module in layers}
+        try:
+            model.to(device).eval()
+            cache_device = torch.device("cpu") if config.cache_on_cpu else device
+            staged = [_clone_inference_tensors(move_batch(b, cache_device)) for b in batches]
+            run = (lambda m, b: forward_fn(m, move_batch(b, device))) if cache_device != device else forward_fn
             order = _first_pass_order(model, layers, staged[0], run)
             result = _round_layers(
-                model, modules, order, staged, run, config, float_weights, device,
-                cache_device, activations or {}, observer, grad_reduce,
+                model, dict(layers), order, staged, run, config,
+                {n: w.to(device) for n, w in float_weights.items()},
+                device, cache_device, activations or {}, observer, grad_reduce,
             )
-    except BaseException:
-        with torch.no_grad():
-            for name, module in layers:
-                module.weight.copy_(float_weights[name].to(module.weight.device))
-        raise
-    finally:
-        model.to(home)
-        model.train(was_training)
+        except BaseException:
+            with torch.no_grad():
+                for name, module in layers:
+                    module.weight.copy_(float_weights[name].to(module.weight.device))
+            raise
+        finally:
+            model.to(home)
+            model.train(was_training)
     observer.on_end(result)
     return result
 
@@ -192,12 +192,8 @@ def _round_layers(
             continue
         observer.on_layer_start(name, index, config.iterations)
         train, evaluation = _split_holdout(data, config.holdout_fraction, generator)
-        bits = bits_for(name, config.bits, dict(config.layer_bits))
         weight = float_weights[name].float()
-        grid = choose_grid(
-            weight, bits, config.symmetric, config.granularity, config.scale_method,
-            channel_axis=weight_channel_axis(layer),
-        )
+        grid = layer_grid(name, layer, weight, config)
         objective = MinibatchObjective(layer, train, evaluation, config.batch_size, activation, generator, device)
         nearest_mse = objective.mse(grid.fake_quantize(weight))
         rounding = RoundingVariable(weight, grid)
@@ -212,7 +208,7 @@ def _round_layers(
             layer.weight.copy_(hard.to(layer.weight.dtype))
         rounded[name] = layer
         layer_result = LayerResult(
-            name=name, bits=bits, scale=grid.scale.cpu(), zero_point=grid.zero_point.cpu(),
+            name=name, bits=grid.bits, scale=grid.scale.cpu(), zero_point=grid.zero_point.cpu(),
             qmin=grid.qmin, qmax=grid.qmax, axis=grid.axis,
             integer_weight=compact_integer(rounding.integer_weight(), grid.qmin, grid.qmax),
             nearest_mse=nearest_mse, adaround_mse=objective.mse(hard),
@@ -223,6 +219,14 @@ def _round_layers(
         result.layers[name] = layer_result
         observer.on_layer_end(layer_result)
     return result
+
+
+def layer_grid(name: str, layer: nn.Module, weight: Tensor, config: AdaRoundConfig) -> QuantGrid:
+    """The grid ``config`` asks for this layer: its bits override, granularity and scale method."""
+    return choose_grid(
+        weight, bits_for(name, config.bits, dict(config.layer_bits)), config.symmetric,
+        config.granularity, config.scale_method, channel_axis=weight_channel_axis(layer),
+    )
 
 
 def _split_holdout(data: LayerData, fraction: float, generator: torch.Generator) -> tuple[LayerData, LayerData]:
@@ -237,3 +241,19 @@ def _split_holdout(data: LayerData, fraction: float, generator: torch.Generator)
         LayerData(data.inputs[train_idx], data.targets[train_idx]),
         LayerData(data.inputs[eval_idx], data.targets[eval_idx]),
     )
+
+
+@torch.no_grad()
+def round_to_nearest(model: nn.Module, config: Optional[AdaRoundConfig] = None) -> dict[str, int]:
+    """The baseline: round the same layers to the same grids as :func:`adaround`, to nearest.
+
+    Mutates ``model`` in place; returns layer name -> bits.
+    """
+    config = config if config is not None else AdaRoundConfig()
+    rounded = {}
+    for name, layer in _selected_layers(model, config):
+        weight = layer.weight.detach().float()
+        grid = layer_grid(name, layer, weight, config)
+        layer.weight.copy_(grid.fake_quantize(weight).to(layer.weight.dtype))
+        rounded[name] = grid.bits
+    return rounded

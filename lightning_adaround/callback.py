@@ -1,0 +1,345 @@
+"""``AdaRoundCallback``: thin Lightning glue over :func:`lightning_adaround.adaround`.
+
+It gathers calibration batches, calls the core on the strategy's device, logs to every
+logger, shows progress and remembers the result. The logic lives in a namespace-free
+base so ``lightning.pytorch`` and ``pytorch_lightning`` each get a one-line class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_adaround.api import adaround
+from lightning_adaround.calibration import take_samples
+from lightning_adaround.capture import default_forward
+from lightning_adaround.config import AdaRoundConfig
+from lightning_adaround.observer import AdaRoundObserver
+from lightning_adaround.quant import PerChannel, PerTensor
+from lightning_adaround.result import AdaRoundResult, LayerResult
+
+RUN_ON = ("fit_end", "validate")
+GRANULARITIES = {"per_channel": PerChannel, "per_tensor": PerTensor}
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+
+
+class _AdaRoundCallbackBase:
+    """Everything the callback does; the subclasses only add the namespace's ``Callback`` base.
+
+    Args:
+        bits: Weight bit width, 2-8.
+        run_on: ``"fit_end"`` rounds in ``on_fit_end`` (after checkpoints of the float model
+            are written); ``"validate"`` rounds at the start of ``trainer.validate(...)``, so
+            that validation reports the rounded model.
+        granularity: ``"per_channel"`` or ``"per_tensor"`` scales.
+        symmetric: Signed grid with zero point 0, or an unsigned affine grid.
+        scale_method: ``"mse"`` (clipping search) or ``"minmax"``.
+        iterations: Optimisation steps per layer.
+        batch_size: Calibration samples per optimisation step.
+        lr, reg_lambda, warm_start: Optimiser and regularizer settings (AdaRound defaults).
+        num_calibration_samples: How many samples to read from the calibration data.
+        calibration_data: A dataloader or iterable of batches; by default the datamodule's
+            ``calibration_dataloader()`` or ``train_dataloader()``, else the Trainer's loaders.
+        forward_fn: ``forward_fn(module, batch)`` runs the module on a batch; by default a
+            tensor is the input, a tuple/list's first element is, a dict is keyword arguments.
+        layers, exclude: Name globs of layers to round / to keep in full precision.
+        layer_bits: Name glob -> bits, e.g. ``{"net.0": 8}`` for an 8-bit first layer.
+        include_activation: Include a following BatchNorm/activation in the loss.
+        holdout_fraction: Calibration share kept out of optimisation for honest reporting.
+        cache_on_cpu: Keep cached activations in host memory.
+        seed: Minibatch sampling seed.
+        log_every_n_steps: Per-step loss logging interval (default: the Trainer's).
+        verbose: Print the per-layer summary table at the end.
+
+    Raises:
+        ValueError: an unknown ``run_on``/``granularity``/``scale_method``, bits outside
+            2-8, a non-positive count, and (when the run starts) missing or empty
+            calibration data or a sharded strategy.
+
+    Example::
+
+        trainer = Trainer(callbacks=[AdaRoundCallback(bits=4)])
+        trainer.fit(model, datamodule=dm)   # weights are on the 4-bit grid afterwards
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        *,
+        run_on: str = "fit_end",
+        granularity: str = "per_channel",
+        symmetric: bool = True,
+        scale_method: str = "mse",
+        iterations: int = 10_000,
+        batch_size: int = 32,
+        lr: float = 1e-3,
+        reg_lambda: float = 0.01,
+        warm_start: float = 0.2,
+        num_calibration_samples: Optional[int] = 1024,
+        calibration_data: Optional[Iterable[Any]] = None,
+        forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
+        layers: Optional[Sequence[str]] = None,
+        exclude: Sequence[str] = (),
+        layer_bits: Optional[dict[str, int]] = None,
+        include_activation: bool = True,
+        holdout_fraction: float = 0.1,
+        cache_on_cpu: bool = False,
+        seed: int = 0,
+        log_every_n_steps: Optional[int] = None,
+        verbose: bool = True,
+    ) -> None:
+        if run_on not in RUN_ON:
+            raise ValueError(f"run_on={run_on!r} isn't one of {RUN_ON}; use run_on='fit_end' or 'validate'.")
+        if granularity not in GRANULARITIES:
+            raise ValueError(
+                f"granularity={granularity!r} isn't one of {tuple(GRANULARITIES)}; "
+                "use 'per_channel' (usually better) or 'per_tensor'."
+            )
+        if num_calibration_samples is not None and (
+            isinstance(num_calibration_samples, bool) or not isinstance(num_calibration_samples, int)
+            or num_calibration_samples < 1
+        ):
+            raise ValueError(
+                f"num_calibration_samples={num_calibration_samples!r} must be a positive integer "
+                "(about 1,024 is typical) or None to read all calibration data."
+            )
+        if forward_fn is not None and not callable(forward_fn):
+            raise TypeError(f"forward_fn={forward_fn!r} must be callable as forward_fn(module, batch).")
+        self.config = AdaRoundConfig(
+            bits=bits, symmetric=symmetric, granularity=GRANULARITIES[granularity](),
+            scale_method=scale_method, iterations=iterations, batch_size=batch_size, lr=lr,
+            reg_lambda=reg_lambda, warm_start=warm_start, include_activation=include_activation,
+            holdout_fraction=holdout_fraction, cache_on_cpu=cache_on_cpu, seed=seed,
+            layers=layers, exclude=tuple(exclude), layer_bits=dict(layer_bits or {}),
+            log_every_n_steps=log_every_n_steps or 50,
+        )
+        self.run_on = run_on
+        self.num_calibration_samples = num_calibration_samples
+        self.calibration_data = calibration_data
+        self.forward_fn = forward_fn
+        self.log_every_n_steps = log_every_n_steps
+        self.verbose = verbose
+        self.result: Optional[AdaRoundResult] = None
+        self._log_step = 0
+
+    # ----------------------------------------------------------------- Lightning hooks
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        strategy = type(trainer.strategy).__name__
+        if strategy in _SHARDED_STRATEGIES:
+            raise ValueError(
+                f"AdaRoundCallback cannot round a model sharded by {strategy} yet: each rank holds "
+                "only part of every weight. Train with it, save a checkpoint, then round the full "
+                "model with strategy='auto' or 'ddp' in a separate trainer.validate(...) call."
+            )
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.run_on == "fit_end":
+            self.round_model(trainer, pl_module)
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.run_on == "validate" and trainer.state.fn == "validate":
+            self.round_model(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"result": self.result.state_dict() if self.result is not None else None, "log_step": self._log_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        result = state_dict.get("result")
+        self.result = AdaRoundResult.from_state_dict(result) if result is not None else None
+        self._log_step = state_dict.get("log_step", 0)
+
+    # ----------------------------------------------------------------- extension points
+
+    def forward_batch(self, module: nn.Module, batch: Any) -> Any:
+        """Run ``module`` on one calibration batch. Override, or pass ``forward_fn``."""
+        return (self.forward_fn or default_forward)(module, batch)
+
+    def calibration_batches(self, trainer: Any, pl_module: Any) -> list[Any]:
+        """Up to ``num_calibration_samples`` samples of calibration batches. Override to customise."""
+        source = self._calibration_source(trainer, pl_module)
+        batches = take_samples(source, self.num_calibration_samples)
+        if not batches:
+            raise ValueError(
+                "the calibration data gave no batch; pass a non-empty loader with "
+                "AdaRoundCallback(calibration_data=...) or define calibration_dataloader() in the datamodule."
+            )
+        return batches
+
+    # ----------------------------------------------------------------- the run
+
+    def round_model(self, trainer: Any, pl_module: Any) -> Optional[AdaRoundResult]:
+        """Round ``pl_module`` in place now (the hooks call this); returns the result."""
+        if self.result is not None and _weights_match(pl_module, self.result):
+            warnings.warn(
+                "AdaRoundCallback: the model's weights are already the rounded ones from the last run; "
+                "not rounding twice. Create a new callback to round a retrained model.",
+                stacklevel=2,
+            )
+            return self.result
+        config = self.config
+        if self.log_every_n_steps is None:
+            config = dataclasses.replace(config, log_every_n_steps=max(1, trainer.log_every_n_steps))
+        batches = self.calibration_batches(trainer, pl_module)
+        strategy = trainer.strategy
+        observer = _TrainerObserver(self, trainer, config.iterations)
+        try:
+            self.result = adaround(
+                pl_module, batches, config,
+                forward_fn=self.forward_batch,
+                device=strategy.root_device,
+                observer=observer,
+                move_batch=lambda batch, device: strategy.batch_to_device(batch, device),
+            )
+        finally:
+            observer.progress.close()
+        return self.result
+
+    def _calibration_source(self, trainer: Any, pl_module: Any) -> Iterable[Any]:
+        if self.calibration_data is not None:
+            return self.calibration_data
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None:
+            method = "calibration_dataloader" if hasattr(datamodule, "calibration_dataloader") else "train_dataloader"
+            try:
+                return getattr(datamodule, method)()
+            except Exception as err:
+                raise ValueError(
+                    f"{type(datamodule).__name__}.{method}() failed ({type(err).__name__}: {err}); "
+                    "define calibration_dataloader() in the datamodule (set up for every stage) or pass "
+                    "AdaRoundCallback(calibration_data=...)."
+                ) from err
+        held = trainer.train_dataloader if trainer.train_dataloader is not None else trainer.val_dataloaders
+        if isinstance(held, (list, tuple)):
+            held = held[0] if held else None
+        if held is not None:
+            return held
+        raise ValueError(
+            "AdaRoundCallback found no calibration data: there is no datamodule and the Trainer holds no "
+            "loader. Pass AdaRoundCallback(calibration_data=your_loader) or fit/validate with a datamodule."
+        )
+
+    def _info(self, message: str) -> None:
+        rank_zero_info(message)
+
+
+def _weights_match(module: nn.Module, result: AdaRoundResult) -> bool:
+    if not result.layers:
+        return False
+    for name, layer in result.layers.items():
+        try:
+            weight = module.get_submodule(name).weight.detach().cpu()
+        except AttributeError:
+            return False
+        if weight.shape != layer.integer_weight.shape:
+            return False
+        if not torch.equal(weight, layer.dequantized_weight().to(weight.dtype)):
+            return False
+    return True
+
+
+class _TrainerObserver(AdaRoundObserver):
+    """Sends the core's progress to the Trainer's loggers and progress bar."""
+
+    def __init__(self, callback: _AdaRoundCallbackBase, trainer: Any, iterations: int) -> None:
+        self.callback = callback
+        self.trainer = trainer
+        self.iterations = iterations
+        self.progress = _Progress(trainer)
+        self._done_steps = 0
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def on_start(self, layer_names: list[str]) -> None:
+        self.progress.start(len(layer_names) * self.iterations)
+
+    def on_layer_start(self, name: str, index: int, iterations: int) -> None:
+        self.progress.describe(f"AdaRound {name}")
+        self._layer_start = self.callback._log_step
+
+    def on_step(self, name: str, step: int, metrics: dict[str, float]) -> None:
+        self._log({f"adaround/{name}/{k}": v for k, v in metrics.items()}, self._layer_start + step)
+        self.progress.update(step + 1 - self._done_steps)
+        self._done_steps = step + 1
+
+    def on_layer_end(self, result: LayerResult) -> None:
+        self.callback._log_step = self._layer_start + result.iterations
+        self._log(
+            {
+                f"adaround/{result.name}/nearest_mse": result.nearest_mse,
+                f"adaround/{result.name}/adaround_mse": result.adaround_mse,
+                f"adaround/{result.name}/seconds": result.seconds,
+                f"adaround/{result.name}/bits": float(result.bits),
+            },
+            self.callback._log_step,
+        )
+        self.progress.update(result.iterations - self._done_steps)
+        self._done_steps = 0
+
+    def on_end(self, result: AdaRoundResult) -> None:
+        self.progress.close()
+        for logger in self.trainer.loggers:
+            logger.save()
+        if self.callback.verbose:
+            self.callback._info("AdaRound per-layer summary:\n" + result.summary_table())
+
+
+class _Progress:
+    """A bar in the style of the Trainer's own (Rich or TQDM); nothing when it is disabled."""
+
+    def __init__(self, trainer: Any) -> None:
+        bar = getattr(trainer, "progress_bar_callback", None)
+        self.kind = None
+        if bar is not None and not bar.is_disabled:
+            rich = any(cls.__name__ == "RichProgressBar" for cls in type(bar).__mro__)
+            self.kind = "rich" if rich else "tqdm"
+        self._bar: Any = None
+
+    def start(self, total: int) -> None:
+        if self.kind == "rich":
+            from rich.progress import Progress
+
+            self._bar = Progress()
+            self._task = self._bar.add_task("AdaRound", total=total)
+            self._bar.start()
+        elif self.kind == "tqdm":
+            import sys
+
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc="AdaRound", file=sys.stdout, dynamic_ncols=True, leave=True)
+
+    def describe(self, text: str) -> None:
+        if self.kind == "rich":
+            self._bar.update(self._task, description=text)
+        elif self.kind == "tqdm":
+            self._bar.set_description(text)
+
+    def update(self, steps: int) -> None:
+        if steps <= 0 or self._bar is None:
+            return
+        if self.kind == "rich":
+            self._bar.update(self._task, advance=steps)
+        else:
+            self._bar.update(steps)
+
+    def close(self) -> None:
+        if self._bar is None:
+            return
+        if self.kind == "rich":
+            self._bar.stop()
+        else:
+            self._bar.close()
+        self._bar = None
+
+
+class AdaRoundCallback(_AdaRoundCallbackBase, Callback):
+    __doc__ = _AdaRoundCallbackBase.__doc__

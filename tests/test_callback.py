@@ -1,0 +1,333 @@
+"""AdaRoundCallback with real Trainers, real loggers and both Lightning namespaces."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+FAST = dict(iterations=40, num_calibration_samples=128, batch_size=16, enable_progress=False)
+
+
+def make_classes(pl):
+    """A BoringModel-style module and datamodule for namespace ``pl``."""
+
+    class Boring(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = nn.functional.cross_entropy(self(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class BoringData(pl.LightningDataModule):
+        def __init__(self, calibration_size: int = 0):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(256, 16, generator=g)
+            self.data = TensorDataset(x, (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long())
+            self.calibration_size = calibration_size
+
+        def train_dataloader(self):
+            return DataLoader(self.data, batch_size=32, shuffle=True)
+
+        def val_dataloader(self):
+            return DataLoader(self.data, batch_size=64)
+
+    class BoringDataWithCalibration(BoringData):
+        def calibration_dataloader(self):
+            return DataLoader(TensorDataset(self.data.tensors[0][:40]), batch_size=8)
+
+    return Boring, BoringData, BoringDataWithCalibration
+
+
+def make_callback(cls, **kwargs):
+    options = {k: v for k, v in FAST.items() if k != "enable_progress"}
+    options.update(kwargs)
+    return cls(**options)
+
+
+def trainer_kwargs(tmp_path, **kwargs):
+    base = dict(
+        default_root_dir=tmp_path, max_epochs=1, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", devices=1,
+    )
+    base.update(kwargs)
+    return base
+
+
+def assert_on_grid(module: nn.Module, result) -> None:
+    assert result.layers, "no layer was rounded"
+    for name, layer in result.layers.items():
+        weight = module.get_submodule(name).weight.detach()
+        assert torch.equal(weight, layer.dequantized_weight().to(weight.dtype)), name
+
+
+def read_csv_metrics(log_dir: Path) -> list[dict[str, str]]:
+    with open(log_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_fit_end_rounds_after_last_checkpoint_and_logs_to_csv(namespace, tmp_path):
+    pl, Callback = namespace
+    Boring, BoringData, _ = make_classes(pl)
+    model = Boring()
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    logger = pl.loggers.CSVLogger(tmp_path, name="csv")
+    cb = make_callback(Callback, bits=4, log_every_n_steps=10)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[ckpt, cb], logger=logger))
+    trainer.fit(model, datamodule=BoringData())
+
+    assert set(cb.result.layers) == {"net.0", "net.2"}
+    assert_on_grid(model, cb.result)
+    # last.ckpt was written in on_train_end, before rounding: it holds the float weights.
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]["net.0.weight"]
+    assert not torch.equal(saved, model.net[0].weight.detach())
+
+    rows = read_csv_metrics(Path(logger.log_dir))
+    first = [int(r["step"]) for r in rows if r.get("adaround/net.0/recon_loss")]
+    second = [int(r["step"]) for r in rows if r.get("adaround/net.2/recon_loss")]
+    assert len(first) == len(second) == 40 // 10 + 1  # every 10 steps plus the last one
+    assert min(second) > max(first), "the step must keep increasing across layers"
+    for key in ("reg_loss", "beta", "nearest_mse", "adaround_mse", "seconds", "bits"):
+        assert any(r.get(f"adaround/net.2/{key}") for r in rows), key
+    betas = [float(r["adaround/net.0/beta"]) for r in rows if r.get("adaround/net.0/beta")]
+    assert betas[-1] == pytest.approx(2.0)
+
+
+def test_validate_pass_rounds_under_inference_mode_and_reports_rounded_metrics(namespace, tmp_path):
+    pl, Callback = namespace
+    Boring, BoringData, _ = make_classes(pl)
+    model, dm = Boring(), BoringData()
+    cb = make_callback(Callback, bits=3, run_on="validate")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=False))
+    assert trainer.predict_loop.inference_mode  # the default Trainer(inference_mode=True)
+    float_loss = trainer.validate(model, datamodule=dm, verbose=False)  # noqa: F841 (rounds first)
+    assert_on_grid(model, cb.result)
+    x, y = dm.data.tensors
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(model(x), y).item()
+    assert float_loss[0]["val_loss"] == pytest.approx(expected, rel=1e-5)
+    assert all(p.requires_grad for p in model.parameters()), "parameters must stay trainable"
+
+
+def test_tensorboard_event_files_hold_the_curves(tmp_path):
+    import lightning.pytorch as pl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_adaround import AdaRoundCallback
+
+    Boring, BoringData, _ = make_classes(pl)
+    logger = pl.loggers.TensorBoardLogger(tmp_path, name="tb")
+    cb = make_callback(AdaRoundCallback, log_every_n_steps=5)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=logger))
+    trainer.fit(Boring(), datamodule=BoringData())
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for layer in ("net.0", "net.2"):
+        for key in ("recon_loss", "reg_loss", "beta", "nearest_mse", "adaround_mse"):
+            assert f"adaround/{layer}/{key}" in tags
+    recon = events.Scalars("adaround/net.2/recon_loss")
+    assert len(recon) == 40 // 5 + 1
+    assert [e.step for e in recon] == sorted(e.step for e in recon)
+
+
+def test_explicit_loader_bounds_the_samples_read(namespace, tmp_path):
+    pl, Callback = namespace
+    Boring, BoringData, _ = make_classes(pl)
+    dm = BoringData()
+    loader = DataLoader(dm.data, batch_size=25)
+    cb = make_callback(Callback, calibration_data=loader, num_calibration_samples=60)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=False))
+    trainer.fit(Boring(), train_dataloaders=DataLoader(dm.data, batch_size=32))
+    layer = cb.result.layers["net.0"]
+    assert layer.num_samples + layer.eval_samples == 60
+
+
+def test_without_datamodule_the_trainers_loader_is_used(namespace, tmp_path):
+    pl, Callback = namespace
+    Boring, BoringData, _ = make_classes(pl)
+    dm = BoringData()
+    cb = make_callback(Callback, num_calibration_samples=None)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=False))
+    trainer.fit(Boring(), train_dataloaders=DataLoader(TensorDataset(*(t[:100] for t in dm.data.tensors)), batch_size=32))
+    layer = cb.result.layers["net.2"]
+    assert layer.num_samples + layer.eval_samples == 100
+
+
+def test_datamodule_calibration_dataloader_is_preferred(namespace, tmp_path):
+    pl, Callback = namespace
+    Boring, _, WithCalibration = make_classes(pl)
+    cb = make_callback(Callback)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=False))
+    trainer.fit(Boring(), datamodule=WithCalibration())
+    layer = cb.result.layers["net.0"]
+    assert layer.num_samples + layer.eval_samples == 40  # its 40 samples, not the 256 of train
+
+
+def test_checkpoint_round_trip_restores_the_rounded_model_and_the_result(namespace, tmp_path):
+    pl, Callback = namespace
+    Boring, BoringData, _ = make_classes(pl)
+    model = Boring()
+    keys_before = list(model.state_dict())
+    cb = make_callback(Callback)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=False))
+    trainer.fit(model, datamodule=BoringData())
+    path = tmp_path / "rounded.ckpt"
+    trainer.save_checkpoint(path)
+
+    assert list(model.state_dict()) == keys_before
+    reloaded = Boring.load_from_checkpoint(path)
+    assert_on_grid(reloaded, cb.result)
+    state = torch.load(path, weights_only=False)["callbacks"]
+    fresh = make_callback(Callback)
+    fresh.load_state_dict(next(iter(state.values())))
+    assert set(fresh.result.layers) == set(cb.result.layers)
+    for name, layer in cb.result.layers.items():
+        assert torch.equal(fresh.result.layers[name].integer_weight, layer.integer_weight)
+        assert torch.equal(fresh.result.layers[name].scale, layer.scale)
+        assert fresh.result.layers[name].bits == layer.bits
+
+
+def test_running_fit_again_does_not_round_twice(namespace, tmp_path):
+    pl, Callback = namespace
+    Boring, BoringData, _ = make_classes(pl)
+    model, dm = Boring(), BoringData()
+    cb = make_callback(Callback)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=False))
+    trainer.fit(model, datamodule=dm)
+    first = cb.result
+    weights = model.net[0].weight.detach().clone()
+    with pytest.warns(UserWarning, match="not rounding twice"):
+        trainer.fit(model, datamodule=dm)  # max_epochs already reached: no training, fit end again
+    assert cb.result is first
+    assert torch.equal(model.net[0].weight.detach(), weights)
+
+
+def test_progress_bar_and_summary_table(tmp_path, capsys, caplog):
+    import lightning.pytorch as pl
+
+    from lightning_adaround import AdaRoundCallback
+
+    Boring, BoringData, _ = make_classes(pl)
+    cb = make_callback(AdaRoundCallback)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=False, enable_progress_bar=True))
+    trainer.fit(Boring(), datamodule=BoringData())
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "AdaRound net.2" in text and "80/80" in text  # 2 layers x 40 iterations
+    summary = caplog.text  # rank_zero_info goes through Lightning's logger
+    assert "AdaRound per-layer summary" in summary and "nearest MSE" in summary and "net.2" in summary
+
+    cb = make_callback(AdaRoundCallback)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=False, enable_progress_bar=False))
+    trainer.fit(Boring(), datamodule=BoringData())
+    out = capsys.readouterr()
+    assert "AdaRound net" not in out.out + out.err
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(run_on="sometimes"), "run_on='sometimes'"),
+        (dict(bits=9), "bits=9"),
+        (dict(bits=1), "bits=1"),
+        (dict(granularity="per_row"), "granularity='per_row'"),
+        (dict(num_calibration_samples=0), "num_calibration_samples=0"),
+        (dict(iterations=0), "iterations=0"),
+        (dict(reg_lambda=-1.0), "reg_lambda=-1.0"),
+        (dict(scale_method="max"), "scale_method='max'"),
+    ],
+)
+def test_bad_options_fail_in_init(kwargs, match):
+    from lightning_adaround import AdaRoundCallback
+
+    with pytest.raises(ValueError, match=match):
+        AdaRoundCallback(**kwargs)
+
+
+def test_no_calibration_data_is_a_clear_error(tmp_path):
+    import lightning.pytorch as pl
+
+    from lightning_adaround import AdaRoundCallback
+
+    Boring, _, _ = make_classes(pl)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, logger=False))
+    with pytest.raises(ValueError, match="calibration_data="):
+        make_callback(AdaRoundCallback).round_model(trainer, Boring())
+
+
+@pytest.mark.parametrize("data, match", [([], "no batch"), (["some text"], "forward_fn")])
+def test_empty_or_unusable_calibration_data_fails_before_work(tmp_path, data, match):
+    import lightning.pytorch as pl
+
+    from lightning_adaround import AdaRoundCallback
+
+    Boring, BoringData, _ = make_classes(pl)
+    model = Boring()
+    cb = make_callback(AdaRoundCallback, calibration_data=data, run_on="validate")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        trainer.validate(model, datamodule=BoringData(), verbose=False)
+    assert cb.result is None
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_sharded_strategy_is_refused_in_setup():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_adaround import AdaRoundCallback
+
+    with pytest.raises(ValueError, match="FSDPStrategy"):
+        AdaRoundCallback().setup(SimpleNamespace(strategy=FSDPStrategy()), None, "fit")
+
+
+def test_lightning_cli_configures_the_callback(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.cli import LightningCLI
+
+    Boring, BoringData, _ = make_classes(pl)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = LightningCLI(
+            Boring, BoringData,
+            args=[
+                "fit", "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                "--trainer.callbacks+=lightning_adaround.AdaRoundCallback",
+                "--trainer.callbacks.bits=3", "--trainer.callbacks.iterations=20",
+                "--trainer.callbacks.num_calibration_samples=64",
+                "--trainer.callbacks.granularity=per_tensor",
+            ],
+            save_config_kwargs={"overwrite": True},
+        )
+    from lightning_adaround import AdaRoundCallback
+
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, AdaRoundCallback)]
+    assert cb.config.bits == 3 and cb.config.iterations == 20
+    assert {layer.bits for layer in cb.result.layers.values()} == {3}
+    assert all(layer.axis is None for layer in cb.result.layers.values())  # per-tensor
+    assert_on_grid(cli.model, cb.result)
