@@ -7,6 +7,7 @@ weights, so the model is never left half rounded.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, Iterable, Optional
 
@@ -18,13 +19,14 @@ from lightning_adaround.capture import (
 )
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.layers import (
-    SUPPORTED_LAYER_TYPES, bits_for, following_activation, select_layers, weight_channel_axis,
+    SUPPORTED_LAYER_TYPES, bits_for, following_activation, output_major, per_channel_to_weight_layout,
+    select_layers, weight_channel_axis,
 )
 from lightning_adaround.loss import BetaSchedule
 from lightning_adaround.objective import MinibatchObjective
 from lightning_adaround.observer import AdaRoundObserver
 from lightning_adaround.optimize import GradReduce, optimize_rounding
-from lightning_adaround.quant import QuantGrid, choose_grid
+from lightning_adaround.quant import PerChannel, QuantGrid, choose_grid
 from lightning_adaround.result import AdaRoundResult, LayerResult, compact_integer
 from lightning_adaround.rounding import RoundingVariable
 
@@ -222,10 +224,23 @@ def _round_layers(
 
 
 def layer_grid(name: str, layer: nn.Module, weight: Tensor, config: AdaRoundConfig) -> QuantGrid:
-    """The grid ``config`` asks for this layer: its bits override, granularity and scale method."""
-    return choose_grid(
-        weight, bits_for(name, config.bits, dict(config.layer_bits)), config.symmetric,
-        config.granularity, config.scale_method, channel_axis=weight_channel_axis(layer),
+    """The grid ``config`` asks for this layer: its bits override, granularity and scale method.
+
+    Per-channel scales are searched with output channels first, then laid out to broadcast
+    against the weight (this matters for grouped transposed convolutions).
+    """
+    bits = bits_for(name, config.bits, dict(config.layer_bits))
+    granularity = config.granularity
+    if not (isinstance(granularity, PerChannel) and granularity.axis is None):
+        return choose_grid(weight, bits, config.symmetric, granularity, config.scale_method)
+    grid = choose_grid(
+        output_major(layer, weight), bits, config.symmetric, granularity, config.scale_method, channel_axis=0,
+    )
+    return dataclasses.replace(
+        grid,
+        scale=per_channel_to_weight_layout(layer, grid.scale, weight),
+        zero_point=per_channel_to_weight_layout(layer, grid.zero_point, weight),
+        axis=weight_channel_axis(layer),
     )
 
 

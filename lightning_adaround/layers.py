@@ -32,6 +32,33 @@ def weight_channel_axis(module: nn.Module) -> int:
     return 1 if getattr(module, "transposed", False) else 0
 
 
+def output_major(module: nn.Module, weight: Tensor) -> Tensor:
+    """``weight`` laid out as ``(out_channels, ...)``; only transposed convolutions need a change.
+
+    A transposed conv stores ``(in, out/groups, k...)``: with groups > 1, weight axis 1 is
+    not the output channel, so per-channel scales must be found in this layout.
+    """
+    if not getattr(module, "transposed", False):
+        return weight
+    groups = module.groups
+    cin, per_group = weight.shape[:2]
+    grouped = weight.reshape(groups, cin // groups, per_group, *weight.shape[2:]).transpose(1, 2)
+    return grouped.reshape(groups * per_group, cin // groups, *weight.shape[2:])
+
+
+def per_channel_to_weight_layout(module: nn.Module, values: Tensor, weight: Tensor) -> Tensor:
+    """Per-output-channel ``values`` (shape ``(out, 1, ...)``) made to broadcast against ``weight``."""
+    if not getattr(module, "transposed", False):
+        return values
+    groups = module.groups
+    cin, per_group = weight.shape[:2]
+    ones = (1,) * (weight.dim() - 2)
+    if groups == 1:
+        return values.reshape(1, per_group, *ones)
+    spread = values.reshape(groups, 1, per_group).expand(groups, cin // groups, per_group)
+    return spread.reshape(cin, per_group, *ones)
+
+
 def output_channel_dim(module: nn.Module) -> int:
     """The activation dim holding output channels: last for Linear, 1 for convolutions."""
     return -1 if isinstance(module, nn.Linear) else 1

@@ -32,7 +32,7 @@ class MinibatchObjective:
     """The paper's procedure: each step a random minibatch of cached samples, one forward.
 
     Samples are drawn without replacement from a fresh permutation per pass over the data,
-    so every calibration sample reaches the optimiser equally often.
+    so every calibration sample reaches the optimiser equally often (give or take one).
     """
 
     form = "minibatch"
@@ -59,11 +59,12 @@ class MinibatchObjective:
         self._cursor = 0
 
     def _next_indices(self) -> Tensor:
-        if self._cursor + self.batch_size > self._order.numel():
-            self._order = torch.randperm(self.train.num_samples, generator=self.generator)
-            self._cursor = 0
         idx = self._order[self._cursor:self._cursor + self.batch_size]
-        self._cursor += self.batch_size
+        self._cursor += idx.numel()
+        if idx.numel() < self.batch_size:  # pass finished: the rest comes from a fresh permutation
+            self._order = torch.randperm(self.train.num_samples, generator=self.generator)
+            self._cursor = self.batch_size - idx.numel()
+            idx = torch.cat([idx, self._order[:self._cursor]])
         return idx
 
     def _output(self, inputs: Tensor, weight: Tensor) -> Tensor:

@@ -118,7 +118,8 @@ def choose_grid(
 ) -> QuantGrid:
     """Pick scale (and zero point) for ``weight``.
 
-    ``"minmax"`` covers the full range; ``"mse"`` shrinks the range by the factor (out of
+    ``"minmax"`` covers the full range (an asymmetric grid may clip by up to half a step,
+    since its zero point is rounded to an integer); ``"mse"`` shrinks the range by the factor (out of
     ``num_candidates`` in (0.2, 1]) that minimises the round-to-nearest squared error,
     separately per channel: at 4 bits and below, clipping outliers beats covering them.
     """

@@ -9,6 +9,7 @@ from torch import nn
 from lightning_adaround import AdaRoundConfig, AdaRoundObserver, adaround
 from lightning_adaround.layers import select_layers
 
+
 FAST = dict(iterations=20, batch_size=8)
 
 
@@ -392,19 +393,27 @@ class _KwModel(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 3)
+        self.seen = []
 
-    def forward(self, x):
-        return self.fc(x)
+    def forward(self, x, offset=None):
+        self.seen.append((tuple(x.shape), offset is None))
+        return self.fc(x) if offset is None else self.fc(x + offset)
 
 
 def test_dict_batches_are_keyword_arguments():
     torch.manual_seed(0)
     model = _KwModel()
     saved = weights(model)
-    data = [{"x": b} for b in batches()]
+    # keys in the opposite order of the signature: only keyword passing gets this right
+    data = [{"offset": torch.zeros(4), "x": b} for b in batches()]
     result = adaround(model, data, AdaRoundConfig(holdout_fraction=0.0, **FAST))
     assert result.layers["fc"].num_samples == 48
     assert not torch.equal(model.fc.weight, saved["fc"])
+    assert model.seen and all(seen == ((16, 4), False) for seen in model.seen)
+
+    model = _KwModel()
+    result = adaround(model, [{"x": b} for b in batches()], AdaRoundConfig(holdout_fraction=0.0, **FAST))
+    assert result.layers["fc"].num_samples == 48
 
 
 def test_tuple_batches_use_first_element():

@@ -13,10 +13,6 @@ from lightning_adaround.layers import (
 )
 
 
-def _case(make, shape):
-    return make, shape
-
-
 LAYER_CASES = {
     "linear2d": (lambda: nn.Linear(6, 5), (4, 6)),
     "linear3d": (lambda: nn.Linear(6, 5), (3, 7, 6)),

@@ -13,6 +13,7 @@ from lightning_adaround.optimize import optimize_rounding
 from lightning_adaround.quant import choose_grid
 from lightning_adaround.rounding import RoundingVariable
 
+
 SCHEDULES = [
     (100, 0.2, 20.0, 2.0),
     (37, 0.3, 10.0, 1.0),
@@ -143,3 +144,17 @@ def test_strong_regularizer_drives_h_to_binary():
     _, h = rounding.soft()
     binary = ((h == 0) | (h == 1)).float().mean()
     assert binary > 0.9
+
+
+def test_objective_applies_activation_to_candidate_output():
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 4)
+    x = torch.randn(32, 8)
+    with torch.no_grad():
+        y = torch.relu(layer(x))
+    data = LayerData(x, y)
+    obj = MinibatchObjective(layer, data, data, 8, torch.relu, torch.Generator().manual_seed(0), torch.device("cpu"))
+    w = layer.weight.detach()
+    assert obj.step_loss(w).item() == pytest.approx(0.0, abs=1e-10)
+    assert obj.mse(w) == pytest.approx(0.0, abs=1e-12)
+    assert obj.step_loss(w * 1.5).item() > 0 and obj.mse(w * 1.5) > 0

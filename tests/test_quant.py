@@ -133,6 +133,21 @@ def test_per_channel_scale_shape_conv2d_and_conv_transpose2d():
     assert grid.scale.shape == (7, 1)
 
 
+def test_depthwise_conv_transpose_per_channel_has_one_scale_per_output_channel():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(4, 4, 3, groups=4))
+    with torch.no_grad():
+        model[0].weight.mul_(torch.tensor([1.0, 10.0, 100.0, 1000.0]).view(4, 1, 1, 1))
+    w = model[0].weight.detach().clone()
+    from lightning_adaround import AdaRoundConfig, adaround
+
+    result = adaround(model, [torch.randn(8, 4, 5, 5)], AdaRoundConfig(bits=4, iterations=5, batch_size=8))
+    assert result.layers["0"].scale.numel() == 4
+    wq = model[0].weight.detach()
+    for c in range(4):  # every output channel keeps its own resolution
+        assert (wq[c] - w[c]).norm() / w[c].norm() < 0.5, c
+
+
 def test_per_channel_explicit_axis_and_bad_axis():
     w = torch.randn(4, 6, 3)
     grid = choose_grid(w, 4, granularity=PerChannel(axis=-1))
