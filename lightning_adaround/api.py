@@ -14,18 +14,16 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.capture import (
-    ForwardFn, LayerData, capture_layer, default_forward, execution_order,
-)
+from lightning_adaround.capture import ForwardFn, default_forward, execution_order
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.layers import (
-    SUPPORTED_LAYER_TYPES, bits_for, following_activation, output_major, per_channel_to_weight_layout,
+    SUPPORTED_LAYER_TYPES, OutputOps, bits_for, following_ops, output_major, per_channel_to_weight_layout,
     select_layers, weight_channel_axis,
 )
 from lightning_adaround.loss import BetaSchedule
-from lightning_adaround.objective import MinibatchObjective
 from lightning_adaround.observer import AdaRoundObserver
 from lightning_adaround.optimize import GradReduce, optimize_rounding
+from lightning_adaround.reconstruct import build_layer_objective
 from lightning_adaround.quant import PerChannel, QuantGrid, choose_grid
 from lightning_adaround.result import AdaRoundResult, LayerResult, compact_integer
 from lightning_adaround.rounding import RoundingVariable
@@ -56,6 +54,7 @@ def adaround(
     observer: Optional[AdaRoundObserver] = None,
     grad_reduce: Optional[GradReduce] = None,
     move_batch: MoveBatch = move_to_device,
+    objective_builder: Optional[Callable[..., Any]] = None,
 ) -> AdaRoundResult:
     """Round ``model``'s weights in place with AdaRound and return what was done per layer.
 
@@ -73,6 +72,8 @@ def adaround(
         observer: Receives progress, per-step losses and per-layer results.
         grad_reduce: Called with ``[V.grad]`` after each backward (e.g. a DDP all-reduce).
         move_batch: ``move_batch(batch, device)`` moves one batch to the device.
+        objective_builder: Replaces ``reconstruct.build_layer_objective`` (same arguments); used by
+            ``distributed.distributed_adaround`` for sharded data.
 
     Raises:
         ValueError: empty calibration data, no supported layer selected, a forward function
@@ -82,6 +83,12 @@ def adaround(
     forward_fn = forward_fn if forward_fn is not None else default_forward
     observer = observer if observer is not None else AdaRoundObserver()
     layers = _selected_layers(model, config)
+    explicit = sorted(n for n, fn in (activations or {}).items() if fn is not None)
+    if config.loss_form == "moments" and explicit:
+        raise ValueError(
+            f"loss_form='moments' cannot include an activation in the loss, but activations= gives one "
+            f"for {explicit}; use loss_form='minibatch' (or 'auto') or drop those activations."
+        )
     batches = list(calibration_batches)
     if not batches:
         raise ValueError(
@@ -105,6 +112,7 @@ def adaround(
                 model, dict(layers), order, staged, run, config,
                 {n: w.to(device) for n, w in float_weights.items()},
                 device, cache_device, activations or {}, observer, grad_reduce,
+                objective_builder or build_layer_objective,
             )
         except BaseException:
             with torch.no_grad():
@@ -174,6 +182,7 @@ def _round_layers(
     activations: dict[str, Optional[Activation]],
     observer: AdaRoundObserver,
     grad_reduce: Optional[GradReduce],
+    build_objective: Callable[..., Any] = build_layer_objective,
 ) -> AdaRoundResult:
     result = AdaRoundResult()
     generator = torch.Generator().manual_seed(config.seed)
@@ -183,20 +192,17 @@ def _round_layers(
     for index, name in enumerate(order):
         layer = modules[name]
         started = time.perf_counter()
-        activation = activations[name] if name in activations else (
-            following_activation(model, name) if config.include_activation else None
+        prepared = build_objective(
+            model, name, layer, batches, forward_fn, rounded, float_weights,
+            _loss_ops(model, name, activations, config), config, generator, device, cache_device,
         )
-        data = capture_layer(
-            model, name, layer, batches, forward_fn, rounded, float_weights, activation, cache_device,
-        )
-        if data is None:
+        if prepared is None:
             result.unreached.append(name)
             continue
         observer.on_layer_start(name, index, config.iterations)
-        train, evaluation = _split_holdout(data, config.holdout_fraction, generator)
+        objective = prepared.objective
         weight = float_weights[name].float()
         grid = layer_grid(name, layer, weight, config)
-        objective = MinibatchObjective(layer, train, evaluation, config.batch_size, activation, generator, device)
         nearest_mse = objective.mse(grid.fake_quantize(weight))
         rounding = RoundingVariable(weight, grid)
         optimize_rounding(
@@ -215,12 +221,24 @@ def _round_layers(
             integer_weight=compact_integer(rounding.integer_weight(), grid.qmin, grid.qmax),
             nearest_mse=nearest_mse, adaround_mse=objective.mse(hard),
             iterations=config.iterations, seconds=time.perf_counter() - started,
-            num_samples=train.num_samples, eval_samples=evaluation.num_samples,
-            loss_form=objective.form, with_activation=activation is not None,
+            num_samples=prepared.num_samples, eval_samples=prepared.eval_samples,
+            loss_form=objective.form,
+            with_activation=prepared.ops is not None and prepared.ops.activation is not None,
+            note=prepared.note,
         )
         result.layers[name] = layer_result
         observer.on_layer_end(layer_result)
     return result
+
+
+def _loss_ops(
+    model: nn.Module, name: str, activations: dict[str, Optional[Activation]], config: AdaRoundConfig,
+) -> Optional[OutputOps]:
+    """What follows the layer in its loss: the user's explicit choice, else what is detected."""
+    if name in activations:
+        fn = activations[name]
+        return OutputOps(activation=fn) if fn is not None else None
+    return following_ops(model, name) if config.include_activation else None
 
 
 def layer_grid(name: str, layer: nn.Module, weight: Tensor, config: AdaRoundConfig) -> QuantGrid:
@@ -241,20 +259,6 @@ def layer_grid(name: str, layer: nn.Module, weight: Tensor, config: AdaRoundConf
         scale=per_channel_to_weight_layout(layer, grid.scale, weight),
         zero_point=per_channel_to_weight_layout(layer, grid.zero_point, weight),
         axis=weight_channel_axis(layer),
-    )
-
-
-def _split_holdout(data: LayerData, fraction: float, generator: torch.Generator) -> tuple[LayerData, LayerData]:
-    """Keep ``fraction`` of the samples out of optimisation to report errors honestly."""
-    n = data.num_samples
-    held = int(n * fraction)
-    if held < 1 or n - held < 1:
-        return data, data
-    perm = torch.randperm(n, generator=generator)
-    train_idx, eval_idx = perm[held:].to(data.inputs.device), perm[:held].to(data.inputs.device)
-    return (
-        LayerData(data.inputs[train_idx], data.targets[train_idx]),
-        LayerData(data.inputs[eval_idx], data.targets[eval_idx]),
     )
 
 

@@ -68,42 +68,23 @@ def execution_order(
     return order
 
 
-def _inputs_reaching(
-    model: nn.Module, layer: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn,
-    cache_device: Optional[torch.device],
-) -> list[Tensor]:
-    """The first input ``layer`` receives in each batch's forward pass, stopping there."""
+def _input_reaching(model: nn.Module, layer: nn.Module, batch: Any, forward_fn: ForwardFn) -> Optional[Tensor]:
+    """The first input ``layer`` receives when the model runs on ``batch``; the pass stops there."""
     seen: list[Tensor] = []
 
     def stop_here(_module, args):
-        x = args[0].detach()
-        seen.append(x.to(cache_device) if cache_device is not None else x)
+        seen.append(args[0].detach())
         raise _StopForward
 
     handle = layer.register_forward_pre_hook(stop_here)
     try:
         with torch.no_grad():
-            for batch in batches:
-                try:
-                    forward_fn(model, batch)
-                except _StopForward:
-                    pass
+            forward_fn(model, batch)
+    except _StopForward:
+        pass
     finally:
         handle.remove()
-    return seen
-
-
-def _stack(chunks: list[Tensor], name: str) -> Tensor:
-    shapes = {tuple(c.shape[1:]) for c in chunks}
-    if len(shapes) == 1:
-        return torch.cat(chunks, dim=0)
-    if all(c.dim() >= 2 for c in chunks) and len({c.shape[-1] for c in chunks}) == 1:
-        # Linear layers fed with varying sequence lengths: every row is a sample.
-        return torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks], dim=0)
-    raise ValueError(
-        f"layer {name!r} received inputs of different shapes {sorted(shapes)} across calibration "
-        "batches; give calibration batches of one input shape (resize or pad them)."
-    )
+    return seen[0] if seen else None
 
 
 @contextmanager
@@ -119,7 +100,7 @@ def float_weights(modules: dict[str, nn.Module], weights: dict[str, Tensor]) -> 
             modules[name].weight.data = w
 
 
-def capture_layer(
+def layer_input_pairs(
     model: nn.Module,
     name: str,
     layer: nn.Module,
@@ -127,31 +108,41 @@ def capture_layer(
     forward_fn: ForwardFn,
     rounded: dict[str, nn.Module],
     float_weight_of: dict[str, Tensor],
-    activation: Optional[Callable[[Tensor], Tensor]],
-    cache_device: Optional[torch.device] = None,
-) -> Optional[LayerData]:
-    """Inputs from the partly rounded model and float targets for one layer (``None``: never reached).
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Per batch that reaches ``layer``: its input in the partly rounded model and in the float one.
 
-    The target is ``activation(layer(x))`` with ``x`` the layer's input in the float model
-    (earlier layers' float weights swapped back in for that pass) and the layer's float weight.
+    Streamed batch by batch, so a caller can reduce them (moments) without keeping them.
     """
-    chunks = _inputs_reaching(model, layer, batches, forward_fn, cache_device)
-    if not chunks:
-        return None
-    inputs = _stack(chunks, name)
-    if rounded:
-        with float_weights(rounded, {n: float_weight_of[n] for n in rounded}):
-            float_inputs = _stack(_inputs_reaching(model, layer, batches, forward_fn, cache_device), name)
-    else:
-        float_inputs = inputs  # nothing rounded yet: both models agree
-    targets = layer_targets(layer, float_inputs, float_weight_of[name], activation)
-    for what, t in (("input", inputs), ("target output", targets)):
-        if not torch.isfinite(t).all():
-            raise ValueError(
-                f"the {what} of layer {name!r} contains NaN or Inf on the calibration data; "
-                "check the model and the calibration batches (or exclude this layer)."
-            )
-    return LayerData(inputs=inputs, targets=targets)
+    for batch in batches:
+        rounded_input = _input_reaching(model, layer, batch, forward_fn)
+        if rounded_input is None:
+            continue
+        if rounded:
+            with float_weights(rounded, {n: float_weight_of[n] for n in rounded}):
+                float_input = _input_reaching(model, layer, batch, forward_fn)
+        else:
+            float_input = rounded_input  # nothing rounded yet: both models agree
+        for what, t in (("input", rounded_input), ("float-model input", float_input)):
+            if not torch.isfinite(t).all():
+                raise ValueError(
+                    f"the {what} of layer {name!r} contains NaN or Inf on the calibration data; "
+                    "check the model and the calibration batches (or exclude this layer)."
+                )
+        yield rounded_input, float_input
+
+
+def stack_samples(chunks: list[Tensor], name: str) -> Tensor:
+    """Concatenate per-batch tensors along samples (Linear inputs of varying length: rows)."""
+    shapes = {tuple(c.shape[1:]) for c in chunks}
+    if len(shapes) == 1:
+        return torch.cat(chunks, dim=0)
+    if all(c.dim() >= 2 for c in chunks) and len({c.shape[-1] for c in chunks}) == 1:
+        # Linear layers fed with varying sequence lengths: every row is a sample.
+        return torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks], dim=0)
+    raise ValueError(
+        f"layer {name!r} received inputs of different shapes {sorted(shapes)} across calibration "
+        "batches; give calibration batches of one input shape (resize or pad them)."
+    )
 
 
 @torch.no_grad()

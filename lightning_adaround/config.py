@@ -13,6 +13,8 @@ from torch import nn
 from lightning_adaround.layers import SUPPORTED_LAYER_TYPES
 from lightning_adaround.quant import SCALE_METHODS, Granularity, PerChannel, PerTensor, check_bits
 
+LOSS_FORMS = ("auto", "minibatch", "moments")
+
 
 @dataclass
 class AdaRoundConfig:
@@ -24,6 +26,10 @@ class AdaRoundConfig:
         granularity: ``PerChannel()`` (one scale per output channel) or ``PerTensor()``.
         scale_method: ``"mse"`` searches the clipping range that minimises rounding error;
             ``"minmax"`` covers the full weight range.
+        loss_form: ``"minibatch"`` (the paper: a random minibatch of cached activations per
+            step), ``"moments"`` (the exact loss over every calibration row from second
+            moments; no activation in the loss) or ``"auto"`` (moments where it is cheaper and
+            no activation was asked for explicitly, minibatch otherwise).
         iterations: Optimisation steps per layer (paper: 10,000).
         batch_size: Calibration samples per step (paper: 32).
         lr: Adam learning rate on the rounding variables.
@@ -47,6 +53,7 @@ class AdaRoundConfig:
     symmetric: bool = True
     granularity: Granularity = field(default_factory=PerChannel)
     scale_method: str = "mse"
+    loss_form: str = "auto"
     iterations: int = 10_000
     batch_size: int = 32
     lr: float = 1e-3
@@ -70,6 +77,8 @@ class AdaRoundConfig:
             check_bits(bits, f"layer_bits[{pattern!r}]")
         if self.scale_method not in SCALE_METHODS:
             raise ValueError(f"scale_method={self.scale_method!r} is not one of {SCALE_METHODS}.")
+        if self.loss_form not in LOSS_FORMS:
+            raise ValueError(f"loss_form={self.loss_form!r} is not one of {LOSS_FORMS}.")
         if not isinstance(self.granularity, (PerTensor, PerChannel)):
             raise TypeError(
                 f"granularity={self.granularity!r}: use PerChannel() or PerTensor() "

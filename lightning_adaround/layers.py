@@ -7,7 +7,8 @@ so stride, padding modes, groups and transposed convolutions need no code of our
 from __future__ import annotations
 
 import fnmatch
-from typing import Iterable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -111,7 +112,34 @@ _ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def following_activation(model: nn.Module, layer_name: str) -> Optional[nn.Module]:
+@dataclass
+class OutputOps:
+    """What a layer's loss applies to its output: an optional BatchNorm, then an optional activation.
+
+    ``detected`` marks ops the library found by itself (a user's explicit activation is not).
+    """
+
+    batchnorm: Optional[nn.Module] = None
+    activation: Optional[Callable[[Tensor], Tensor]] = None
+    detected: bool = False
+
+    def __call__(self, output: Tensor) -> Tensor:
+        if self.batchnorm is not None:
+            output = self.batchnorm(output)
+        if self.activation is not None:
+            output = self.activation(output)
+        return output
+
+    def channel_scale(self) -> Optional[Tensor]:
+        """The BatchNorm's per-channel output scale (eval mode), or ``None`` without a usable one."""
+        bn = self.batchnorm
+        if bn is None or getattr(bn, "running_var", None) is None:
+            return None
+        scale = torch.rsqrt(bn.running_var.detach().float() + bn.eps)
+        return scale * bn.weight.detach().float() if bn.weight is not None else scale
+
+
+def following_ops(model: nn.Module, layer_name: str) -> Optional[OutputOps]:
     """The BatchNorm and/or activation right after ``layer_name`` inside an ``nn.Sequential``.
 
     Putting them in the reconstruction loss weighs each channel as the network does and
@@ -122,14 +150,13 @@ def following_activation(model: nn.Module, layer_name: str) -> Optional[nn.Modul
     if not isinstance(parent, nn.Sequential):
         return None
     children = list(parent.named_children())
-    names = [n for n, _ in children]
-    position = names.index(child) + 1
-    chain: list[nn.Module] = []
+    position = [n for n, _ in children].index(child) + 1
+    ops = OutputOps(detected=True)
     if position < len(children) and isinstance(children[position][1], _BATCH_NORMS):
-        chain.append(children[position][1])
+        ops.batchnorm = children[position][1]
         position += 1
     if position < len(children) and isinstance(children[position][1], _ELEMENTWISE_ACTIVATIONS):
-        chain.append(children[position][1])
-    if not chain:
+        ops.activation = children[position][1]
+    if ops.batchnorm is None and ops.activation is None:
         return None
-    return chain[0] if len(chain) == 1 else nn.Sequential(*chain)
+    return ops

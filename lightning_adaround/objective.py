@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_adaround.capture import LayerData
-from lightning_adaround.layers import output_channel_dim, run_with_weight
+from lightning_adaround.layers import OutputOps, output_channel_dim, run_with_weight
+from lightning_adaround.moments import LayerMoments, weight_as_groups
 
 
 class ReconstructionObjective(Protocol):
@@ -77,14 +78,99 @@ class MinibatchObjective:
         y = self.train.targets[idx.to(self.train.targets.device)].to(self.device, non_blocking=True)
         return (self._output(x, weight) - y).pow(2).sum(dim=self.channel_dim).mean()
 
+    def mse(self, weight: Tensor) -> float:
+        return forward_mse(self.layer, self.evaluation, weight, self.activation, self.device)
+
+
+@torch.no_grad()
+def forward_mse(
+    layer: nn.Module, data: LayerData, weight: Tensor, ops: Optional[Callable[[Tensor], Tensor]],
+    device: torch.device, chunk: int = 256,
+) -> float:
+    """Mean squared error per output element of ``ops(layer(x; weight))`` against the targets."""
+    total, count = 0.0, 0
+    for start in range(0, data.num_samples, chunk):
+        x = data.inputs[start:start + chunk].to(device)
+        y = data.targets[start:start + chunk].to(device)
+        out = run_with_weight(layer, x, weight)
+        err = (ops(out) if ops is not None else out) - y
+        total += float(err.double().pow(2).sum())
+        count += err.numel()
+    return total / max(count, 1)
+
+
+class _QuadraticLoss(torch.autograd.Function):
+    """``sum(w * (D A + 2 W M^T) * D) + c`` with its gradient ``2 w (D A + W M^T)``: one matmul a step."""
+
+    @staticmethod
+    def forward(ctx, delta: Tensor, a: Tensor, wm: Tensor, const: Tensor, channel_weight: Tensor) -> Tensor:
+        p = torch.bmm(delta, a)
+        ctx.save_for_backward(p + wm, channel_weight)
+        return (channel_weight * (p + 2.0 * wm) * delta).sum() + const
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        p_plus_wm, channel_weight = ctx.saved_tensors
+        return 2.0 * grad_out * channel_weight * p_plus_wm, None, None, None, None
+
+
+class MomentsObjective:
+    """The exact reconstruction term over every calibration row, from second moments.
+
+    With ``D = W~ - W`` and ``x~ = x + e``:  ``mean ||W~ x~ - W x||^2 =
+    tr(D A D^T) + 2 tr(D M W^T) + tr(W K W^T)``, ``A = E[x~ x~^T]``, ``M = E[x~ e^T]``,
+    ``K = E[e e^T]``. Written around ``D`` the value stays accurate (and non-negative)
+    as W~ approaches W, where the expanded form would cancel. A BatchNorm after the layer
+    weighs each output channel by its squared scale.
+    """
+
+    form = "moments"
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        moments: LayerMoments,
+        float_weight: Tensor,
+        evaluation: Optional[LayerData],
+        ops: Optional[OutputOps],
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.layer = layer
+        self.evaluation = evaluation
+        self.ops = ops
+        self.device = device
+        rows = max(moments.rows, 1)
+        w = weight_as_groups(layer, float_weight.double().to(device))
+        scale = ops.channel_scale() if ops is not None else None
+        channel_weight = torch.ones(w.shape[0] * w.shape[1], dtype=torch.float64, device=device)
+        if scale is not None:
+            channel_weight = scale.double().to(device) ** 2
+        # float64 copies for exact reporting; ``dtype`` ones for the steps
+        self.exact = {
+            "a": moments.xx / rows,
+            "wm": w @ (moments.x_diff / rows).transpose(1, 2),
+            "channel_weight": channel_weight.reshape(w.shape[0], w.shape[1], 1),
+            "float_weight": w,
+        }
+        self.exact["const"] = (self.exact["channel_weight"] * (w @ (moments.diff_diff / rows)) * w).sum()
+        self.a, self.wm, self.const, self.channel_weight, self.float_weight = (
+            self.exact[k].to(dtype) for k in ("a", "wm", "const", "channel_weight", "float_weight")
+        )
+
+    def step_loss(self, weight: Tensor) -> Tensor:
+        delta = weight_as_groups(self.layer, weight.to(self.float_weight.dtype)) - self.float_weight
+        return _QuadraticLoss.apply(delta, self.a, self.wm, self.const, self.channel_weight)
+
     @torch.no_grad()
-    def mse(self, weight: Tensor, chunk: int = 256) -> float:
-        data = self.evaluation
-        total, count = 0.0, 0
-        for start in range(0, data.num_samples, chunk):
-            x = data.inputs[start:start + chunk].to(self.device)
-            y = data.targets[start:start + chunk].to(self.device)
-            err = self._output(x, weight) - y
-            total += float(err.double().pow(2).sum())
-            count += err.numel()
-        return total / max(count, 1)
+    def exact_loss(self, weight: Tensor) -> float:
+        """The reconstruction term over all training rows, in float64 (clamped at 0)."""
+        e = self.exact
+        delta = weight_as_groups(self.layer, weight.to(self.device).double()) - e["float_weight"]
+        value = (e["channel_weight"] * (delta @ e["a"] + 2.0 * e["wm"]) * delta).sum() + e["const"]
+        return max(float(value), 0.0)
+
+    def mse(self, weight: Tensor) -> float:
+        if self.evaluation is not None and self.evaluation.num_samples:
+            return forward_mse(self.layer, self.evaluation, weight, self.ops, self.device)
+        return self.exact_loss(weight) / weight.shape[0]

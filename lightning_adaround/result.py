@@ -31,6 +31,7 @@ class LayerResult:
     eval_samples: int
     loss_form: str = "minibatch"
     with_activation: bool = False
+    note: str = ""
 
     @property
     def improvement(self) -> float:
@@ -55,21 +56,21 @@ class AdaRoundResult:
 
     def summary_table(self) -> str:
         """A plain-text per-layer table: what a user reads at the end of a run."""
-        header = ("layer", "bits", "form", "samples", "nearest MSE", "AdaRound MSE", "ratio", "seconds")
+        header = ("layer", "bits", "form", "samples", "nearest MSE", "AdaRound MSE", "ratio", "seconds", "note")
         rows = [
             (
                 r.name, str(r.bits), r.loss_form, str(r.num_samples), f"{r.nearest_mse:.3e}",
-                f"{r.adaround_mse:.3e}", f"{r.improvement:.2f}x", f"{r.seconds:.1f}",
+                f"{r.adaround_mse:.3e}", f"{r.improvement:.2f}x", f"{r.seconds:.1f}", r.note,
             )
             for r in self.layers.values()
         ]
-        rows += [(name, "-", "unreached", "0", "-", "-", "-", "-") for name in self.unreached]
+        rows += [(name, "-", "-", "0", "-", "-", "-", "-", "unreached: left in float") for name in self.unreached]
         widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
         lines = [
-            "  ".join(h.ljust(w) for h, w in zip(header, widths)),
+            "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
             "  ".join("-" * w for w in widths),
         ]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         return "\n".join(lines)
 
     def state_dict(self) -> dict[str, Any]:

@@ -274,7 +274,7 @@ def test_every_sample_of_every_batch_reaches_optimizer_equally():
     data, ids = _tagged_batches([12, 12, 12, 12])  # 48 samples
     seen, handle = _record_optimizer_ids(model[0])
     # 48 samples / batch 8 = 6 steps per pass; 12 steps = exactly 2 passes
-    result = adaround(model, data, AdaRoundConfig(iterations=12, batch_size=8, holdout_fraction=0.0))
+    result = adaround(model, data, AdaRoundConfig(iterations=12, batch_size=8, holdout_fraction=0.0, loss_form="minibatch"))
     handle.remove()
     assert len(seen) == 12 * 8
     assert sorted(set(seen)) == ids
@@ -288,7 +288,7 @@ def test_uneven_batches_all_reach_optimizer():
     model = mlp()
     data, ids = _tagged_batches([10, 14, 7, 3])  # 34 samples
     seen, handle = _record_optimizer_ids(model[0])
-    result = adaround(model, data, AdaRoundConfig(iterations=60, batch_size=8, holdout_fraction=0.0))
+    result = adaround(model, data, AdaRoundConfig(iterations=60, batch_size=8, holdout_fraction=0.0, loss_form="minibatch"))
     handle.remove()
     assert sorted(set(seen)) == ids
     assert result.layers["0"].num_samples == 34
@@ -298,7 +298,7 @@ def test_holdout_samples_kept_out_of_optimization():
     model = mlp()
     data, ids = _tagged_batches([16, 16, 16])  # 48 samples
     seen, handle = _record_optimizer_ids(model[0])
-    result = adaround(model, data, AdaRoundConfig(iterations=40, batch_size=6, holdout_fraction=0.25))
+    result = adaround(model, data, AdaRoundConfig(iterations=40, batch_size=6, holdout_fraction=0.25, loss_form="minibatch"))
     handle.remove()
     for name, r in result.layers.items():
         assert r.num_samples + r.eval_samples == 48, name
@@ -336,7 +336,7 @@ def test_training_mode_and_bn_stats_restored_and_summary():
     saved = weights(model)
     data = [torch.randn(6, 3, 6, 6) for _ in range(2)]
     rec = Recorder()
-    result = adaround(model, data, AdaRoundConfig(**FAST), observer=rec)
+    result = adaround(model, data, AdaRoundConfig(**FAST, loss_form="minibatch"), observer=rec)
     assert all(m.training for m in model.modules())
     assert torch.equal(model[1].running_mean, bn_mean)  # calibration ran in eval mode
     assert torch.equal(model[1].num_batches_tracked, bn_batches)
@@ -383,7 +383,7 @@ def test_layer_bits_override_and_globs():
 
 def test_activations_argument_overrides_detection():
     model = mlp()
-    result = adaround(model, batches(), AdaRoundConfig(**FAST), activations={"0": None, "4": torch.tanh})
+    result = adaround(model, batches(), AdaRoundConfig(**FAST, loss_form="minibatch"), activations={"0": None, "4": torch.tanh})
     assert not result.layers["0"].with_activation
     assert result.layers["2"].with_activation  # ReLU detected
     assert result.layers["4"].with_activation

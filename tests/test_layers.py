@@ -8,7 +8,7 @@ from torch import nn
 
 from lightning_adaround import AdaRoundConfig, adaround
 from lightning_adaround.layers import (
-    SUPPORTED_LAYER_TYPES, bits_for, following_activation, is_supported, output_channel_dim,
+    SUPPORTED_LAYER_TYPES, bits_for, following_ops, is_supported, output_channel_dim,
     run_with_weight, select_layers, weight_channel_axis,
 )
 
@@ -151,7 +151,12 @@ def test_bits_for_first_matching_glob():
     assert bits_for("a.b.c", 4, {"a.*": 5}) == 5  # fnmatch '*' crosses dots
 
 
-def test_following_activation():
+def _ops(model, name):
+    ops = following_ops(model, name)
+    return None if ops is None else (ops.batchnorm, ops.activation)
+
+
+def test_following_ops():
     seq = nn.Sequential(
         nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),  # 0: BN + ReLU
         nn.Conv2d(4, 4, 3), nn.ReLU(),                     # 3: ReLU
@@ -161,31 +166,34 @@ def test_following_activation():
         nn.Linear(2, 2),                                   # 12: last
     )
     model = nn.Sequential(seq)  # nested: names are "0.<i>"
-    act = following_activation(model, "0.0")
-    assert isinstance(act, nn.Sequential) and len(act) == 2
-    assert act[0] is seq[1] and act[1] is seq[2]
-    assert following_activation(model, "0.3") is seq[4]
-    assert following_activation(model, "0.5") is seq[6]
-    assert following_activation(model, "0.7") is None
-    assert following_activation(model, "0.8") is None  # Flatten is not an activation
-    assert following_activation(model, "0.10") is seq[11]
-    assert following_activation(model, "0.12") is None
+    assert _ops(model, "0.0") == (seq[1], seq[2])
+    assert following_ops(model, "0.0").detected
+    assert _ops(model, "0.3") == (None, seq[4])
+    assert _ops(model, "0.5") == (seq[6], None)
+    assert _ops(model, "0.7") is None
+    assert _ops(model, "0.8") is None  # Flatten is not an activation
+    assert _ops(model, "0.10") == (None, seq[11])
+    assert _ops(model, "0.12") is None
     # top-level sequential
-    assert following_activation(seq, "3") is seq[4]
+    assert _ops(seq, "3") == (None, seq[4])
     # not inside an nn.Sequential
     net = _Net()
-    assert following_activation(net, "up") is None
-    assert following_activation(net, "features.0")[1] is net.features[2]
-    assert following_activation(net, "head.1") is net.head[2]
-    assert following_activation(net, "head.3") is None
+    assert _ops(net, "up") is None
+    assert _ops(net, "features.0")[1] is net.features[2]
+    assert _ops(net, "head.1") == (None, net.head[2])
+    assert _ops(net, "head.3") is None
+    # applying the ops runs BN then the activation
+    x = torch.randn(2, 4, 5, 5)
+    seq.eval()
+    assert torch.equal(following_ops(seq, "0")(x), seq[2](seq[1](x)))
 
 
-def test_following_activation_bn_relu_output():
+def test_following_ops_bn_relu_output():
     torch.manual_seed(0)
     seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
     seq[1].running_mean.normal_()
     x = torch.randn(2, 3, 6, 6)
-    act = following_activation(seq, "0")
+    act = following_ops(seq, "0")
     with torch.no_grad():
         assert torch.equal(act(seq[0](x)), seq(x))
 

@@ -1,0 +1,162 @@
+"""The second-moment form equals the minibatch reconstruction over every row, for every layer type."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_adaround import AdaRoundConfig, adaround
+from lightning_adaround.layers import OutputOps, run_with_weight
+from lightning_adaround.moments import LayerMoments, patch_rows
+from lightning_adaround.objective import MomentsObjective
+from lightning_adaround.reconstruct import choose_form
+
+LAYERS = {
+    "linear-2d": (lambda: nn.Linear(6, 5), (7, 6)),
+    "linear-btc": (lambda: nn.Linear(6, 5), (3, 4, 6)),
+    "conv1d-stride-reflect": (lambda: nn.Conv1d(3, 4, 3, stride=2, padding=1, padding_mode="reflect"), (4, 3, 11)),
+    "conv2d-same-dilation": (lambda: nn.Conv2d(3, 4, 3, padding="same", dilation=2), (3, 3, 7, 7)),
+    "conv2d-groups-circular": (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="circular"), (3, 4, 5, 5)),
+    "conv2d-depthwise": (lambda: nn.Conv2d(4, 4, 3, stride=2, groups=4), (3, 4, 7, 7)),
+    "conv3d": (lambda: nn.Conv3d(2, 3, 2, padding=1), (2, 2, 4, 4, 4)),
+}
+
+
+def reference_loss(layer, x_rounded, x_float, weight_rounded, weight_float, ops=None):
+    """float64 minibatch form over every row: mean over rows of the sum over output channels."""
+    layer = copy.deepcopy(layer).double()
+    out = run_with_weight(layer, x_rounded.double(), weight_rounded)
+    target = run_with_weight(layer, x_float.double(), weight_float)
+    if ops is not None:
+        ops = copy.deepcopy(ops)
+        ops.batchnorm = ops.batchnorm.double()
+        out, target = ops(out), ops(target)
+    channel_dim = -1 if isinstance(layer, nn.Linear) else 1
+    return (out - target).pow(2).sum(dim=channel_dim).mean()
+
+
+def moments_of(layer, pairs):
+    acc = LayerMoments(layer, torch.device("cpu"))
+    for x_rounded, x_float in pairs:
+        acc.add(x_rounded, x_float)
+    return acc
+
+
+@pytest.mark.parametrize("key", list(LAYERS))
+def test_moments_value_and_gradient_equal_float64_minibatch_over_all_rows(key):
+    torch.manual_seed(0)
+    make, shape = LAYERS[key]
+    layer = make().eval()
+    x_float = torch.randn(shape)
+    x_rounded = x_float + 0.1 * torch.randn(shape)
+    w = layer.weight.detach()
+    w_tilde = (w + 0.05 * torch.randn_like(w)).double().requires_grad_(True)
+
+    objective = MomentsObjective(
+        layer, moments_of(layer, [(x_rounded, x_float)]), w, None, None, torch.device("cpu"), dtype=torch.float64,
+    )
+    value = objective.step_loss(w_tilde)
+    (grad,) = torch.autograd.grad(value, w_tilde)
+    ref = reference_loss(layer, x_rounded, x_float, w_tilde, w.double())
+    (ref_grad,) = torch.autograd.grad(ref, w_tilde)
+    assert value.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(grad, ref_grad, rtol=1e-6, atol=1e-9 * ref_grad.abs().max().item())
+    assert objective.exact_loss(w_tilde.detach()) == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_batchnorm_after_the_layer_weighs_channels_exactly():
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.running_mean.normal_()
+        bn.weight.uniform_(0.5, 3.0)
+        bn.bias.normal_()
+    bn.eval()
+    x_float = torch.randn(5, 3, 6, 6)
+    x_rounded = x_float + 0.1 * torch.randn_like(x_float)
+    w = conv.weight.detach()
+    w_tilde = (w + 0.05 * torch.randn_like(w)).double()
+    ops = OutputOps(batchnorm=bn)
+    objective = MomentsObjective(
+        conv, moments_of(conv, [(x_rounded, x_float)]), w, None, ops, torch.device("cpu"), dtype=torch.float64,
+    )
+    ref = reference_loss(conv, x_rounded, x_float, w_tilde, w.double(), ops)
+    assert objective.step_loss(w_tilde).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_streaming_in_batches_gives_the_same_moments_as_one_pass():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, groups=1)
+    x_float = torch.randn(12, 3, 6, 6)
+    x_rounded = x_float + 0.1 * torch.randn_like(x_float)
+    whole = moments_of(conv, [(x_rounded, x_float)])
+    parts = moments_of(conv, [(x_rounded[i:i + 5], x_float[i:i + 5]) for i in range(0, 12, 5)])
+    assert whole.rows == parts.rows == 12 * 36
+    for a, b in ((whole.xx, parts.xx), (whole.x_diff, parts.x_diff), (whole.diff_diff, parts.diff_diff)):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-10)
+
+
+def test_same_input_means_no_difference_terms():
+    layer = nn.Linear(4, 3)
+    x = torch.randn(10, 4)
+    acc = LayerMoments(layer, torch.device("cpu"))
+    acc.add(x, None)
+    assert torch.count_nonzero(acc.x_diff) == 0 and torch.count_nonzero(acc.diff_diff) == 0
+    assert torch.allclose(acc.xx[0], (x.double().T @ x.double()))
+
+
+def test_patch_rows_match_unfold():
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    x = torch.randn(2, 3, 7, 7)
+    rows = patch_rows(conv, x)[0]
+    ref = nn.functional.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 27)
+    assert torch.allclose(rows, ref, atol=1e-6)
+
+
+def test_auto_picks_what_the_cost_rule_says():
+    conv = nn.Conv2d(8, 8, 3, padding=1)  # d = 72, rows per step = 32 * 64
+    assert choose_form("auto", conv, None, 32, torch.randn(2, 8, 8, 8))[0] == "moments"
+    wide = nn.Linear(512, 16)  # d = 512 > 3 * 32 rows
+    assert choose_form("auto", wide, None, 32, torch.randn(2, 512))[0] == "minibatch"
+    tokens = nn.Linear(512, 16)  # 32 sequences x 64 tokens: d = 512 < 3 * 2048 rows
+    assert choose_form("auto", tokens, None, 32, torch.randn(2, 64, 512))[0] == "moments"
+    explicit = OutputOps(activation=torch.relu)
+    assert choose_form("auto", conv, explicit, 32, torch.randn(2, 8, 8, 8))[0] == "minibatch"
+    detected = OutputOps(activation=nn.ReLU(), detected=True)
+    form, ops, note = choose_form("auto", conv, detected, 32, torch.randn(2, 8, 8, 8))
+    assert form == "moments" and ops is None and "ReLU" in note
+    transposed = nn.ConvTranspose2d(4, 4, 3)
+    form, _, note = choose_form("moments", transposed, None, 32, torch.randn(2, 4, 5, 5))
+    assert form == "minibatch" and "transposed" in note
+
+
+def test_moments_with_an_explicit_activation_is_refused_before_work():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    before = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match="loss_form='moments'.*activations="):
+        adaround(model, [torch.randn(8, 4)], AdaRoundConfig(loss_form="moments", iterations=5),
+                 activations={"0": torch.relu})
+    assert torch.equal(model[0].weight, before)
+
+
+def test_bad_loss_form_is_refused():
+    with pytest.raises(ValueError, match="loss_form='exact'"):
+        AdaRoundConfig(loss_form="exact")
+
+
+@pytest.mark.parametrize("form", ["moments", "minibatch"])
+def test_both_forms_round_every_layer_and_report_the_form(form):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    model.eval()
+    data = [torch.randn(16, 1, 4, 4) for _ in range(3)]
+    result = adaround(model, data, AdaRoundConfig(loss_form=form, iterations=50, bits=3))
+    assert [r.loss_form for r in result.layers.values()] == [form, form]
+    for name, r in result.layers.items():
+        assert r.num_samples + r.eval_samples == 48
+        assert r.adaround_mse <= r.nearest_mse * 1.05
+        assert torch.equal(model.get_submodule(name).weight, r.dequantized_weight())
