@@ -205,11 +205,15 @@ def _round_layers(
         grid = layer_grid(name, layer, weight, config)
         nearest_mse = objective.mse(grid.fake_quantize(weight))
         rounding = RoundingVariable(weight, grid)
+        history: list[tuple[int, float, float, float]] = []
+
+        def on_log(step: int, metrics: dict[str, float], name: str = name) -> None:
+            history.append((step, metrics["recon_loss"], metrics["reg_loss"], metrics["beta"]))
+            observer.on_step(name, step, metrics)
+
         optimize_rounding(
             rounding, objective, config.iterations, config.lr, config.reg_lambda, schedule,
-            grad_reduce=grad_reduce,
-            on_log=lambda step, metrics, name=name: observer.on_step(name, step, metrics),
-            log_every_n_steps=config.log_every_n_steps,
+            grad_reduce=grad_reduce, on_log=on_log, log_every_n_steps=config.log_every_n_steps,
         )
         hard = rounding.hard_weight()
         with torch.no_grad():
@@ -224,7 +228,7 @@ def _round_layers(
             num_samples=prepared.num_samples, eval_samples=prepared.eval_samples,
             loss_form=objective.form,
             with_activation=prepared.ops is not None and prepared.ops.activation is not None,
-            note=prepared.note,
+            note=prepared.note, history=history,
         )
         result.layers[name] = layer_result
         observer.on_layer_end(layer_result)

@@ -334,3 +334,23 @@ def test_lightning_cli_configures_the_callback(tmp_path):
     assert {layer.bits for layer in cb.result.layers.values()} == {3}
     assert all(layer.axis is None for layer in cb.result.layers.values())  # per-tensor
     assert_on_grid(cli.model, cb.result)
+
+
+def test_report_png_is_saved_and_logged_to_tensorboard(tmp_path):
+    import lightning.pytorch as pl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_adaround import AdaRoundCallback
+
+    Boring, BoringData, _ = make_classes(pl)
+    logger = pl.loggers.TensorBoardLogger(tmp_path, name="tb")
+    cb = make_callback(AdaRoundCallback, log_every_n_steps=5)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=logger))
+    trainer.fit(Boring(), datamodule=BoringData())
+    png = Path(logger.log_dir) / "adaround_report.png"
+    assert cb.report_path == str(png)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert "adaround/report" in events.Tags()["images"]
