@@ -73,7 +73,10 @@ class LayerMoments:
         """Accumulate one batch (same samples in both; ``None``: the float input is the same)."""
         same = float_input is None
         self.samples += rounded_input.shape[0]
-        per_sample = max(1, rounded_input[:1].numel() * patch_dim(self.layer) * 8)
+        # one sample unfolds to about (input positions) x groups x d float64 values
+        channels = self.layer.in_features if isinstance(self.layer, nn.Linear) else self.layer.in_channels
+        positions = max(1, rounded_input[:1].numel() // channels)
+        per_sample = positions * groups_of(self.layer) * patch_dim(self.layer) * 8
         step = max(1, _CHUNK_BYTES // per_sample)
         for start in range(0, rounded_input.shape[0], step):
             rows = patch_rows(self.layer, rounded_input[start:start + step]).double()
