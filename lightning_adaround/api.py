@@ -199,6 +199,7 @@ def _round_layers(
         if prepared is None:
             result.unreached.append(name)
             continue
+        capture_seconds = time.perf_counter() - started
         observer.on_layer_start(name, index, config.iterations)
         objective = prepared.objective
         weight = float_weights[name].float()
@@ -228,7 +229,7 @@ def _round_layers(
             num_samples=prepared.num_samples, eval_samples=prepared.eval_samples,
             loss_form=objective.form,
             with_activation=prepared.ops is not None and prepared.ops.activation is not None,
-            note=prepared.note, history=history,
+            note=prepared.note, history=history, capture_seconds=capture_seconds,
         )
         result.layers[name] = layer_result
         observer.on_layer_end(layer_result)

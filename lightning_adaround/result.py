@@ -32,6 +32,7 @@ class LayerResult:
     loss_form: str = "minibatch"
     with_activation: bool = False
     note: str = ""
+    capture_seconds: float = 0.0  # part of ``seconds`` spent collecting calibration inputs
     history: list[tuple[int, float, float, float]] = field(default_factory=list)  # (step, recon, reg, beta)
 
     @property

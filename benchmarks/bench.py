@@ -1,0 +1,188 @@
+"""Performance benchmark: per-step overhead, capture share, cache size, end to end.
+
+    python benchmarks/bench.py            # full table (about 10 minutes on 2 CPU cores)
+    python benchmarks/bench.py --quick    # small shapes, a smoke run for CI (about a minute)
+
+Every number is measured side by side in this one run, on this machine; ratios, not
+absolute times, are what to compare across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lightning_adaround import AdaRoundConfig, adaround
+from lightning_adaround.capture import LayerData
+from lightning_adaround.layers import output_channel_dim, run_with_weight
+from lightning_adaround.loss import BetaSchedule
+from lightning_adaround.moments import LayerMoments
+from lightning_adaround.objective import MinibatchObjective, MomentsObjective
+from lightning_adaround.optimize import optimize_rounding
+from lightning_adaround.quant import PerChannel, choose_grid
+from lightning_adaround.rounding import RoundingVariable
+
+
+def timed(fn: Callable[[], None], repeat: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+def layer_cases(quick: bool) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """(name, layer, one sample's input shape); quick mode shrinks the spatial sizes."""
+    s = 4 if quick else 1
+    return [
+        ("Conv2d 3x3 64->64 @56x56", nn.Conv2d(64, 64, 3, padding=1), (64, 56 // s, 56 // s)),
+        ("Conv2d 3x3 256->256 @14x14", nn.Conv2d(256, 256, 3, padding=1), (256, 14, 14)),
+        ("depthwise 3x3 128 @28x28", nn.Conv2d(128, 128, 3, padding=1, groups=128), (128, 28 // s, 28 // s)),
+        ("Linear 384->1536 x128 tokens", nn.Linear(384, 1536), (128 // s, 384)),
+        ("Linear 4096->4096", nn.Linear(4096 // s, 4096 // s), (4096 // s,)),
+    ]
+
+
+def per_step_rows(quick: bool, steps: int) -> list[dict[str, object]]:
+    rows = []
+    batch = 32
+    for name, layer, shape in layer_cases(quick):
+        layer.requires_grad_(False)
+        torch.manual_seed(0)
+        inputs = torch.randn(4 * batch, *shape)
+        with torch.no_grad():
+            targets = layer(inputs)
+        weight = layer.weight.detach().clone().requires_grad_(True)
+        channel_dim = output_channel_dim(layer)
+
+        def irreducible():
+            x, y = inputs[:batch], targets[:batch]
+            loss = (run_with_weight(layer, x, weight) - y).pow(2).sum(dim=channel_dim).mean()
+            (grad,) = torch.autograd.grad(loss, weight)
+
+        t_base = timed(irreducible, steps)
+        grid = choose_grid(layer.weight, 4, granularity=PerChannel(), method="minmax")
+        data = LayerData(inputs, targets)
+        generator = torch.Generator().manual_seed(0)
+        minibatch = MinibatchObjective(layer, data, data, batch, None, generator, torch.device("cpu"))
+        moments = LayerMoments(layer, torch.device("cpu"))
+        moments.add(inputs, None)
+        exact = MomentsObjective(layer, moments, layer.weight.detach(), None, None, torch.device("cpu"))
+        schedule = BetaSchedule(steps)
+
+        def run(objective):
+            rounding = RoundingVariable(layer.weight, grid)
+            optimize_rounding(rounding, objective, steps, 1e-3, 0.01, schedule)
+
+        t_minibatch = timed(lambda: run(minibatch), 1) / steps
+        t_moments = timed(lambda: run(exact), 1) / steps
+        rows.append({
+            "layer": name, "irreducible ms": 1e3 * t_base, "minibatch step ms": 1e3 * t_minibatch,
+            "minibatch / irreducible": t_minibatch / t_base,
+            "moments step ms": 1e3 * t_moments, "moments / irreducible": t_moments / t_base,
+        })
+    return rows
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width),
+        )
+
+    def forward(self, x):
+        return torch.relu(x + self.body(x))
+
+
+def resnet_like(width: int = 32, blocks: int = 3) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        *[Block(width) for _ in range(blocks)],
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10),
+    ).eval()
+
+
+class EncoderBlock(nn.Module):
+    """A pre-norm transformer block with explicit q/k/v/o Linear layers (as in BERT-style models)."""
+
+    def __init__(self, width: int, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+        self.ffn = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        b, t, c = x.shape
+        h = self.norm1(x)
+        q, k, v = (p(h).reshape(b, t, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        attn = nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.o(attn.transpose(1, 2).reshape(b, t, c))
+        return x + self.ffn(self.norm2(x))
+
+
+def encoder(width: int = 128, blocks: int = 6) -> nn.Module:
+    return nn.Sequential(*[EncoderBlock(width) for _ in range(blocks)]).eval()
+
+
+def end_to_end_rows(quick: bool, iterations: int) -> list[dict[str, object]]:
+    rows = []
+    torch.manual_seed(0)
+    cases = [
+        ("ResNet-style CNN", resnet_like(), [torch.randn(32, 3, 16 if quick else 32, 16 if quick else 32) for _ in range(8)]),
+        ("6-block transformer encoder", encoder(), [torch.randn(32, 32 if quick else 64, 128) for _ in range(8)]),
+    ]
+    for name, model, batches in cases:
+        for form in ("minibatch", "moments"):
+            forwards = {"n": 0}
+            handles = [m.register_forward_pre_hook(lambda *_: forwards.__setitem__("n", forwards["n"] + 1))
+                       for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+            start = time.perf_counter()
+            result = adaround(model, batches, AdaRoundConfig(bits=4, iterations=iterations, loss_form=form))
+            total = time.perf_counter() - start
+            for h in handles:
+                h.remove()
+            capture = sum(r.capture_seconds for r in result.layers.values())
+            steps = iterations * len(result.layers)
+            per_step = (total - capture) / steps
+            rows.append({
+                "model": name, "form": form, "layers": len(result.layers), "seconds": total,
+                "capture s": capture, "layer forwards (incl. unfold)": forwards["n"],
+                f"capture share @{iterations}": capture / total,
+                "capture share @10k (extrapolated)": capture / (capture + per_step * 10_000 * len(result.layers)),
+                "unreached": len(result.unreached),
+            })
+    return rows
+
+
+def print_table(title: str, rows: list[dict[str, object]]) -> None:
+    if not rows:
+        return
+    keys = list(rows[0])
+    cells = [[f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    print(f"\n{title}")
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    print("  ".join("-" * w for w in widths))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print_table("Per-step time vs the irreducible work (layer forward + weight gradient, same minibatch of 32)",
+                per_step_rows(args.quick, steps=3 if args.quick else 10))
+    print_table("End to end (calibration 256 samples)", end_to_end_rows(args.quick, iterations=20 if args.quick else 200))
+
+
+if __name__ == "__main__":
+    main()
