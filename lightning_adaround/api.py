@@ -8,7 +8,9 @@ weights, so the model is never left half rounded.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import time
+import warnings
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -83,6 +85,14 @@ def adaround(
     forward_fn = forward_fn if forward_fn is not None else default_forward
     observer = observer if observer is not None else AdaRoundObserver()
     layers = _selected_layers(model, config)
+    names = [n for n, _ in layers]
+    unused = [p for p in config.layer_bits if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unused:
+        warnings.warn(
+            f"layer_bits patterns {unused} match none of the layers being rounded ({names[:8]}"
+            f"{'...' if len(names) > 8 else ''}); check the names with model.named_modules().",
+            stacklevel=2,
+        )
     explicit = sorted(n for n, fn in (activations or {}).items() if fn is not None)
     if config.loss_form == "moments" and explicit:
         raise ValueError(
@@ -163,7 +173,8 @@ def _first_pass_order(
         order = execution_order(model, layers, batch, forward_fn)
     except Exception as err:
         raise ValueError(
-            f"running the model on the first calibration batch failed with {type(err).__name__}: {err}. "
+            f"running the model on the first calibration batch failed with {type(err).__name__}: "
+            f"{str(err).rstrip('.')}. "
             "Pass forward_fn=lambda model, batch: ... that turns one of your batches into a forward call."
         ) from err
     return order + [name for name, _ in layers if name not in order]

@@ -10,7 +10,7 @@ from typing import Mapping, Optional, Sequence
 
 from torch import nn
 
-from lightning_adaround.layers import SUPPORTED_LAYER_TYPES
+from lightning_adaround.layers import SUPPORTED_LAYER_TYPES, check_layer_types
 from lightning_adaround.quant import SCALE_METHODS, Granularity, PerChannel, PerTensor, check_bits
 
 LOSS_FORMS = ("auto", "minibatch", "moments")
@@ -100,6 +100,7 @@ class AdaRoundConfig:
                 f"beta must anneal downwards from a positive value: got beta_start={self.beta_start}, "
                 f"beta_end={self.beta_end} (the reference uses 20 -> 2)."
             )
+        check_layer_types(self.layer_types)
         if isinstance(self.layers, str) or isinstance(self.exclude, str):
             raise TypeError("layers and exclude take a list of name globs, e.g. layers=['features.*'].")
 

@@ -74,6 +74,16 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def check_layer_types(layer_types: Sequence[type[nn.Module]]) -> None:
+    unsupported = [t for t in layer_types if not (isinstance(t, type) and issubclass(t, SUPPORTED_LAYER_TYPES))]
+    if unsupported:
+        names = ", ".join(t.__name__ for t in SUPPORTED_LAYER_TYPES)
+        raise TypeError(
+            f"layer_types has unsupported entries {[getattr(t, '__name__', t) for t in unsupported]}; "
+            f"choose among {names}."
+        )
+
+
 def select_layers(
     model: nn.Module,
     include: Optional[Sequence[str]] = None,
@@ -81,10 +91,7 @@ def select_layers(
     layer_types: Sequence[type[nn.Module]] = SUPPORTED_LAYER_TYPES,
 ) -> list[tuple[str, nn.Module]]:
     """Supported modules of the requested types whose names match ``include`` (globs) and not ``exclude``."""
-    unsupported = [t for t in layer_types if not issubclass(t, SUPPORTED_LAYER_TYPES)]
-    if unsupported:
-        names = ", ".join(t.__name__ for t in SUPPORTED_LAYER_TYPES)
-        raise TypeError(f"layer_types {unsupported} are not supported; choose among {names}.")
+    check_layer_types(layer_types)
     chosen = []
     for name, module in model.named_modules():
         if not isinstance(module, tuple(layer_types)):

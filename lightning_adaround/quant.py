@@ -36,8 +36,10 @@ Granularity = Union[PerTensor, PerChannel]
 class QuantGrid:
     """An affine integer grid: ``w_q = (w_int - zero_point) * scale``, ``qmin <= w_int <= qmax``.
 
-    ``scale`` and ``zero_point`` have the weight's rank with size 1 on every dim but
-    ``axis`` (per-channel) or on every dim (per-tensor), so they broadcast against it.
+    ``scale`` and ``zero_point`` have the weight's rank and broadcast against it: size 1
+    on every dim (per-tensor) or on every dim but ``axis`` (per-channel). A grouped
+    transposed convolution's per-channel scale is ``(in, out/groups, 1, ...)``, since its
+    output channels span weight dims 0 and 1.
     """
 
     scale: Tensor
