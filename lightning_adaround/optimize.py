@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from lightning_adaround.loss import BetaSchedule, rounding_regularizer
+from lightning_adaround.loss import BetaSchedule
 from lightning_adaround.objective import ReconstructionObjective
 from lightning_adaround.rounding import RoundingVariable
 
@@ -34,16 +34,11 @@ def optimize_rounding(
     optimizer = torch.optim.Adam([rounding.v], lr=lr)
     for step in range(iterations):
         optimizer.zero_grad(set_to_none=True)
-        weight, h = rounding.soft()
-        recon = objective.step_loss(weight)
         regularizing = schedule.regularizing(step)
         beta = schedule.beta(step)
-        if regularizing:
-            reg = rounding_regularizer(h, beta)
-            loss = recon + reg_lambda * reg
-        else:
-            reg = None
-            loss = recon
+        weight, reg = rounding.soft_with_regularizer(beta if regularizing else None)
+        recon = objective.step_loss(weight)
+        loss = recon + reg_lambda * reg if regularizing else recon
         loss.backward()
         if grad_reduce is not None:
             grad_reduce([rounding.v.grad])
@@ -52,6 +47,6 @@ def optimize_rounding(
         if on_log is not None and (step % log_every_n_steps == 0 or last):
             on_log(step, {
                 "recon_loss": float(recon.detach()),
-                "reg_loss": float(reg.detach()) if reg is not None else 0.0,
+                "reg_loss": float(reg.detach()),
                 "beta": beta,
             })

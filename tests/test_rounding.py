@@ -114,3 +114,28 @@ def test_soft_weight_clamped_to_grid_range():
     assert torch.all(h == 1.0)
     ints = soft / grid.scale + grid.zero_point
     assert ints.min() >= grid.qmin - 1e-4 and ints.max() <= grid.qmax + 1e-4
+
+
+@pytest.mark.parametrize("beta", [None, 20.0, 7.3, 2.0])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_fused_soft_rounding_equals_autograd_reference(beta, symmetric):
+    """The fast path (hand-written gradient) against autograd through soft() and the regularizer."""
+    from lightning_adaround.loss import rounding_regularizer
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 3, 3, 3)
+    grid = choose_grid(w, 3, symmetric=symmetric, method="mse")  # mse: some weights clipped
+    r = RoundingVariable(w, grid)
+    r.v = (r.v + 2.0 * torch.randn_like(r.v)).detach().requires_grad_(True)  # some h saturated
+    upstream = torch.randn_like(w)
+    weight, h = r.soft()
+    reference = (weight * upstream).sum() + (0.01 * rounding_regularizer(h, beta) if beta else 0.0)
+    (expected,) = torch.autograd.grad(reference, r.v)
+    fused_weight, reg = r.soft_with_regularizer(beta)
+    (got,) = torch.autograd.grad((fused_weight * upstream).sum() + 0.01 * reg, r.v)
+    assert torch.equal(fused_weight, weight.detach())
+    if beta is None:
+        assert reg.item() == 0.0
+    else:
+        assert reg.item() == pytest.approx(rounding_regularizer(h, beta).item(), rel=1e-6)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7)
