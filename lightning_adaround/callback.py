@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -20,6 +21,7 @@ from lightning_adaround.api import adaround
 from lightning_adaround.calibration import take_samples
 from lightning_adaround.capture import default_forward
 from lightning_adaround.config import AdaRoundConfig
+from lightning_adaround.distributed import CalibrationShard, distributed_adaround, is_sharded_loader, shard_calibration
 from lightning_adaround.observer import AdaRoundObserver
 from lightning_adaround.quant import PerChannel, PerTensor
 from lightning_adaround.result import AdaRoundResult, LayerResult
@@ -40,6 +42,7 @@ class _AdaRoundCallbackBase:
         granularity: ``"per_channel"`` or ``"per_tensor"`` scales.
         symmetric: Signed grid with zero point 0, or an unsigned affine grid.
         scale_method: ``"mse"`` (clipping search) or ``"minmax"``.
+        loss_form: ``"auto"``, ``"minibatch"`` or ``"moments"`` (see ``AdaRoundConfig``).
         iterations: Optimisation steps per layer.
         batch_size: Calibration samples per optimisation step.
         lr, reg_lambda, warm_start: Optimiser and regularizer settings (AdaRound defaults).
@@ -56,11 +59,20 @@ class _AdaRoundCallbackBase:
         seed: Minibatch sampling seed.
         log_every_n_steps: Per-step loss logging interval (default: the Trainer's).
         verbose: Print the per-layer summary table at the end.
+        report: Save a PNG report (per-layer error, loss curves) as ``adaround_report.png``
+            in the first logger's directory (else ``default_root_dir``) and add it to
+            TensorBoard; needs matplotlib.
 
     Raises:
         ValueError: an unknown ``run_on``/``granularity``/``scale_method``, bits outside
             2-8, a non-positive count, and (when the run starts) missing or empty
-            calibration data or a sharded strategy.
+            calibration data or a sharded strategy (FSDP, DeepSpeed: refused in ``setup``).
+        AdaRoundDistributedError: under DDP, on every rank, when any rank fails or the ranks
+            disagree (see ``lightning_adaround.distributed``).
+
+    Under ``strategy="ddp"``/``"ddp_spawn"`` each rank keeps a contiguous block of the first
+    ``num_calibration_samples`` samples and all ranks find one rounding together (one
+    gradient all-reduce per step); logging and the progress bar stay on rank 0.
 
     Example::
 
@@ -76,6 +88,7 @@ class _AdaRoundCallbackBase:
         granularity: str = "per_channel",
         symmetric: bool = True,
         scale_method: str = "mse",
+        loss_form: str = "auto",
         iterations: int = 10_000,
         batch_size: int = 32,
         lr: float = 1e-3,
@@ -93,6 +106,7 @@ class _AdaRoundCallbackBase:
         seed: int = 0,
         log_every_n_steps: Optional[int] = None,
         verbose: bool = True,
+        report: bool = True,
     ) -> None:
         if run_on not in RUN_ON:
             raise ValueError(f"run_on={run_on!r} isn't one of {RUN_ON}; use run_on='fit_end' or 'validate'.")
@@ -113,11 +127,11 @@ class _AdaRoundCallbackBase:
             raise TypeError(f"forward_fn={forward_fn!r} must be callable as forward_fn(module, batch).")
         self.config = AdaRoundConfig(
             bits=bits, symmetric=symmetric, granularity=GRANULARITIES[granularity](),
-            scale_method=scale_method, iterations=iterations, batch_size=batch_size, lr=lr,
+            scale_method=scale_method, loss_form=loss_form, iterations=iterations, batch_size=batch_size, lr=lr,
             reg_lambda=reg_lambda, warm_start=warm_start, include_activation=include_activation,
             holdout_fraction=holdout_fraction, cache_on_cpu=cache_on_cpu, seed=seed,
             layers=layers, exclude=tuple(exclude), layer_bits=dict(layer_bits or {}),
-            log_every_n_steps=log_every_n_steps or 50,
+            log_every_n_steps=50 if log_every_n_steps is None else log_every_n_steps,
         )
         self.run_on = run_on
         self.num_calibration_samples = num_calibration_samples
@@ -125,6 +139,8 @@ class _AdaRoundCallbackBase:
         self.forward_fn = forward_fn
         self.log_every_n_steps = log_every_n_steps
         self.verbose = verbose
+        self.report = report
+        self.report_path: Optional[str] = None
         self.result: Optional[AdaRoundResult] = None
         self._log_step = 0
 
@@ -161,9 +177,17 @@ class _AdaRoundCallbackBase:
         """Run ``module`` on one calibration batch. Override, or pass ``forward_fn``."""
         return (self.forward_fn or default_forward)(module, batch)
 
-    def calibration_batches(self, trainer: Any, pl_module: Any) -> list[Any]:
-        """Up to ``num_calibration_samples`` samples of calibration batches. Override to customise."""
+    def calibration_batches(self, trainer: Any, pl_module: Any) -> list[Any] | CalibrationShard:
+        """Up to ``num_calibration_samples`` samples of calibration batches. Override to customise.
+
+        Under DDP (``trainer.world_size > 1``) this is the rank's part of them: a
+        ``CalibrationShard`` (a contiguous block) of the first ``num_calibration_samples`` samples
+        that every rank reads from the same loader, or, from a loader that already has a
+        ``DistributedSampler``, this rank's own ``num_calibration_samples / world_size`` samples.
+        """
         source = self._calibration_source(trainer, pl_module)
+        if _world_size(trainer) > 1:
+            return self._calibration_shard(trainer, source)
         batches = take_samples(source, self.num_calibration_samples)
         if not batches:
             raise ValueError(
@@ -186,11 +210,13 @@ class _AdaRoundCallbackBase:
         config = self.config
         if self.log_every_n_steps is None:
             config = dataclasses.replace(config, log_every_n_steps=max(1, trainer.log_every_n_steps))
-        batches = self.calibration_batches(trainer, pl_module)
         strategy = trainer.strategy
+        distributed = _world_size(trainer) > 1  # DDP: one rounding from every rank's shard
+        read = lambda: self.calibration_batches(trainer, pl_module)  # noqa: E731
+        batches = read if distributed else read()  # under DDP, read inside the failure protocol
         observer = _TrainerObserver(self, trainer, config.iterations)
         try:
-            self.result = adaround(
+            self.result = (distributed_adaround if distributed else adaround)(
                 pl_module, batches, config,
                 forward_fn=self.forward_batch,
                 device=strategy.root_device,
@@ -200,6 +226,18 @@ class _AdaRoundCallbackBase:
         finally:
             observer.progress.close()
         return self.result
+
+    def _calibration_shard(self, trainer: Any, source: Iterable[Any]) -> list[Any] | CalibrationShard:
+        world, rank, total = trainer.world_size, trainer.global_rank, self.num_calibration_samples
+        if is_sharded_loader(source):  # Lightning injected a DistributedSampler: already this rank's part
+            share = None if total is None else total // world + (1 if rank < total % world else 0)
+            return take_samples(source, share)
+        # Every rank reads the same samples (a shuffling loader draws its order from this seed),
+        # then keeps its block; distributed_adaround checks that the ranks read the same data.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            batches = take_samples(source, total)
+        return shard_calibration(batches, rank, world)
 
     def _calibration_source(self, trainer: Any, pl_module: Any) -> Iterable[Any]:
         if self.calibration_data is not None:
@@ -227,6 +265,10 @@ class _AdaRoundCallbackBase:
 
     def _info(self, message: str) -> None:
         rank_zero_info(message)
+
+
+def _world_size(trainer: Any) -> int:
+    return int(getattr(trainer, "world_size", 1) or 1)
 
 
 def _weights_match(module: nn.Module, result: AdaRoundResult) -> bool:
@@ -290,6 +332,28 @@ class _TrainerObserver(AdaRoundObserver):
             logger.save()
         if self.callback.verbose:
             self.callback._info("AdaRound per-layer summary:\n" + result.summary_table())
+        if self.callback.report and result.layers and self.trainer.is_global_zero:
+            self._save_report(result)
+
+    def _save_report(self, result: AdaRoundResult) -> None:
+        try:
+            from lightning_adaround.report import report_figure
+            import matplotlib.pyplot as plt
+        except ImportError:
+            warnings.warn("AdaRoundCallback(report=True) needs matplotlib; skipping the PNG report.", stacklevel=2)
+            return
+        log_dirs = [lg.log_dir for lg in self.trainer.loggers if getattr(lg, "log_dir", None)]
+        folder = Path(log_dirs[0] if log_dirs else self.trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        fig = report_figure(result)
+        path = folder / "adaround_report.png"
+        fig.savefig(path, dpi=110)
+        self.callback.report_path = str(path)
+        for logger in self.trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_figure"):  # TensorBoard's SummaryWriter
+                experiment.add_figure("adaround/report", fig, global_step=self.callback._log_step, close=False)
+        plt.close(fig)
 
 
 class _Progress:

@@ -1,0 +1,303 @@
+"""The documentation is tested: its code runs, its reference is current, its site builds strictly.
+
+- Every ```python block in README.md and docs/*.md runs as its own test (id ``file:line``).
+  Blocks in docs/ are self-contained. README blocks use ``model``, ``dm`` and
+  ``calibration_batches`` without defining them; ``README_SETUP`` supplies them (see
+  ``_readme_namespace``). Blocks run in a temporary working directory, so logs and
+  checkpoints they write land there. Other fences (bash, text, yaml) are not executed.
+- docs/configuration.md must equal what docs/gen_config_reference.py generates.
+- Every error message quoted in docs/troubleshooting.md is produced by the library as quoted.
+- ``mkdocs build --strict`` succeeds, and fails on a broken link, anchor or nav entry.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+DOC_FILES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
+# --------------------------------------------------------------------------- code blocks
+
+def python_blocks(path: Path) -> list[tuple[int, str]]:
+    """``(line of the opening fence, source)`` for each top-level ```python block in ``path``."""
+    blocks, current, start, fence_lang = [], None, 0, None
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if current is None:
+            match = re.match(r"^```\s*([\w+-]*)", line)
+            if match:
+                fence_lang = match.group(1).lower()
+                current, start = [], number
+        elif line.startswith("```"):
+            if fence_lang in ("python", "py"):
+                blocks.append((start, "\n".join(current) + "\n"))
+            current = None
+        else:
+            current.append(line)
+    assert current is None, f"{path.name}: unclosed code fence opened on line {start}"
+    return blocks
+
+
+def _readme_namespace() -> dict[str, Any]:
+    """What README.md's blocks use without defining: ``model``, ``dm``, ``calibration_batches``.
+
+    ``dm`` is the digits datamodule of examples/digits.py (1,797 real 8x8 digits). ``model``
+    is that example's ``DigitsClassifier`` with a one-layer head named ``fc`` in place of the
+    CNN: the README's blocks use the default of 10,000 iterations per layer, so a single layer
+    to round keeps each rounding run to seconds, and ``layer_bits={"fc": 8}`` matches it.
+    ``calibration_batches`` is a list of 4 batches of 64 digit images (inputs only).
+    """
+    from digits import DigitsClassifier, DigitsDataModule
+
+    class ReadmeDigits(DigitsClassifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Flatten()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.net(x))
+
+    torch.manual_seed(0)
+    dm = DigitsDataModule()
+    dm.setup()
+    calibration_batches = [x for x, _ in itertools.islice(dm.calibration_dataloader(), 4)]
+    return {"model": ReadmeDigits(), "dm": dm, "calibration_batches": calibration_batches}
+
+
+# Per-file context for blocks that use names they do not define.
+README_SETUP: dict[str, Callable[[], dict[str, Any]]] = {"README.md": _readme_namespace}
+# README blocks round with the default 10,000 iterations: seconds each, so marked slow.
+SLOW_FILES = {"README.md"}
+
+
+def _block_params() -> list[Any]:
+    params = []
+    for path in DOC_FILES:
+        rel = path.relative_to(ROOT).as_posix()
+        for line, source in python_blocks(path):
+            marks = [pytest.mark.slow] if rel in SLOW_FILES else []
+            params.append(pytest.param(rel, line, source, id=f"{rel}:{line}", marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("rel, line, source", _block_params())
+def test_python_block_runs(rel, line, source, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # lightning_logs/, checkpoints, exported files
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    if rel in README_SETUP:
+        namespace.update(README_SETUP[rel]())
+    code = compile(source, f"{rel}:{line}", "exec")
+    try:
+        exec(code, namespace)
+    finally:  # a block that starts a process group must not leave it to the next test
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_every_page_has_blocks_collected():
+    """Guards the fence parser: the pages with examples really yield python blocks."""
+    for name in ("README.md", "docs/index.md", "docs/quickstart.md", "docs/export.md"):
+        assert python_blocks(ROOT / name), name
+
+
+# --------------------------------------------------------------------------- generated reference
+
+def test_configuration_reference_is_current():
+    generator = runpy.run_path(str(DOCS / "gen_config_reference.py"), run_name="gen_config_reference")
+    expected = generator["render"]()
+    committed = (DOCS / "configuration.md").read_text(encoding="utf-8")
+    assert committed == expected, (
+        "docs/configuration.md is stale (a docstring, default or parameter changed): "
+        "run `python docs/gen_config_reference.py` and commit the result."
+    )
+
+
+def test_generator_rejects_an_undocumented_parameter():
+    generator = runpy.run_path(str(DOCS / "gen_config_reference.py"), run_name="gen_config_reference")
+    doc = """Summary.
+
+        Args:
+            a: First.
+            b, c: Two at once,
+                continued.
+
+        Returns:
+            Nothing.
+        """
+    params = {"a": ("int", "1"), "b": ("", "2"), "c": ("str", "'x'")}
+    lines = generator["render_params"]("f", doc, params)
+    assert lines[1] == "- **`b`** (default `2`); **`c`** (`str`, default `'x'`): Two at once, continued."
+    with pytest.raises(generator["DocError"], match=r"undocumented parameters \['d'\]"):
+        generator["render_params"]("f", doc, {**params, "d": ("int", "0")})
+
+
+# --------------------------------------------------------------------------- troubleshooting
+
+def _raises(fn: Callable[[], Any]) -> BaseException:
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - the message is what is checked
+        return err
+    raise AssertionError("expected an exception")
+
+
+def _distributed():
+    import lightning_adaround.distributed
+
+    return lightning_adaround.distributed
+
+
+def _tiny() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def _error_cases() -> list[Any]:
+    from lightning_adaround import AdaRoundCallback, AdaRoundConfig, PerChannel, adaround
+
+    fast = dict(iterations=2)
+    x = [torch.randn(4, 8)]
+
+    def datamodule_fails():
+        class BrokenData:
+            def train_dataloader(self):
+                raise RuntimeError("setup() was not called")
+
+        cb = AdaRoundCallback()
+        cb.calibration_batches(SimpleNamespace(datamodule=BrokenData()), None)
+
+    def no_data():
+        cb = AdaRoundCallback()
+        cb.calibration_batches(
+            SimpleNamespace(datamodule=None, train_dataloader=None, val_dataloaders=None), None,
+        )
+
+    def sharded():
+        FSDPStrategy = type("FSDPStrategy", (), {})
+        AdaRoundCallback().setup(SimpleNamespace(strategy=FSDPStrategy()), None, "fit")
+
+    def nan_input():
+        adaround(_tiny(), [torch.full((4, 8), float("nan"))], AdaRoundConfig(**fast))
+
+    def shapes_differ():
+        conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten())
+        config = AdaRoundConfig(loss_form="minibatch", **fast)
+        adaround(conv, [torch.randn(2, 1, 8, 8), torch.randn(2, 1, 9, 9)], config)
+
+    cases = {
+        "bits float": lambda: AdaRoundConfig(bits=4.0),
+        "bits range": lambda: AdaRoundConfig(bits=9),
+        "layer_bits range": lambda: AdaRoundConfig(layer_bits={"fc": 16}),
+        "scale_method": lambda: AdaRoundConfig(scale_method="max"),
+        "loss_form": lambda: AdaRoundConfig(loss_form="exact"),
+        "granularity str": lambda: AdaRoundConfig(granularity="per_channel"),
+        "iterations": lambda: AdaRoundConfig(iterations=0),
+        "lr": lambda: AdaRoundConfig(lr=0.0),
+        "reg_lambda": lambda: AdaRoundConfig(reg_lambda=-1.0),
+        "warm_start": lambda: AdaRoundConfig(warm_start=1.0),
+        "holdout": lambda: AdaRoundConfig(holdout_fraction=1.0),
+        "beta": lambda: AdaRoundConfig(beta_start=2.0, beta_end=20.0),
+        "layers str": lambda: AdaRoundConfig(layers="fc"),
+        "run_on": lambda: AdaRoundCallback(run_on="test"),
+        "granularity callback": lambda: AdaRoundCallback(granularity="per_row"),
+        "num_calibration_samples": lambda: AdaRoundCallback(num_calibration_samples=0),
+        "forward_fn": lambda: AdaRoundCallback(forward_fn="model"),
+        "empty": lambda: adaround(_tiny(), [], AdaRoundConfig(**fast)),
+        "no layer": lambda: adaround(_tiny(), x, AdaRoundConfig(layers=["head*"], **fast)),
+        "layer_types": lambda: adaround(_tiny(), x, AdaRoundConfig(layer_types=(nn.ReLU,), **fast)),
+        "forward failed": lambda: adaround(_tiny(), [torch.randn(4, 5)], AdaRoundConfig(**fast)),
+        "batch type": lambda: adaround(_tiny(), ["some text"], AdaRoundConfig(**fast)),
+        "axis": lambda: adaround(_tiny(), x, AdaRoundConfig(granularity=PerChannel(axis=3), **fast)),
+        "moments activation": lambda: adaround(
+            _tiny(), x, AdaRoundConfig(loss_form="moments", **fast), activations={"0": torch.relu},
+        ),
+        "nan": nan_input,
+        "shapes": shapes_differ,
+        "callback empty": lambda: AdaRoundCallback(calibration_data=[]).calibration_batches(None, None),
+        "datamodule fails": datamodule_fails,
+        "no data": no_data,
+        "sharded": sharded,
+        "no process group": lambda: _distributed().distributed_adaround(_tiny(), x, AdaRoundConfig(**fast)),
+        "shard rank": lambda: _distributed().shard_calibration(x, 2, 2),
+    }
+    return [pytest.param(trigger, id=name) for name, trigger in cases.items()]
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("trigger", _error_cases())
+def test_troubleshooting_quotes_the_real_message(trigger):
+    message = _normalized(str(_raises(trigger)))
+    page = _normalized((DOCS / "troubleshooting.md").read_text(encoding="utf-8"))
+    assert message in page, f"docs/troubleshooting.md does not quote this message verbatim:\n{message}"
+
+
+# --------------------------------------------------------------------------- the site
+
+needs_mkdocs = pytest.mark.skipif(
+    importlib.util.find_spec("mkdocs") is None,
+    reason="mkdocs is not installed (pip install mkdocs, or the [dev] extra): docs site not built",
+)
+
+
+def _mkdocs_build(config: Path, site: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--clean", "-f", str(config), "-d", str(site)],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+@needs_mkdocs
+def test_mkdocs_build_strict(tmp_path):
+    build = _mkdocs_build(ROOT / "mkdocs.yml", tmp_path / "site")
+    assert build.returncode == 0, build.stdout + build.stderr
+    for page in ("index", "quickstart", "how-it-works", "configuration", "choosing-bits",
+                 "multi-gpu", "export", "troubleshooting"):
+        html = tmp_path / "site" / ("index.html" if page == "index" else f"{page}/index.html")
+        assert html.is_file(), page
+        text = html.read_text(encoding="utf-8")
+        # A fence Markdown did not recognise (e.g. indented in a list) renders as inline code.
+        assert not re.search(r"<code>(python|text|bash|yaml)\s", text), f"{page}: a code fence was not parsed"
+
+
+@needs_mkdocs
+@pytest.mark.parametrize(
+    "where, breakage, expected",
+    [
+        ("docs/index.md", "\nSee [a page that does not exist](no-such-page.md).\n", "no-such-page.md"),
+        ("docs/index.md", "\nSee [a missing section](quickstart.md#no-such-section).\n", "no-such-section"),
+        ("mkdocs.yml", None, "missing-page.md"),
+    ],
+    ids=["broken-link", "broken-anchor", "missing-nav-file"],
+)
+def test_mkdocs_strict_fails_on_broken_docs(tmp_path, where, breakage, expected):
+    copy = tmp_path / "project"
+    shutil.copytree(DOCS, copy / "docs", ignore=shutil.ignore_patterns("__pycache__"))
+    config_text = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    if where == "mkdocs.yml":
+        config_text = config_text.replace("\nnav:\n", "\nnav:\n  - Missing: missing-page.md\n", 1)
+        assert "missing-page.md" in config_text
+    else:
+        page = copy / where
+        page.write_text(page.read_text(encoding="utf-8") + breakage, encoding="utf-8")
+    (copy / "mkdocs.yml").write_text(config_text, encoding="utf-8")
+    build = _mkdocs_build(copy / "mkdocs.yml", tmp_path / "site")
+    assert build.returncode != 0, "strict build passed despite " + expected
+    assert expected in build.stdout + build.stderr
