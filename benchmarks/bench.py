@@ -40,7 +40,7 @@ def layer_cases(quick: bool) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
     s = 4 if quick else 1
     return [
         ("Conv2d 3x3 64->64 @56x56", nn.Conv2d(64, 64, 3, padding=1), (64, 56 // s, 56 // s)),
-        ("Conv2d 3x3 256->256 @14x14", nn.Conv2d(256, 256, 3, padding=1), (256, 14, 14)),
+        ("Conv2d 3x3 256->256 @14x14", nn.Conv2d(256 // s, 256 // s, 3, padding=1), (256 // s, 14, 14)),
         ("depthwise 3x3 128 @28x28", nn.Conv2d(128, 128, 3, padding=1, groups=128), (128, 28 // s, 28 // s)),
         ("Linear 384->1536 x128 tokens", nn.Linear(384, 1536), (128 // s, 384)),
         ("Linear 4096->4096", nn.Linear(4096 // s, 4096 // s), (4096 // s,)),
@@ -134,9 +134,12 @@ def encoder(width: int = 128, blocks: int = 6) -> nn.Module:
 def end_to_end_rows(quick: bool, iterations: int) -> list[dict[str, object]]:
     rows = []
     torch.manual_seed(0)
+    size, seq, n = (16, 16, 2) if quick else (32, 64, 8)
     cases = [
-        ("ResNet-style CNN", resnet_like(), [torch.randn(32, 3, 16 if quick else 32, 16 if quick else 32) for _ in range(8)]),
-        ("6-block transformer encoder", encoder(), [torch.randn(32, 32 if quick else 64, 128) for _ in range(8)]),
+        ("ResNet-style CNN", resnet_like(16 if quick else 32, 2 if quick else 3),
+         [torch.randn(32, 3, size, size) for _ in range(n)]),
+        ("6-block transformer encoder", encoder(64 if quick else 128, 2 if quick else 6),
+         [torch.randn(32, seq, 64 if quick else 128) for _ in range(n)]),
     ]
     for name, model, batches in cases:
         for form in ("minibatch", "moments"):
@@ -181,7 +184,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print_table("Per-step time vs the irreducible work (layer forward + weight gradient, same minibatch of 32)",
                 per_step_rows(args.quick, steps=3 if args.quick else 10))
-    print_table("End to end (calibration 256 samples)", end_to_end_rows(args.quick, iterations=20 if args.quick else 200))
+    print_table("End to end (calibration: 64 samples quick, 256 full)", end_to_end_rows(args.quick, iterations=20 if args.quick else 200))
 
 
 if __name__ == "__main__":
