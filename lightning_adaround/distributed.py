@@ -58,7 +58,7 @@ from lightning_adaround.capture import ForwardFn, LayerData, layer_input_pairs, 
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.layers import OutputOps, output_channel_dim, run_with_weight
 from lightning_adaround.moments import LayerMoments
-from lightning_adaround.objective import MomentsObjective
+from lightning_adaround.objective import MinibatchSampler, MomentsObjective
 from lightning_adaround.observer import AdaRoundObserver
 from lightning_adaround.reconstruct import LayerObjective, _Holdout, choose_form
 from lightning_adaround.result import AdaRoundResult, LayerResult
@@ -449,23 +449,15 @@ class ShardedMinibatchObjective:
         self.total = int(sum(train_counts))
         self.lo = int(sum(train_counts[:sync.rank]))
         self.hi = self.lo + int(train_counts[sync.rank])
-        self.batch_size = min(batch_size, self.total)
+        # The single-process sampler, over the global row index space.
+        self.sampler = MinibatchSampler(self.total, batch_size, generator)
+        self.batch_size = self.sampler.batch_size
         self.ops = ops
-        self.generator = generator
         self.device = device
         self.channel_dim = output_channel_dim(layer)
-        self._order = torch.empty(0, dtype=torch.long)
-        self._cursor = 0
 
     def _next_indices(self) -> Tensor:
-        # The single-process sampler, over the global row index space.
-        idx = self._order[self._cursor:self._cursor + self.batch_size]
-        self._cursor += idx.numel()
-        if idx.numel() < self.batch_size:
-            self._order = torch.randperm(self.total, generator=self.generator)
-            self._cursor = self.batch_size - idx.numel()
-            idx = torch.cat([idx, self._order[:self._cursor]])
-        return idx
+        return self.sampler.next_indices()
 
     def _output(self, inputs: Tensor, weight: Tensor) -> Tensor:
         out = run_with_weight(self.layer, inputs, weight)

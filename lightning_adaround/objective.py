@@ -29,6 +29,30 @@ class ReconstructionObjective(Protocol):
         ...
 
 
+class MinibatchSampler:
+    """Minibatch indices over ``total`` samples, a fresh permutation per pass.
+
+    A pass that does not fill the last minibatch is completed from the next permutation,
+    so every sample is drawn equally often (give or take one).
+    """
+
+    def __init__(self, total: int, batch_size: int, generator: torch.Generator) -> None:
+        self.total = total
+        self.batch_size = min(batch_size, total)
+        self.generator = generator
+        self._order = torch.empty(0, dtype=torch.long)
+        self._cursor = 0
+
+    def next_indices(self) -> Tensor:
+        idx = self._order[self._cursor:self._cursor + self.batch_size]
+        self._cursor += idx.numel()
+        if idx.numel() < self.batch_size:  # pass finished: the rest comes from a fresh permutation
+            self._order = torch.randperm(self.total, generator=self.generator)
+            self._cursor = self.batch_size - idx.numel()
+            idx = torch.cat([idx, self._order[:self._cursor]])
+        return idx
+
+
 class MinibatchObjective:
     """The paper's procedure: each step a random minibatch of cached samples, one forward.
 
@@ -51,22 +75,14 @@ class MinibatchObjective:
         self.layer = layer
         self.train = train
         self.evaluation = evaluation
-        self.batch_size = min(batch_size, train.num_samples)
+        self.sampler = MinibatchSampler(train.num_samples, batch_size, generator)
+        self.batch_size = self.sampler.batch_size
         self.activation = activation
-        self.generator = generator
         self.device = device
         self.channel_dim = output_channel_dim(layer)
-        self._order = torch.empty(0, dtype=torch.long)
-        self._cursor = 0
 
     def _next_indices(self) -> Tensor:
-        idx = self._order[self._cursor:self._cursor + self.batch_size]
-        self._cursor += idx.numel()
-        if idx.numel() < self.batch_size:  # pass finished: the rest comes from a fresh permutation
-            self._order = torch.randperm(self.train.num_samples, generator=self.generator)
-            self._cursor = self.batch_size - idx.numel()
-            idx = torch.cat([idx, self._order[:self._cursor]])
-        return idx
+        return self.sampler.next_indices()
 
     def _output(self, inputs: Tensor, weight: Tensor) -> Tensor:
         out = run_with_weight(self.layer, inputs, weight)
