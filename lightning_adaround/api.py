@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.capture import ForwardFn, default_forward, execution_order
+from lightning_adaround.capture import ForwardFn, InputCapture, default_forward, execution_order
+from lightning_adaround.chain import find_block_chains
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.layers import (
     SUPPORTED_LAYER_TYPES, OutputOps, bits_for, following_ops, output_major, per_channel_to_weight_layout,
@@ -118,8 +119,10 @@ def adaround(
             staged = [_clone_inference_tensors(move_batch(b, cache_device)) for b in batches]
             run = (lambda m, b: forward_fn(m, move_batch(b, device))) if cache_device != device else forward_fn
             order = _first_pass_order(model, layers, staged[0], run)
+            chains = find_block_chains(model, order, staged[0], run) if config.carry_activations else []
+            capture = InputCapture(model, staged, run, chains, device, cache_device)
             result = _round_layers(
-                model, dict(layers), order, staged, run, config,
+                model, dict(layers), order, capture, config,
                 {n: w.to(device) for n, w in float_weights.items()},
                 device, cache_device, activations or {}, observer, grad_reduce,
                 objective_builder or build_layer_objective,
@@ -184,8 +187,7 @@ def _round_layers(
     model: nn.Module,
     modules: dict[str, nn.Module],
     order: list[str],
-    batches: list[Any],
-    forward_fn: ForwardFn,
+    capture: InputCapture,
     config: AdaRoundConfig,
     float_weights: dict[str, Tensor],
     device: torch.device,
@@ -204,7 +206,7 @@ def _round_layers(
         layer = modules[name]
         started = time.perf_counter()
         prepared = build_objective(
-            model, name, layer, batches, forward_fn, rounded, float_weights,
+            capture, name, layer, rounded, float_weights,
             _loss_ops(model, name, activations, config), config, generator, device, cache_device,
         )
         if prepared is None:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_adaround.chain import BlockChain
 from lightning_adaround.layers import run_with_weight
 
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -68,23 +69,29 @@ def execution_order(
     return order
 
 
-def _input_reaching(model: nn.Module, layer: nn.Module, batch: Any, forward_fn: ForwardFn) -> Optional[Tensor]:
-    """The first input ``layer`` receives when the model runs on ``batch``; the pass stops there."""
-    seen: list[Tensor] = []
+def _call_reaching(module: nn.Module, target: nn.Module, batch: Any, forward_fn: ForwardFn) -> Optional[tuple]:
+    """``(args, kwargs)`` of ``target``'s first call when ``module`` runs on ``batch``; the pass stops there."""
+    seen: list[tuple] = []
 
-    def stop_here(_module, args):
-        seen.append(args[0].detach())
+    def stop_here(_module, args, kwargs):
+        seen.append((args, dict(kwargs)))
         raise _StopForward
 
-    handle = layer.register_forward_pre_hook(stop_here)
+    handle = target.register_forward_pre_hook(stop_here, with_kwargs=True)
     try:
         with torch.no_grad():
-            forward_fn(model, batch)
+            forward_fn(module, batch)
     except _StopForward:
         pass
     finally:
         handle.remove()
     return seen[0] if seen else None
+
+
+def _input_reaching(model: nn.Module, layer: nn.Module, batch: Any, forward_fn: ForwardFn) -> Optional[Tensor]:
+    """The first input ``layer`` receives when the model runs on ``batch``; the pass stops there."""
+    call = _call_reaching(model, layer, batch, forward_fn)
+    return call[0][0].detach() if call is not None else None
 
 
 @contextmanager
@@ -100,35 +107,168 @@ def float_weights(modules: dict[str, nn.Module], weights: dict[str, Tensor]) -> 
             modules[name].weight.data = w
 
 
-def layer_input_pairs(
-    model: nn.Module,
-    name: str,
-    layer: nn.Module,
-    batches: Sequence[Any],
-    forward_fn: ForwardFn,
-    rounded: dict[str, nn.Module],
-    float_weight_of: dict[str, Tensor],
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Per batch that reaches ``layer``: its input in the partly rounded model and in the float one.
+def _check_finite(name: str, rounded_input: Tensor, float_input: Tensor) -> None:
+    for what, t in (("input", rounded_input), ("float-model input", float_input)):
+        if not torch.isfinite(t).all():
+            raise ValueError(
+                f"the {what} of layer {name!r} contains NaN or Inf on the calibration data; "
+                "check the model and the calibration batches (or exclude this layer)."
+            )
 
-    Streamed batch by batch, so a caller can reduce them (moments) without keeping them.
+
+class InputCapture:
+    """Per layer and batch: the layer's input in the partly rounded model and in the float model.
+
+    By default each input comes from a forward pass that stops at the layer. Layers inside
+    a :class:`~lightning_adaround.chain.BlockChain` are fed from their block's kept input
+    instead, carried one block at a time, so capture stays linear in depth. Both ways give
+    bit-identical inputs (the same operations on the same tensors).
     """
-    for batch in batches:
-        rounded_input = _input_reaching(model, layer, batch, forward_fn)
-        if rounded_input is None:
-            continue
-        if rounded:
-            with float_weights(rounded, {n: float_weight_of[n] for n in rounded}):
-                float_input = _input_reaching(model, layer, batch, forward_fn)
-        else:
-            float_input = rounded_input  # nothing rounded yet: both models agree
-        for what, t in (("input", rounded_input), ("float-model input", float_input)):
-            if not torch.isfinite(t).all():
-                raise ValueError(
-                    f"the {what} of layer {name!r} contains NaN or Inf on the calibration data; "
-                    "check the model and the calibration batches (or exclude this layer)."
-                )
-        yield rounded_input, float_input
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Sequence[Any],
+        forward_fn: ForwardFn,
+        chains: Sequence[BlockChain] = (),
+        device: torch.device = torch.device("cpu"),
+        cache_device: torch.device = torch.device("cpu"),
+    ) -> None:
+        self.model = model
+        self.batches = batches
+        self.forward_fn = forward_fn
+        self.device = device
+        self.cache_device = cache_device
+        self._carried = [_CarriedInputs(self, chain) for chain in chains]
+
+    def pairs(
+        self,
+        name: str,
+        layer: nn.Module,
+        rounded: dict[str, nn.Module],
+        float_weight_of: dict[str, Tensor],
+        only: Optional[Sequence[int]] = None,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Streamed per batch that reaches ``layer`` (all batches, or the indices in ``only``)."""
+        indices = range(len(self.batches)) if only is None else only
+        originals = {n: float_weight_of[n] for n in rounded}
+        for carried in self._carried:
+            if carried.holds(name):
+                for rounded_input, float_input in carried.pairs(name, layer, rounded, originals, indices):
+                    _check_finite(name, rounded_input, float_input)
+                    yield rounded_input, float_input
+                return
+        for index in indices:
+            batch = self.batches[index]
+            rounded_input = _input_reaching(self.model, layer, batch, self.forward_fn)
+            if rounded_input is None:
+                continue
+            if rounded:
+                with float_weights(rounded, originals):
+                    float_input = _input_reaching(self.model, layer, batch, self.forward_fn)
+            else:
+                float_input = rounded_input  # nothing rounded yet: both models agree
+            _check_finite(name, rounded_input, float_input)
+            yield rounded_input, float_input
+
+
+def _first_input(block: nn.Module, layer: nn.Module, args: tuple, kwargs: dict) -> Optional[Tensor]:
+    """Run ``block`` until ``layer`` is called: ``layer``'s first input (``args[0]`` if it is the block)."""
+    if block is layer:
+        return args[0].detach()
+    return _input_reaching(block, layer, (args, kwargs), lambda m, call: m(*call[0], **call[1]))
+
+
+def _inside(name: str, block_name: str) -> bool:
+    return name == block_name or name.startswith(block_name + ".")
+
+
+class _CarriedInputs:
+    """One chain's kept block inputs, per batch, in the rounded and in the float model.
+
+    The inputs of block ``at`` are kept; a layer in a later block first runs the blocks in
+    between (their layers are rounded by then); an earlier one (a model that runs its
+    layers out of order) starts again from forward passes that stop at that block.
+    ``float_inputs[i] is None`` while the float model's block input equals the rounded one.
+    Kept tensors live on the cache device; blocks run on the compute device.
+    """
+
+    def __init__(self, capture: InputCapture, chain: BlockChain) -> None:
+        self.capture = capture
+        self.chain = chain
+        self.at = -1
+        self.calls: list[tuple[tuple, dict]] = []  # block ``at``'s (args, kwargs) in the rounded model
+        self.float_inputs: list[Optional[Tensor]] = []
+        self.disabled = False
+
+    def holds(self, name: str) -> bool:
+        return not self.disabled and self.chain.block_of(name) is not None
+
+    def _keep(self, t: Tensor) -> Tensor:
+        return t.detach().to(self.capture.cache_device)
+
+    def _run(self, t: Tensor) -> Tensor:
+        return t.to(self.capture.device)
+
+    def _prime(self, k: int, rounded: dict[str, nn.Module], originals: dict[str, Tensor]) -> bool:
+        """Forward passes that stop at block ``k``: its call in both models, per batch."""
+        capture, block = self.capture, self.chain.blocks[k][1]
+        self.calls, self.float_inputs = [], []
+        for batch in capture.batches:
+            call = _call_reaching(capture.model, block, batch, capture.forward_fn)
+            if call is None:
+                return False
+            self.calls.append(((self._keep(call[0][0]),) + tuple(call[0][1:]), call[1]))
+            float_input = None
+            if rounded:
+                with float_weights(rounded, originals):
+                    float_input = self._keep(_call_reaching(capture.model, block, batch, capture.forward_fn)[0][0])
+            self.float_inputs.append(float_input)
+        self.at = k
+        return True
+
+    @torch.no_grad()
+    def _advance(self, rounded: dict[str, nn.Module], originals: dict[str, Tensor]) -> None:
+        """Run block ``at`` on its kept inputs: block ``at + 1``'s inputs."""
+        block_name, block = self.chain.blocks[self.at]
+        changed = any(_inside(n, block_name) for n in rounded)
+        for index, (args, kwargs) in enumerate(self.calls):
+            out = block(self._run(args[0]), *args[1:], **kwargs)
+            float_input = self.float_inputs[index]
+            if float_input is not None or changed:
+                source = float_input if float_input is not None else args[0]
+                with float_weights(rounded, originals):
+                    float_out = block(self._run(source), *args[1:], **kwargs)
+                self.float_inputs[index] = self._keep(self.chain.carry(float_out))
+            self.calls[index] = ((self._keep(self.chain.carry(out)),) + args[1:], kwargs)
+        self.at += 1
+
+    def pairs(
+        self, name: str, layer: nn.Module, rounded: dict[str, nn.Module], originals: dict[str, Tensor],
+        indices: Sequence[int],
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        k = self.chain.block_of(name)
+        if (self.at < 0 or self.at > k) and not self._prime(k, rounded, originals):
+            self.disabled = True  # some batch never reaches the block: plain capture from now on
+            yield from self.capture.pairs(name, layer, rounded, originals, indices)
+            return
+        while self.at < k:
+            self._advance(rounded, originals)
+        block_name, block = self.chain.blocks[k]
+        changed = any(_inside(n, block_name) for n in rounded)
+        for index in indices:
+            args, kwargs = self.calls[index]
+            rounded_input = _first_input(block, layer, (self._run(args[0]),) + args[1:], kwargs)
+            if rounded_input is None:
+                continue
+            float_input = self.float_inputs[index]
+            if float_input is None and not changed:
+                yield rounded_input, rounded_input
+                continue
+            source = float_input if float_input is not None else args[0]
+            with float_weights(rounded, originals):
+                float_input = _first_input(block, layer, (self._run(source),) + args[1:], kwargs)
+            yield rounded_input, float_input
 
 
 def stack_samples(chunks: list[Tensor], name: str) -> Tensor:

@@ -41,6 +41,11 @@ class AdaRoundConfig:
         holdout_fraction: Share of calibration samples kept out of optimisation to report
             nearest vs AdaRound error (0: report on the training samples).
         cache_on_cpu: Keep cached activations in host memory (for a short device).
+        carry_activations: In a chain of blocks (an ``nn.Sequential``, or a ``ModuleList``
+            of blocks run one after another, as in transformers) feed each layer from its
+            block's kept input rather than re-running the model from the start: capture
+            time linear in depth instead of quadratic, for the memory of one block input
+            (two copies) per calibration sample. Inputs are identical either way.
         seed: Seed of the minibatch sampler; same seed, same integer weights.
         layers: Name globs of layers to round (``None``: every supported layer).
         exclude: Name globs of layers to leave in full precision.
@@ -64,6 +69,7 @@ class AdaRoundConfig:
     include_activation: bool = True
     holdout_fraction: float = 0.1
     cache_on_cpu: bool = False
+    carry_activations: bool = True
     seed: int = 0
     layers: Optional[Sequence[str]] = None
     exclude: Sequence[str] = ()

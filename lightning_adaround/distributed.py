@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from lightning_adaround.api import Activation, MoveBatch, adaround, move_to_device
 from lightning_adaround.calibration import batch_size_of
-from lightning_adaround.capture import ForwardFn, LayerData, layer_input_pairs, layer_targets
+from lightning_adaround.capture import InputCapture, LayerData, layer_targets
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.layers import OutputOps, output_channel_dim, run_with_weight
 from lightning_adaround.moments import LayerMoments
@@ -574,11 +574,9 @@ class _DistributedLayers:
 
     def __call__(
         self,
-        model: nn.Module,
+        capture: InputCapture,
         name: str,
         layer: nn.Module,
-        batches: Sequence[Any],
-        forward_fn: ForwardFn,
         rounded: dict[str, nn.Module],
         float_weights: dict[str, Tensor],
         ops: Optional[OutputOps],
@@ -590,17 +588,18 @@ class _DistributedLayers:
         sync, pieces = self.sync, self.layout.pieces
         sync.where = f"capturing layer {name!r}"
         sync.layer = name
+        batches = capture.batches
         if len(batches) != len(pieces):
             raise RuntimeError(f"internal: {len(batches)} calibration batches but {len(pieces)} shard pieces")
         weight = float_weights[name]
 
-        def capture(j: int):
-            return next(layer_input_pairs(model, name, layer, [batches[j]], forward_fn, rounded, float_weights), None)
+        def capture_batch(j: int):
+            return next(capture.pairs(name, layer, rounded, float_weights, only=[j]), None)
 
         # 1. Capture up to the first batch that reaches the layer, then agree on layer, weights, form.
         first_j, first = len(batches), None
         for j in range(len(batches)):
-            first = capture(j)
+            first = capture_batch(j)
             if first is not None:
                 first_j = j
                 break
@@ -651,7 +650,7 @@ class _DistributedLayers:
         eval_in: list[Tensor] = []
         eval_out: list[Tensor] = []
         for j in range(first_j, len(batches)):
-            pair = first if j == first_j else capture(j)
+            pair = first if j == first_j else capture_batch(j)
             if pair is None:
                 continue
             rounded_input, float_input = pair

@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.capture import ForwardFn, LayerData, layer_input_pairs, layer_targets, stack_samples
+from lightning_adaround.capture import InputCapture, LayerData, layer_targets, stack_samples
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.layers import OutputOps, run_with_weight
 from lightning_adaround.moments import LayerMoments, moments_supported, patch_dim
@@ -83,11 +83,9 @@ def choose_form(
 
 
 def build_layer_objective(
-    model: nn.Module,
+    capture: InputCapture,
     name: str,
     layer: nn.Module,
-    batches: Sequence[Any],
-    forward_fn: ForwardFn,
     rounded: dict[str, nn.Module],
     float_weights: dict[str, Tensor],
     ops: Optional[OutputOps],
@@ -97,7 +95,7 @@ def build_layer_objective(
     cache_device: torch.device,
 ) -> Optional[LayerObjective]:
     """Everything one layer's optimisation needs, or ``None`` when no batch reaches the layer."""
-    pairs = layer_input_pairs(model, name, layer, batches, forward_fn, rounded, float_weights)
+    pairs = capture.pairs(name, layer, rounded, float_weights)
     first = next(pairs, None)
     if first is None:
         return None

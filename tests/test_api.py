@@ -192,7 +192,30 @@ def test_forward_failure_on_later_batch_restores():
         return m(batch)
 
     with pytest.raises(RuntimeError, match="disk gone"):
-        adaround(model, batches(), AdaRoundConfig(**FAST), forward_fn=flaky)
+        adaround(model, batches(), AdaRoundConfig(**FAST, carry_activations=False), forward_fn=flaky)
+    assert_weights_equal(model, saved)
+
+
+class _FailsAfter(nn.Module):
+    """An activation that breaks after ``n`` calls: a failure inside a carried block."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def forward(self, x):
+        self.n -= 1
+        if self.n < 0:
+            raise RuntimeError("disk gone")
+        return torch.relu(x)
+
+
+def test_failure_while_carrying_blocks_restores():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), _FailsAfter(4), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    saved = weights(model)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        adaround(model, batches(), AdaRoundConfig(**FAST))
     assert_weights_equal(model, saved)
 
 

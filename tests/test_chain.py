@@ -1,0 +1,157 @@
+"""Carrying block inputs through a chain: same inputs as full passes, linear in depth."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_adaround import AdaRoundConfig, adaround
+from lightning_adaround.capture import default_forward
+from lightning_adaround.chain import find_block_chains
+from lightning_adaround.layers import select_layers
+
+
+class Residual(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width),
+        )
+
+    def forward(self, x):
+        return torch.relu(x + self.body(x))
+
+
+def resnet(blocks=3, width=8):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        *[Residual(width) for _ in range(blocks)],
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 5),
+    )
+    for m in model.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+class EncoderLayer(nn.Module):
+    """Takes a mask keyword and returns a tuple, like Hugging Face encoder layers."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.ffn = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x, mask=None):
+        scores = self.q(x) @ self.k(x).transpose(1, 2) / x.shape[-1] ** 0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        x = x + scores.softmax(-1) @ self.v(x)
+        return (self.norm(x + self.ffn(x)), scores)
+
+
+class Encoder(nn.Module):
+    def __init__(self, blocks=4, width=16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(6, width)
+        self.layers = nn.ModuleList(EncoderLayer(width) for _ in range(blocks))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, tokens, lengths):
+        mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x, mask=mask)[0]
+        return self.head(x[:, 0])
+
+
+class TwiceThrough(nn.Module):
+    """Not a chain: the same blocks run twice, so carrying would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+    def forward(self, x):
+        for _ in range(2):
+            for block in self.blocks:
+                x = torch.tanh(block(x))
+        return x
+
+
+def image_batches(n=3):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(8, 3, 8, 8, generator=g) for _ in range(n)]
+
+
+def token_batches(n=3):
+    g = torch.Generator().manual_seed(2)
+    return [{"tokens": torch.randn(4, 7, 6, generator=g), "lengths": torch.tensor([7, 5, 3, 6])} for _ in range(n)]
+
+
+CASES = {
+    "resnet": (resnet, image_batches),
+    "encoder": (Encoder, token_batches),
+    "twice": (TwiceThrough, lambda: [torch.randn(8, 8, generator=torch.Generator().manual_seed(s)) for s in range(3)]),
+}
+
+
+def _layer_names(model):
+    return [n for n, _ in select_layers(model)]
+
+
+def test_chains_found_where_blocks_feed_each_other():
+    model = resnet()
+    chains = find_block_chains(model, _layer_names(model), image_batches()[0], default_forward)
+    assert [c.name for c in chains] == [""]  # the model itself; the nested bodies are inside it
+    assert len(chains[0].blocks) == len(model)
+
+    encoder = Encoder()
+    chains = find_block_chains(encoder, _layer_names(encoder), token_batches()[0], default_forward)
+    assert [c.name for c in chains] == ["layers"]
+    assert chains[0].tuple_output
+    assert chains[0].block_of("layers.2.ffn.0") == 2 and chains[0].block_of("head") is None
+
+    twice = TwiceThrough()
+    assert find_block_chains(twice, _layer_names(twice), torch.randn(4, 8), default_forward) == []
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("form", ["minibatch", "moments"])
+def test_carrying_gives_the_same_integer_weights(case, form):
+    make, data = CASES[case]
+    results = {}
+    for carry in (False, True):
+        config = AdaRoundConfig(bits=3, iterations=30, batch_size=4, loss_form=form, carry_activations=carry)
+        results[carry] = adaround(make(), data(), config)
+    assert list(results[True].layers) == list(results[False].layers)
+    for name, layer in results[False].layers.items():
+        assert torch.equal(layer.integer_weight, results[True].layers[name].integer_weight), name
+        assert layer.adaround_mse == results[True].layers[name].adaround_mse
+
+
+def _layer_forwards(model, batches, carry):
+    count = {"n": 0}
+    handles = [m.register_forward_pre_hook(lambda *_: count.__setitem__("n", count["n"] + 1))
+               for _, m in select_layers(model)]
+    adaround(model, batches, AdaRoundConfig(iterations=2, loss_form="moments", carry_activations=carry))
+    for h in handles:
+        h.remove()
+    return count["n"]
+
+
+def test_carrying_makes_capture_linear_in_depth():
+    batches = image_batches(2)
+    depths = (2, 5, 8)
+    full = [_layer_forwards(resnet(b), batches, False) for b in depths]
+    carried = [_layer_forwards(resnet(b), batches, True) for b in depths]
+    # Each added residual block costs the same with carried inputs (linear in depth) and more
+    # than the one before with full passes (quadratic). Counts include the optimiser's own forwards.
+    assert carried[2] - carried[1] == carried[1] - carried[0]
+    assert full[2] - full[1] > 1.5 * (full[1] - full[0])
+    assert carried[2] < full[2] / 2
