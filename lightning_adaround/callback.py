@@ -56,6 +56,8 @@ class _AdaRoundCallbackBase:
         include_activation: Include a following BatchNorm/activation in the loss.
         holdout_fraction: Calibration share kept out of optimisation for honest reporting.
         cache_on_cpu: Keep cached activations in host memory.
+        device_cache_bytes, host_cache_bytes, cache_dir, cache_dtype: Where cached activations
+            live (device, host, memory-mapped file) and in which dtype (see ``AdaRoundConfig``).
         carry_activations: Feed layers inside a chain of blocks from the previous block's
             kept output (capture linear in depth; see ``AdaRoundConfig``).
         seed: Minibatch sampling seed.
@@ -105,6 +107,10 @@ class _AdaRoundCallbackBase:
         include_activation: bool = True,
         holdout_fraction: float = 0.1,
         cache_on_cpu: bool = False,
+        device_cache_bytes: Optional[int] = None,
+        host_cache_bytes: Optional[int] = None,
+        cache_dir: Optional[str] = None,
+        cache_dtype: Optional[torch.dtype] = None,
         carry_activations: bool = True,
         seed: int = 0,
         log_every_n_steps: Optional[int] = None,
@@ -133,7 +139,8 @@ class _AdaRoundCallbackBase:
             scale_method=scale_method, loss_form=loss_form, iterations=iterations, batch_size=batch_size, lr=lr,
             reg_lambda=reg_lambda, warm_start=warm_start, include_activation=include_activation,
             holdout_fraction=holdout_fraction, cache_on_cpu=cache_on_cpu,
-            carry_activations=carry_activations, seed=seed,
+            device_cache_bytes=device_cache_bytes, host_cache_bytes=host_cache_bytes, cache_dir=cache_dir,
+            cache_dtype=cache_dtype, carry_activations=carry_activations, seed=seed,
             layers=layers, exclude=tuple(exclude), layer_bits=dict(layer_bits or {}),
             log_every_n_steps=50 if log_every_n_steps is None else log_every_n_steps,
         )

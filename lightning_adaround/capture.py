@@ -6,6 +6,7 @@ and only that layer's tensors are kept.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -271,16 +272,16 @@ class _CarriedInputs:
             yield rounded_input, float_input
 
 
-def stack_samples(chunks: list[Tensor], name: str) -> Tensor:
-    """Concatenate per-batch tensors along samples (Linear inputs of varying length: rows)."""
-    shapes = {tuple(c.shape[1:]) for c in chunks}
-    if len(shapes) == 1:
-        return torch.cat(chunks, dim=0)
-    if all(c.dim() >= 2 for c in chunks) and len({c.shape[-1] for c in chunks}) == 1:
+def stacked_shape(shapes: Sequence[torch.Size], name: str) -> tuple[int, ...]:
+    """The shape of per-batch tensors concatenated along samples (varying-length Linear inputs: rows)."""
+    tails = {tuple(s[1:]) for s in shapes}
+    if len(tails) == 1:
+        return (sum(s[0] for s in shapes), *tails.pop())
+    if all(len(s) >= 2 for s in shapes) and len({s[-1] for s in shapes}) == 1:
         # Linear layers fed with varying sequence lengths: every row is a sample.
-        return torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks], dim=0)
+        return (sum(math.prod(s[:-1]) for s in shapes), shapes[0][-1])
     raise ValueError(
-        f"layer {name!r} received inputs of different shapes {sorted(shapes)} across calibration "
+        f"layer {name!r} received inputs of different shapes {sorted(tails)} across calibration "
         "batches; give calibration batches of one input shape (resize or pad them)."
     )
 

@@ -5,9 +5,11 @@ A typo or an out-of-range value fails here, before a single calibration batch is
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
+import torch
 from torch import nn
 
 from lightning_adaround.layers import SUPPORTED_LAYER_TYPES, check_layer_types
@@ -41,6 +43,16 @@ class AdaRoundConfig:
         holdout_fraction: Share of calibration samples kept out of optimisation to report
             nearest vs AdaRound error (0: report on the training samples).
         cache_on_cpu: Keep cached activations in host memory (for a short device).
+        device_cache_bytes: Per-layer budget for cached activations on the compute device
+            (``None``: half the free GPU memory when the layer starts; on a CPU device the
+            host budget applies). A layer over budget is cached in host memory, pinned.
+        host_cache_bytes: Per-layer budget in host memory (``None``: half the available
+            memory). A layer over it is cached in a memory-mapped file in ``cache_dir``.
+        cache_dir: Directory for the memory-mapped caches (``None``: the system temp dir);
+            the files are unlinked as soon as they are mapped.
+        cache_dtype: Store cached activations in this dtype, e.g. ``torch.bfloat16``, to
+            halve their memory; steps still compute in float32. ``None`` keeps them as they
+            are (exact). Where a cache lives never changes the result; its dtype does.
         carry_activations: In a chain of blocks (an ``nn.Sequential``, or a ``ModuleList``
             of blocks run one after another, as in transformers) feed each layer from its
             block's kept input rather than re-running the model from the start: capture
@@ -69,6 +81,10 @@ class AdaRoundConfig:
     include_activation: bool = True
     holdout_fraction: float = 0.1
     cache_on_cpu: bool = False
+    device_cache_bytes: Optional[int] = None
+    host_cache_bytes: Optional[int] = None
+    cache_dir: Optional[str] = None
+    cache_dtype: Optional[torch.dtype] = None
     carry_activations: bool = True
     seed: int = 0
     layers: Optional[Sequence[str]] = None
@@ -106,6 +122,16 @@ class AdaRoundConfig:
                 f"beta must anneal downwards from a positive value: got beta_start={self.beta_start}, "
                 f"beta_end={self.beta_end} (the reference uses 20 -> 2)."
             )
+        for budget in ("device_cache_bytes", "host_cache_bytes"):
+            value = getattr(self, budget)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{budget}={value!r} must be a number of bytes >= 0, or None for automatic.")
+        if self.cache_dtype is not None and not (
+            isinstance(self.cache_dtype, torch.dtype) and self.cache_dtype.is_floating_point
+        ):
+            raise TypeError(f"cache_dtype={self.cache_dtype!r} must be a floating torch dtype, e.g. torch.bfloat16.")
+        if self.cache_dir is not None and not os.path.isdir(self.cache_dir):
+            raise ValueError(f"cache_dir={self.cache_dir!r} is not an existing directory; create it or pass None.")
         check_layer_types(self.layer_types)
         if isinstance(self.layers, str) or isinstance(self.exclude, str):
             raise TypeError("layers and exclude take a list of name globs, e.g. layers=['features.*'].")

@@ -499,6 +499,11 @@ class _SharedMoments:
         self.sync.record_loss(loss)
         return loss
 
+    def value_and_grad(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        value, grad = self.inner.value_and_grad(weight)
+        self.sync.record_loss(value)
+        return value, grad
+
     def mse(self, weight: Tensor) -> float:
         if self.global_eval:
             total, count = _squared_error(self.layer, self.evaluation, weight, self.ops, self.device)

@@ -87,6 +87,9 @@ class LayerMoments:
                 self.x_diff += rows.transpose(1, 2) @ diff
                 self.diff_diff += diff.transpose(1, 2) @ diff
 
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.xx, self.x_diff, self.diff_diff))
+
     def all_reduce(self, reduce_sum: Optional[callable]) -> None:
         """Sum the moments across processes (``reduce_sum`` sums a list of tensors in place)."""
         if reduce_sum is None:

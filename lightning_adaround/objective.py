@@ -90,8 +90,9 @@ class MinibatchObjective:
 
     def step_loss(self, weight: Tensor) -> Tensor:
         idx = self._next_indices()
-        x = self.train.inputs[idx.to(self.train.inputs.device)].to(self.device, non_blocking=True)
-        y = self.train.targets[idx.to(self.train.targets.device)].to(self.device, non_blocking=True)
+        # ``weight.dtype``: activations may be cached in a compact dtype the user allowed
+        x = self.train.inputs[idx.to(self.train.inputs.device)].to(self.device, weight.dtype, non_blocking=True)
+        y = self.train.targets[idx.to(self.train.targets.device)].to(self.device, weight.dtype, non_blocking=True)
         return (self._output(x, weight) - y).pow(2).sum(dim=self.channel_dim).mean()
 
     def mse(self, weight: Tensor) -> float:
@@ -106,8 +107,8 @@ def forward_mse(
     """Mean squared error per output element of ``ops(layer(x; weight))`` against the targets."""
     total, count = 0.0, 0
     for start in range(0, data.num_samples, chunk):
-        x = data.inputs[start:start + chunk].to(device)
-        y = data.targets[start:start + chunk].to(device)
+        x = data.inputs[start:start + chunk].to(device, weight.dtype)
+        y = data.targets[start:start + chunk].to(device, weight.dtype)
         out = run_with_weight(layer, x, weight)
         err = (ops(out) if ops is not None else out) - y
         total += float(err.double().pow(2).sum())
@@ -115,19 +116,19 @@ def forward_mse(
     return total / max(count, 1)
 
 
-class _QuadraticLoss(torch.autograd.Function):
-    """``sum(w * (D A + 2 W M^T) * D) + c`` with its gradient ``2 w (D A + W M^T)``: one matmul a step."""
+class _AnalyticLoss(torch.autograd.Function):
+    """Autograd node for an objective that computes its own value and gradient in one go."""
 
     @staticmethod
-    def forward(ctx, delta: Tensor, a: Tensor, wm: Tensor, const: Tensor, channel_weight: Tensor) -> Tensor:
-        p = torch.bmm(delta, a)
-        ctx.save_for_backward(p + wm, channel_weight)
-        return (channel_weight * (p + 2.0 * wm) * delta).sum() + const
+    def forward(ctx, weight: Tensor, value_and_grad: Callable[[Tensor], tuple[Tensor, Tensor]]) -> Tensor:
+        value, grad = value_and_grad(weight)
+        ctx.save_for_backward(grad)
+        return value
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        p_plus_wm, channel_weight = ctx.saved_tensors
-        return 2.0 * grad_out * channel_weight * p_plus_wm, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        return grad_out * grad, None
 
 
 class MomentsObjective:
@@ -173,10 +174,21 @@ class MomentsObjective:
         self.a, self.wm, self.const, self.channel_weight, self.float_weight = (
             self.exact[k].to(dtype) for k in ("a", "wm", "const", "channel_weight", "float_weight")
         )
+        self.weighted_wm = self.wm * self.channel_weight
+
+    @torch.no_grad()
+    def value_and_grad(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """The reconstruction term and its gradient on ``weight``: one batched matmul.
+
+        ``value = sum(w * (D A + 2 W M^T) * D) + c``, ``grad = 2 w (D A + W M^T)``.
+        """
+        delta = weight_as_groups(self.layer, weight.to(self.float_weight.dtype)) - self.float_weight
+        weighted = torch.baddbmm(self.wm, delta, self.a).mul_(self.channel_weight)
+        value = ((weighted + self.weighted_wm) * delta).sum() + self.const
+        return value, weighted.mul_(2.0).reshape(weight.shape).to(weight.dtype)
 
     def step_loss(self, weight: Tensor) -> Tensor:
-        delta = weight_as_groups(self.layer, weight.to(self.float_weight.dtype)) - self.float_weight
-        return _QuadraticLoss.apply(delta, self.a, self.wm, self.const, self.channel_weight)
+        return _AnalyticLoss.apply(weight, self.value_and_grad)
 
     @torch.no_grad()
     def exact_loss(self, weight: Tensor) -> float:

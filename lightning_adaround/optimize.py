@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lightning_adaround.loss import BetaSchedule
 from lightning_adaround.objective import ReconstructionObjective
-from lightning_adaround.rounding import RoundingVariable
+from lightning_adaround.rounding import RoundingVariable, soft_backward
 
 GradReduce = Callable[[list[Tensor]], None]
 StepLogger = Callable[[int, dict[str, float]], None]
@@ -30,16 +30,26 @@ def optimize_rounding(
     on_log: Optional[StepLogger] = None,
     log_every_n_steps: int = 50,
 ) -> None:
-    """Run ``iterations`` Adam steps on ``rounding.v``; V is left at its final value."""
+    """Run ``iterations`` Adam steps on ``rounding.v``; V is left at its final value.
+
+    An objective with ``value_and_grad(weight)`` (the moments form) is stepped without
+    autograd: its gradient on the weight goes straight through :func:`soft_backward`.
+    """
     optimizer = torch.optim.Adam([rounding.v], lr=lr)
+    value_and_grad = getattr(objective, "value_and_grad", None)
     for step in range(iterations):
         optimizer.zero_grad(set_to_none=True)
         regularizing = schedule.regularizing(step)
         beta = schedule.beta(step)
-        weight, reg = rounding.soft_with_regularizer(beta if regularizing else None)
-        recon = objective.step_loss(weight)
-        loss = recon + reg_lambda * reg if regularizing else recon
-        loss.backward()
+        if value_and_grad is not None:
+            weight, reg, saved = rounding.soft_step(beta if regularizing else None)
+            recon, grad_weight = value_and_grad(weight)
+            rounding.v.grad = soft_backward(saved, grad_weight, reg_lambda if regularizing else None)
+        else:
+            weight, reg = rounding.soft_with_regularizer(beta if regularizing else None)
+            recon = objective.step_loss(weight)
+            loss = recon + reg_lambda * reg if regularizing else recon
+            loss.backward()
         if grad_reduce is not None:
             grad_reduce([rounding.v.grad])
         optimizer.step()

@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.capture import InputCapture, LayerData, layer_targets, stack_samples
+from lightning_adaround.cache import CachePlan, ChunkStore
+from lightning_adaround.capture import InputCapture, LayerData, layer_targets
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.layers import OutputOps, run_with_weight
 from lightning_adaround.moments import LayerMoments, moments_supported, patch_dim
@@ -28,6 +29,7 @@ class LayerObjective:
     eval_samples: int
     ops: Optional[OutputOps]
     note: str = ""
+    cache_bytes: int = 0  # what this layer kept: cached activations, or moments plus held-out samples
 
 
 class _Holdout:
@@ -103,28 +105,43 @@ def build_layer_objective(
     weight = float_weights[name]
     holdout = _Holdout(config.holdout_fraction, generator)
     moments = LayerMoments(layer, device) if form == "moments" else None
-    train_in, train_out, eval_in, eval_out = [], [], [], []
+    plan = CachePlan(
+        device, config.device_cache_bytes, config.host_cache_bytes, config.cache_dir, config.cache_dtype,
+        skip_device=config.cache_on_cpu,
+    )
+    stores: dict[str, ChunkStore] = {}
     for rounded_input, float_input in chain([first], pairs):
         keep, held = holdout.split(rounded_input.shape[0])
+        pieces = []
         if held.numel():
-            eval_in.append(rounded_input[held].to(cache_device))
-            eval_out.append(layer_targets(layer, float_input[held], weight, used_ops).to(cache_device))
+            pieces += [("eval_in", rounded_input[held]), ("eval_out", layer_targets(layer, float_input[held], weight, used_ops))]
         if moments is not None:
             same = float_input is rounded_input
             moments.add(rounded_input[keep], None if same else float_input[keep])
         else:
-            train_in.append(rounded_input[keep].to(cache_device))
-            train_out.append(layer_targets(layer, float_input[keep], weight, used_ops).to(cache_device))
-    evaluation = LayerData(stack_samples(eval_in, name), stack_samples(eval_out, name)) if eval_in else None
+            pieces += [("train_in", rounded_input[keep]), ("train_out", layer_targets(layer, float_input[keep], weight, used_ops))]
+        if not stores:  # the first batch: choose where this layer's cache lives
+            estimate = len(capture.batches) * sum(plan.stored_bytes(t) for _, t in pieces)
+            tier = plan.tier_for(estimate)
+            stores = {key: plan.store(tier) for key in ("eval_in", "eval_out", "train_in", "train_out")}
+            if tier != plan.tier_for(0):
+                note = "; ".join(filter(None, [note, f"cached on {tier} (about {estimate / 2**20:.0f} MiB)"]))
+        for key, t in pieces:
+            stores[key].add(t)
+    data = {key: store.tensor(name) for key, store in stores.items() if store.shapes}
+    evaluation = LayerData(data["eval_in"], data["eval_out"]) if "eval_in" in data else None
     # Errors are reported on the held-out samples, or on the training ones when none are held out.
     if moments is not None:
         objective: ReconstructionObjective = MomentsObjective(layer, moments, weight, evaluation, used_ops, device)
         train_samples = moments.samples
     else:
-        train = LayerData(stack_samples(train_in, name), stack_samples(train_out, name))
+        train = LayerData(data["train_in"], data["train_out"])
         objective = MinibatchObjective(
             layer, train, evaluation or train, config.batch_size, used_ops, generator, device,
         )
         train_samples = train.num_samples
     eval_samples = evaluation.num_samples if evaluation is not None else train_samples
-    return LayerObjective(objective, train_samples, eval_samples, used_ops, note)
+    cache_bytes = sum(t.numel() * t.element_size() for t in data.values())
+    if moments is not None:
+        cache_bytes += moments.nbytes()
+    return LayerObjective(objective, train_samples, eval_samples, used_ops, note, cache_bytes)

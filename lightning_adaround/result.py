@@ -33,6 +33,7 @@ class LayerResult:
     with_activation: bool = False
     note: str = ""
     capture_seconds: float = 0.0  # part of ``seconds`` spent collecting calibration inputs
+    cache_bytes: int = 0  # cached activations (minibatch) or moments plus held-out samples
     history: list[tuple[int, float, float, float]] = field(default_factory=list)  # (step, recon, reg, beta)
 
     @property

@@ -26,8 +26,45 @@ def inverse_rectified_sigmoid(h: Tensor) -> Tensor:
     return -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1.0)
 
 
+def soft_forward(
+    v: Tensor, weight_floor: Tensor, low: Tensor, high: Tensor, scale: Tensor, beta: Optional[float],
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """``(soft weight, regularizer, saved)``: the step's elementwise work in one pass, no graph.
+
+    ``saved`` is what :func:`soft_backward` needs; ``beta=None`` means no regularizer (0).
+    """
+    s = torch.sigmoid(v)
+    h = s * (ZETA - GAMMA) + GAMMA
+    h_inside = (h > 0) & (h < 1)
+    h.clamp_(0.0, 1.0)
+    w_int = weight_floor + h
+    dw_dh = ((w_int >= low) & (w_int <= high)) * scale
+    weight = torch.minimum(torch.maximum(w_int, low), high).mul_(scale)
+    dh_dv = s.mul_(1.0 - s).mul_(ZETA - GAMMA).mul_(h_inside)
+    if beta is None:
+        return weight, weight.new_zeros(()), (dh_dv, dw_dh)
+    t = h.mul_(2.0).sub_(1.0)  # 2h - 1
+    # |t|^beta below float's normal range only makes denormals (slow on CPUs); both the term
+    # and its gradient are < 1e-30 there, so the floor changes nothing measurable.
+    magnitude = t.abs().clamp_min_(1e-30 ** (1.0 / beta))
+    power = magnitude.pow(beta - 1.0)
+    reg = (1.0 - power * magnitude).sum()
+    dreg_dh = power.mul_(t.sign_()).mul_(-2.0 * beta)
+    return weight, reg, (dh_dv, dw_dh, dreg_dh)
+
+
+def soft_backward(saved: tuple[Tensor, ...], grad_weight: Tensor, grad_reg: Optional[Tensor | float]) -> Tensor:
+    """The gradient on V from the gradients on the soft weight and on the regularizer."""
+    dh_dv, dw_dh = saved[0], saved[1]
+    if len(saved) == 3 and grad_reg is not None:
+        grad = torch.addcmul(grad_weight * dw_dh, saved[2], torch.as_tensor(grad_reg, dtype=dw_dh.dtype))
+    else:
+        grad = grad_weight * dw_dh
+    return grad.mul_(dh_dv)
+
+
 class _SoftRounding(torch.autograd.Function):
-    """Soft weight and regularizer in one pass, with the gradient on V written out by hand.
+    """Soft weight and regularizer as one autograd node with the hand-written gradient.
 
     Equal to autograd through :meth:`RoundingVariable.soft` plus :func:`rounding_regularizer`
     (tested), but it keeps three tensors instead of an autograd graph of a dozen ops.
@@ -35,35 +72,13 @@ class _SoftRounding(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v, weight_floor, low, high, scale, beta):
-        s = torch.sigmoid(v)
-        h = s * (ZETA - GAMMA) + GAMMA
-        h_inside = (h > 0) & (h < 1)
-        h.clamp_(0.0, 1.0)
-        w_int = weight_floor + h
-        dw_dh = ((w_int >= low) & (w_int <= high)) * scale
-        weight = torch.minimum(torch.maximum(w_int, low), high).mul_(scale)
-        dh_dv = s.mul_(1.0 - s).mul_(ZETA - GAMMA).mul_(h_inside)
-        ctx.regularizing = beta is not None
-        if beta is None:
-            ctx.save_for_backward(dh_dv, dw_dh)
-            return weight, weight.new_zeros(())
-        t = h.mul_(2.0).sub_(1.0)  # 2h - 1
-        magnitude = t.abs()
-        power = magnitude.pow(beta - 1.0)
-        reg = (1.0 - power * magnitude).sum()
-        dreg_dh = power.mul_(t.sign_()).mul_(-2.0 * beta)
-        ctx.save_for_backward(dh_dv, dw_dh, dreg_dh)
+        weight, reg, saved = soft_forward(v, weight_floor, low, high, scale, beta)
+        ctx.save_for_backward(*saved)
         return weight, reg
 
     @staticmethod
     def backward(ctx, grad_weight, grad_reg):
-        if ctx.regularizing:
-            dh_dv, dw_dh, dreg_dh = ctx.saved_tensors
-            grad = torch.addcmul(grad_weight * dw_dh, dreg_dh, grad_reg)
-        else:
-            dh_dv, dw_dh = ctx.saved_tensors
-            grad = grad_weight * dw_dh
-        return grad.mul_(dh_dv), None, None, None, None, None
+        return soft_backward(ctx.saved_tensors, grad_weight, grad_reg), None, None, None, None, None
 
 
 class RoundingVariable:
@@ -92,6 +107,11 @@ class RoundingVariable:
     def soft_with_regularizer(self, beta: Optional[float]) -> tuple[Tensor, Tensor]:
         """``(weight, sum(1 - |2h - 1|^beta))`` in one fused op; ``beta=None``: regularizer 0."""
         return _SoftRounding.apply(self.v, self.weight_floor, self.low, self.high, self.grid.scale, beta)
+
+    @torch.no_grad()
+    def soft_step(self, beta: Optional[float]) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """:meth:`soft_with_regularizer` without autograd, plus what :func:`soft_backward` needs."""
+        return soft_forward(self.v, self.weight_floor, self.low, self.high, self.grid.scale, beta)
 
     @torch.no_grad()
     def integer_weight(self) -> Tensor:

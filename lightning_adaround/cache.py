@@ -1,0 +1,128 @@
+"""Where one layer's cached calibration tensors live: the compute device, host memory, or disk.
+
+The minibatch form keeps every training sample's layer input and target for thousands of
+steps. A layer whose cache does not fit the device budget is cached in host memory (pinned,
+when the device is a GPU, so copies overlap), and one that does not fit the host budget in
+a memory-mapped file. The values are the same wherever they live, so the rounding is too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lightning_adaround.capture import stacked_shape
+
+TIERS = ("device", "host", "disk")
+_AUTO_SHARE = 0.5  # of free device memory / available host memory, when no budget is given
+
+
+def _available_host_bytes() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@dataclass
+class CachePlan:
+    """Per-layer budgets in bytes (``None``: half of what is free when the layer starts)."""
+
+    device: torch.device  # where the layer computes
+    device_bytes: Optional[int] = None
+    host_bytes: Optional[int] = None
+    directory: Optional[str] = None
+    dtype: Optional[torch.dtype] = None  # a compact storage dtype the user allowed, e.g. bfloat16
+    skip_device: bool = False  # ``cache_on_cpu``
+
+    def budget(self, tier: str) -> Optional[int]:
+        if tier == "device":
+            if self.device_bytes is not None:
+                return self.device_bytes
+            if self.device.type == "cuda":
+                return int(_AUTO_SHARE * torch.cuda.mem_get_info(self.device)[0])
+            return None  # a CPU device is host memory: the host budget below applies
+        if self.host_bytes is not None:
+            return self.host_bytes
+        available = _available_host_bytes()
+        return int(_AUTO_SHARE * available) if available is not None else None
+
+    def tier_for(self, nbytes: int) -> str:
+        """The first tier whose budget holds ``nbytes``; disk when none does."""
+        on_host = self.device.type == "cpu" or self.skip_device
+        for tier in (("host",) if on_host else ("device", "host")):
+            budget = self.budget(tier)
+            if tier == "device" and budget is None:
+                budget = self.budget("host")
+            if budget is None or nbytes <= budget:
+                return tier
+        return "disk"
+
+    def stored_bytes(self, t: Tensor) -> int:
+        return t.numel() * (self.dtype.itemsize if self.dtype is not None else t.element_size())
+
+    def store(self, tier: str) -> "ChunkStore":
+        if tier not in TIERS:
+            raise ValueError(f"cache tier {tier!r} is not one of {TIERS}")
+        return ChunkStore(tier, self.device, self.directory, self.dtype)
+
+
+class ChunkStore:
+    """Chunks of one cached tensor, appended batch by batch, stacked along samples at the end.
+
+    On disk the chunks' bytes are appended to one file, which is the same byte layout as
+    ``torch.cat`` of the chunks (or of their rows), then memory-mapped and unlinked.
+    """
+
+    def __init__(self, tier: str, device: torch.device, directory: Optional[str], dtype: Optional[torch.dtype]):
+        self.tier = tier
+        self.device = device
+        self.dtype = dtype
+        self.chunks: list[Tensor] = []
+        self.shapes: list[torch.Size] = []
+        self._file = None
+        self._path: Optional[str] = None
+        self._directory = directory
+
+    def add(self, t: Tensor) -> None:
+        t = t.detach()
+        if self.dtype is not None:
+            t = t.to(self.dtype)
+        self.shapes.append(t.shape)
+        if self.tier == "device":
+            self.chunks.append(t.to(self.device))
+        elif self.tier == "host":
+            self.chunks.append(t.to("cpu"))
+        else:
+            if self._file is None:
+                fd, self._path = tempfile.mkstemp(prefix="adaround-cache-", suffix=".bin", dir=self._directory)
+                self._file = os.fdopen(fd, "wb")
+            self._file.write(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._dtype_on_disk = t.dtype
+
+    def tensor(self, name: str) -> Tensor:
+        """All chunks as one tensor, samples (or, for varying-length Linear inputs, rows) first."""
+        shape = stacked_shape(self.shapes, name)
+        if self.tier != "disk":
+            if all(c.shape[1:] == shape[1:] for c in self.chunks):
+                out = torch.cat(self.chunks, dim=0)
+            else:
+                out = torch.cat([c.reshape(-1, shape[-1]) for c in self.chunks], dim=0)
+            self.chunks = []
+            if self.tier == "host" and self.device.type == "cuda":
+                out = out.pin_memory()
+            return out
+        self._file.close()
+        mapped = torch.from_file(self._path, shared=False, size=math.prod(shape), dtype=self._dtype_on_disk)
+        os.unlink(self._path)  # the mapping keeps the data; nothing is left behind on exit
+        return mapped.reshape(shape)
