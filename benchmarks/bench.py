@@ -10,6 +10,8 @@ absolute times, are what to compare across machines.
 from __future__ import annotations
 
 import argparse
+import gc
+import os
 import time
 from typing import Callable
 
@@ -131,36 +133,143 @@ def encoder(width: int = 128, blocks: int = 6) -> nn.Module:
     return nn.Sequential(*[EncoderBlock(width) for _ in range(blocks)]).eval()
 
 
-def end_to_end_rows(quick: bool, iterations: int) -> list[dict[str, object]]:
-    rows = []
+def _count_layer_forwards(model: nn.Module) -> tuple[dict[str, int], Callable[[], None]]:
+    count = {"n": 0}
+    handles = [m.register_forward_pre_hook(lambda *_: count.__setitem__("n", count["n"] + 1))
+               for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return count, lambda: [h.remove() for h in handles]
+
+
+def model_cases(quick: bool) -> list[tuple[str, Callable[[], nn.Module], list[torch.Tensor]]]:
+    """The two end-to-end models and 256 calibration samples (64 in quick mode), in batches of 32."""
     torch.manual_seed(0)
     size, seq, n = (16, 16, 2) if quick else (32, 64, 8)
-    cases = [
-        ("ResNet-style CNN", resnet_like(16 if quick else 32, 2 if quick else 3),
+    return [
+        ("ResNet-style CNN", lambda: resnet_like(16 if quick else 32, 2 if quick else 3),
          [torch.randn(32, 3, size, size) for _ in range(n)]),
-        ("6-block transformer encoder", encoder(64 if quick else 128, 2 if quick else 6),
+        ("6-block transformer encoder", lambda: encoder(64 if quick else 128, 2 if quick else 6),
          [torch.randn(32, seq, 64 if quick else 128) for _ in range(n)]),
     ]
-    for name, model, batches in cases:
+
+
+def capture_rows(quick: bool, iterations: int) -> list[dict[str, object]]:
+    """Capture time and layer-forwards, full passes vs carried block inputs; share at 10k iterations."""
+    rows = []
+    for name, make, batches in model_cases(quick):
         for form in ("minibatch", "moments"):
-            forwards = {"n": 0}
-            handles = [m.register_forward_pre_hook(lambda *_: forwards.__setitem__("n", forwards["n"] + 1))
-                       for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-            start = time.perf_counter()
-            result = adaround(model, batches, AdaRoundConfig(bits=4, iterations=iterations, loss_form=form))
-            total = time.perf_counter() - start
-            for h in handles:
-                h.remove()
-            capture = sum(r.capture_seconds for r in result.layers.values())
-            steps = iterations * len(result.layers)
-            per_step = (total - capture) / steps
-            rows.append({
-                "model": name, "form": form, "layers": len(result.layers), "seconds": total,
-                "capture s": capture, "layer forwards (incl. unfold)": forwards["n"],
-                f"capture share @{iterations}": capture / total,
-                "capture share @10k (extrapolated)": capture / (capture + per_step * 10_000 * len(result.layers)),
-                "unreached": len(result.unreached),
-            })
+            for carry in (False, True):
+                model = make()
+                count, remove = _count_layer_forwards(model)
+                config = AdaRoundConfig(bits=4, iterations=iterations, loss_form=form, carry_activations=carry)
+                start = time.perf_counter()
+                result = adaround(model, batches, config)
+                total = time.perf_counter() - start
+                remove()
+                capture = sum(r.capture_seconds for r in result.layers.values())
+                per_step = (total - capture) / (iterations * len(result.layers))
+                at_10k = capture + per_step * 10_000 * len(result.layers)
+                rows.append({
+                    "model": name, "form": form, "carry": carry, "layers": len(result.layers),
+                    "layer forwards": count["n"], "capture s": capture, "seconds": total,
+                    f"capture share @{iterations}": capture / total,
+                    "capture share @10k": capture / at_10k,
+                })
+    return rows
+
+
+def _irreducible_seconds(result, model: nn.Module, batches: list[torch.Tensor], iterations: int) -> float:
+    """Sum over layers of ``iterations`` x (forward + weight-gradient on a 32-sample minibatch)."""
+    from lightning_adaround.capture import InputCapture, default_forward
+
+    modules = dict(model.named_modules())
+    capture = InputCapture(model, batches, default_forward)
+    total = 0.0
+    for name in result.layers:
+        layer = modules[name]
+        x = next(capture.pairs(name, layer, {}, {}))[0][:32]
+        weight = layer.weight.detach().clone().requires_grad_(True)
+        with torch.no_grad():
+            y = run_with_weight(layer, x, layer.weight)
+        channel_dim = output_channel_dim(layer)
+
+        def step():
+            loss = (run_with_weight(layer, x, weight) - y).pow(2).sum(dim=channel_dim).mean()
+            torch.autograd.grad(loss, weight)
+
+        total += timed(step, 20) * iterations
+    return total
+
+
+def forms_rows(quick: bool, iterations: int) -> list[dict[str, object]]:
+    """Whole runs (capture included) against the irreducible minibatch work, per form."""
+    name, make, batches = model_cases(quick)[0]
+    model = make()
+    rows = []
+    baseline = None
+    for form in ("moments", "minibatch"):
+        start = time.perf_counter()
+        result = adaround(make(), batches, AdaRoundConfig(bits=4, iterations=iterations, loss_form=form))
+        total = time.perf_counter() - start
+        if baseline is None:
+            baseline = _irreducible_seconds(result, model, batches, iterations)
+        rows.append({
+            "model": name, "form": form, "iterations": iterations, "samples": sum(b.shape[0] for b in batches),
+            "seconds (capture incl.)": total, "irreducible s": baseline, "ratio": total / baseline,
+            "target": "<= 0.35" if form == "moments" else "-",
+        })
+    return rows
+
+
+def _memory_case(case: str, quick: bool, form: str, carry: bool, repeat: int) -> dict[str, object]:
+    """Runs in a child process: peak resident memory added by ``adaround`` vs model + largest layer cache."""
+    name, make, batches = {c[0]: c for c in model_cases(quick)}[case]
+    batches = [b + 0.01 * i for i in range(repeat) for b in batches]  # ``repeat`` x the calibration set
+    config = AdaRoundConfig(bits=4, iterations=20, loss_form=form, carry_activations=carry)
+    adaround(make(), [b[:4] for b in batches], config)  # warm-up: kernels and libraries load once
+    gc.collect()
+    model = make()
+    model_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the resident high-water mark (Linux)
+    baseline = _status_kib("VmRSS")
+    result = adaround(model, batches, config)
+    added = (_status_kib("VmHWM") - baseline) * 1024
+    largest = max(r.cache_bytes for r in result.layers.values())
+    return {
+        "model": name, "form": form, "carry": carry, "samples": sum(b.shape[0] for b in batches),
+        "model MiB": model_bytes / 2**20,
+        "largest layer cache MiB": largest / 2**20,
+        "cache MiB per layer": " ".join(f"{r.cache_bytes / 2**20:.1f}" for r in result.layers.values()),
+        "peak MiB": (model_bytes + added) / 2**20, "ratio": (model_bytes + added) / (model_bytes + largest),
+    }
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def memory_rows(quick: bool) -> list[dict[str, object]]:
+    """Each case in a fresh process, so memory freed by an earlier case cannot hide a peak."""
+    import json
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        return []
+    # A fixed malloc mmap threshold: large blocks go back to the OS when freed, so the
+    # high-water mark shows what was live rather than what glibc chose to keep.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    rows = []
+    cases = [("minibatch", False, 1), ("minibatch", False, 4), ("minibatch", True, 1), ("moments", True, 1)]
+    for form, carry, repeat in cases:
+        spec = json.dumps(["ResNet-style CNN", quick, form, carry, repeat])
+        args = [sys.executable, __file__, "--memory-case", spec]
+        out = subprocess.run(args, capture_output=True, text=True, check=True, env=env).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
     return rows
 
 
@@ -180,11 +289,22 @@ def print_table(title: str, rows: list[dict[str, object]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--memory-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_case:
+        import json
+
+        torch.set_num_threads(1)
+        print(json.dumps(_memory_case(*json.loads(args.memory_case))))
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print_table("Per-step time vs the irreducible work (layer forward + weight gradient, same minibatch of 32)",
                 per_step_rows(args.quick, steps=3 if args.quick else 10))
-    print_table("End to end (calibration: 64 samples quick, 256 full)", end_to_end_rows(args.quick, iterations=20 if args.quick else 200))
+    print_table("Whole run vs the irreducible minibatch work (target for moments: <= 0.35)",
+                forms_rows(args.quick, iterations=20 if args.quick else 1000))
+    print_table("Capture: full passes vs carried block inputs (calibration: 64 samples quick, 256 full)",
+                capture_rows(args.quick, iterations=20 if args.quick else 200))
+    print_table("Peak memory vs model + largest layer cache (target: <= 1.25)", memory_rows(args.quick))
 
 
 if __name__ == "__main__":

@@ -113,7 +113,10 @@ def adaround(
     # saved for backward, so everything below is created outside it.
     with torch.inference_mode(False), torch.enable_grad():
         float_weights = {name: module.weight.detach().clone() for name, module in layers}
+        # Only V is optimised: no gradient (time, or a stray ``.grad``) for the model's own parameters.
+        trainable = [p for p in model.parameters() if p.requires_grad]
         try:
+            model.requires_grad_(False)
             model.to(device).eval()
             cache_device = torch.device("cpu") if config.cache_on_cpu else device
             staged = [_clone_inference_tensors(move_batch(b, cache_device)) for b in batches]
@@ -135,6 +138,8 @@ def adaround(
         finally:
             model.to(home)
             model.train(was_training)
+            for p in trainable:
+                p.requires_grad_(True)
     observer.on_end(result)
     return result
 
@@ -247,6 +252,7 @@ def _round_layers(
         )
         result.layers[name] = layer_result
         observer.on_layer_end(layer_result)
+        del prepared, objective, rounding  # free this layer's cache before the next one is built
     return result
 
 

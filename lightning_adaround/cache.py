@@ -71,10 +71,10 @@ class CachePlan:
     def stored_bytes(self, t: Tensor) -> int:
         return t.numel() * (self.dtype.itemsize if self.dtype is not None else t.element_size())
 
-    def store(self, tier: str) -> "ChunkStore":
+    def store(self, tier: str, expected_chunks: int = 1) -> "ChunkStore":
         if tier not in TIERS:
             raise ValueError(f"cache tier {tier!r} is not one of {TIERS}")
-        return ChunkStore(tier, self.device, self.directory, self.dtype)
+        return ChunkStore(tier, self.device, self.directory, self.dtype, expected_chunks)
 
 
 class ChunkStore:
@@ -84,7 +84,10 @@ class ChunkStore:
     ``torch.cat`` of the chunks (or of their rows), then memory-mapped and unlinked.
     """
 
-    def __init__(self, tier: str, device: torch.device, directory: Optional[str], dtype: Optional[torch.dtype]):
+    def __init__(
+        self, tier: str, device: torch.device, directory: Optional[str], dtype: Optional[torch.dtype],
+        expected_chunks: int = 1,
+    ):
         self.tier = tier
         self.device = device
         self.dtype = dtype
@@ -93,6 +96,27 @@ class ChunkStore:
         self._file = None
         self._path: Optional[str] = None
         self._directory = directory
+        self._expected = expected_chunks
+        self._buffer: Optional[Tensor] = None  # preallocated, so stacking never holds two copies
+        self._used = 0
+
+    def _append_in_memory(self, t: Tensor) -> None:
+        if self._buffer is None and not self.chunks:
+            # Room for every batch as large as the first (+1 row: holdout splits vary by one).
+            rows = (t.shape[0] + 1) * self._expected
+            self._buffer = torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        fits = (
+            self._buffer is not None and t.shape[1:] == self._buffer.shape[1:]
+            and self._used + t.shape[0] <= self._buffer.shape[0]
+        )
+        if fits:
+            self._buffer[self._used:self._used + t.shape[0]].copy_(t)
+            self._used += t.shape[0]
+            return
+        if self._buffer is not None:  # an unexpected shape or size: plain chunks from here on
+            self.chunks.append(self._buffer[:self._used].clone())
+            self._buffer = None
+        self.chunks.append(t)
 
     def add(self, t: Tensor) -> None:
         t = t.detach()
@@ -100,9 +124,9 @@ class ChunkStore:
             t = t.to(self.dtype)
         self.shapes.append(t.shape)
         if self.tier == "device":
-            self.chunks.append(t.to(self.device))
+            self._append_in_memory(t.to(self.device))
         elif self.tier == "host":
-            self.chunks.append(t.to("cpu"))
+            self._append_in_memory(t.to("cpu"))
         else:
             if self._file is None:
                 fd, self._path = tempfile.mkstemp(prefix="adaround-cache-", suffix=".bin", dir=self._directory)
@@ -113,6 +137,12 @@ class ChunkStore:
     def tensor(self, name: str) -> Tensor:
         """All chunks as one tensor, samples (or, for varying-length Linear inputs, rows) first."""
         shape = stacked_shape(self.shapes, name)
+        if self.tier != "disk" and self._buffer is not None:
+            out = self._buffer[:self._used].reshape(shape)
+            self._buffer = None
+            if self.tier == "host" and self.device.type == "cuda":
+                out = out.pin_memory()
+            return out
         if self.tier != "disk":
             if all(c.shape[1:] == shape[1:] for c in self.chunks):
                 out = torch.cat(self.chunks, dim=0)

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-_CHUNK_BYTES = 64 * 2**20  # bound on one chunk of unfolded patches
+_CHUNK_BYTES = 16 * 2**20  # bound on one chunk of unfolded float64 patches
 
 
 def moments_supported(layer: nn.Module) -> bool:

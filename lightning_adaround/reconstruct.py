@@ -123,7 +123,7 @@ def build_layer_objective(
         if not stores:  # the first batch: choose where this layer's cache lives
             estimate = len(capture.batches) * sum(plan.stored_bytes(t) for _, t in pieces)
             tier = plan.tier_for(estimate)
-            stores = {key: plan.store(tier) for key in ("eval_in", "eval_out", "train_in", "train_out")}
+            stores = {key: plan.store(tier, len(capture.batches)) for key in ("eval_in", "eval_out", "train_in", "train_out")}
             if tier != plan.tier_for(0):
                 note = "; ".join(filter(None, [note, f"cached on {tier} (about {estimate / 2**20:.0f} MiB)"]))
         for key, t in pieces:

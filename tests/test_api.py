@@ -471,3 +471,12 @@ def test_inference_mode_failure_still_restores():
         with pytest.raises(KeyboardInterrupt):
             adaround(model, data, AdaRoundConfig(**FAST), observer=_InterruptOnSecond())
     assert_weights_equal(model, saved)
+
+
+def test_model_parameters_get_no_gradient_and_keep_requires_grad():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    model[3].bias.requires_grad_(False)
+    adaround(model, batches(), AdaRoundConfig(**FAST, loss_form="minibatch"))
+    assert all(p.grad is None for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == [True] * 5 + [False]
