@@ -58,6 +58,9 @@ class _AdaRoundCallbackBase:
         cache_on_cpu: Keep cached activations in host memory.
         seed: Minibatch sampling seed.
         log_every_n_steps: Per-step loss logging interval (default: the Trainer's).
+        keep_float_weights: Keep the full-precision weights in ``callback.result`` (and so in
+            checkpoints) to switch between them and the rounded ones with
+            ``use_float_weights``/``use_rounded_weights``.
         verbose: Print the per-layer summary table at the end.
         report: Save a PNG report (per-layer error, loss curves) as ``adaround_report.png``
             in the first logger's directory (else ``default_root_dir``) and add it to
@@ -105,6 +108,7 @@ class _AdaRoundCallbackBase:
         cache_on_cpu: bool = False,
         seed: int = 0,
         log_every_n_steps: Optional[int] = None,
+        keep_float_weights: bool = False,
         verbose: bool = True,
         report: bool = True,
     ) -> None:
@@ -132,6 +136,7 @@ class _AdaRoundCallbackBase:
             holdout_fraction=holdout_fraction, cache_on_cpu=cache_on_cpu, seed=seed,
             layers=layers, exclude=tuple(exclude), layer_bits=dict(layer_bits or {}),
             log_every_n_steps=50 if log_every_n_steps is None else log_every_n_steps,
+            keep_float_weights=keep_float_weights,
         )
         self.run_on = run_on
         self.num_calibration_samples = num_calibration_samples

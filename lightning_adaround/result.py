@@ -34,6 +34,7 @@ class LayerResult:
     note: str = ""
     capture_seconds: float = 0.0  # part of ``seconds`` spent collecting calibration inputs
     history: list[tuple[int, float, float, float]] = field(default_factory=list)  # (step, recon, reg, beta)
+    float_weight: Optional[Tensor] = None  # the full-precision weight, with keep_float_weights=True
 
     @property
     def improvement(self) -> float:
