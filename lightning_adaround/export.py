@@ -120,9 +120,9 @@ def load_quantized(model: nn.Module, path: FileLike) -> AdaRoundResult:
         raise
     except Exception as err:
         raise ValueError(
-            f"cannot read the file as a lightning-adaround quantized export "
-            f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
-            "write it with export_quantized(model, result, path)."
+            f"cannot read the file as a lightning-adaround quantized export: torch.load(..., weights_only=True) "
+            f"failed with {type(err).__name__} (a damaged file, another format, or Python objects other than "
+            "tensors, numbers and strings); write it with export_quantized(model, result, path)."
         ) from err
     layers, state = _check_payload(payload)
     model_state = model.state_dict()
