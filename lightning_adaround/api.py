@@ -249,6 +249,7 @@ def _round_layers(
             with_activation=prepared.ops is not None and prepared.ops.activation is not None,
             note=prepared.note, history=history, capture_seconds=capture_seconds,
             cache_bytes=prepared.cache_bytes,
+            float_weight=float_weights[name].detach().cpu().clone() if config.keep_float_weights else None,
         )
         result.layers[name] = layer_result
         observer.on_layer_end(layer_result)

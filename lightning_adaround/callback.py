@@ -62,6 +62,9 @@ class _AdaRoundCallbackBase:
             kept output (capture linear in depth; see ``AdaRoundConfig``).
         seed: Minibatch sampling seed.
         log_every_n_steps: Per-step loss logging interval (default: the Trainer's).
+        keep_float_weights: Keep the full-precision weights in ``callback.result`` (and so in
+            checkpoints) to switch between them and the rounded ones with
+            ``use_float_weights``/``use_rounded_weights``.
         verbose: Print the per-layer summary table at the end.
         report: Save a PNG report (per-layer error, loss curves) as ``adaround_report.png``
             in the first logger's directory (else ``default_root_dir``) and add it to
@@ -114,6 +117,7 @@ class _AdaRoundCallbackBase:
         carry_activations: bool = True,
         seed: int = 0,
         log_every_n_steps: Optional[int] = None,
+        keep_float_weights: bool = False,
         verbose: bool = True,
         report: bool = True,
     ) -> None:
@@ -143,6 +147,7 @@ class _AdaRoundCallbackBase:
             cache_dtype=cache_dtype, carry_activations=carry_activations, seed=seed,
             layers=layers, exclude=tuple(exclude), layer_bits=dict(layer_bits or {}),
             log_every_n_steps=50 if log_every_n_steps is None else log_every_n_steps,
+            keep_float_weights=keep_float_weights,
         )
         self.run_on = run_on
         self.num_calibration_samples = num_calibration_samples

@@ -64,6 +64,11 @@ class AdaRoundConfig:
         layer_types: Module types to round.
         layer_bits: Name glob -> bits overrides, e.g. ``{"conv1": 8, "fc": 8}``.
         log_every_n_steps: How often per-step losses reach the observer/loggers.
+        keep_float_weights: Keep a copy of each rounded layer's full-precision weight in the
+            result (``LayerResult.float_weight``), so ``use_float_weights`` and
+            ``use_rounded_weights`` can switch the model between the two for A/B evaluation
+            without rounding again. Costs one float copy of the rounded weights (in memory
+            and in checkpoints that hold the result).
     """
 
     bits: int = 4
@@ -92,6 +97,7 @@ class AdaRoundConfig:
     layer_types: Sequence[type[nn.Module]] = SUPPORTED_LAYER_TYPES
     layer_bits: Mapping[str, int] = field(default_factory=dict)
     log_every_n_steps: int = 50
+    keep_float_weights: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits)

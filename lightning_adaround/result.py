@@ -35,6 +35,7 @@ class LayerResult:
     capture_seconds: float = 0.0  # part of ``seconds`` spent collecting calibration inputs
     cache_bytes: int = 0  # cached activations (minibatch) or moments plus held-out samples
     history: list[tuple[int, float, float, float]] = field(default_factory=list)  # (step, recon, reg, beta)
+    float_weight: Optional[Tensor] = None  # the full-precision weight, with keep_float_weights=True
 
     @property
     def improvement(self) -> float:

@@ -238,7 +238,74 @@ def _error_cases() -> list[Any]:
         "no process group": lambda: _distributed().distributed_adaround(_tiny(), x, AdaRoundConfig(**fast)),
         "shard rank": lambda: _distributed().shard_calibration(x, 2, 2),
     }
+    cases.update(_export_error_cases())
     return [pytest.param(trigger, id=name) for name, trigger in cases.items()]
+
+
+def _export_error_cases() -> dict[str, Callable[[], Any]]:
+    """The messages of lightning_adaround.export and .onnx_export, on a tiny rounded model."""
+    import copy
+    import tempfile
+    from unittest import mock
+
+    from lightning_adaround import (
+        AdaRoundConfig, adaround, export_onnx, export_quantized, load_quantized, use_float_weights,
+    )
+    from lightning_adaround.onnx_export import quantize_initializers
+
+    def rounded(**kwargs):
+        torch.manual_seed(0)
+        model = _tiny()
+        return model, adaround(model, [torch.randn(4, 8)], AdaRoundConfig(iterations=2, **kwargs))
+
+    def load_edited(edit=None, target=None, raw=None):
+        model, result = rounded()
+        with tempfile.TemporaryDirectory() as folder:
+            path = f"{folder}/model.pt"
+            export_quantized(model, result, path)
+            if edit is not None:
+                payload = torch.load(path, weights_only=True)
+                edit(payload)
+                torch.save(payload, path)
+            if raw is not None:
+                with open(path, "wb") as f:
+                    f.write(raw)
+            load_quantized(target if target is not None else copy.deepcopy(model), path)
+
+    def onnx_graph(opset=18, initializers=()):
+        from onnx import helper
+
+        graph = helper.make_graph([], "g", [], [], initializer=list(initializers))
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+    def fp16_initializer():
+        from onnx import TensorProto, helper
+
+        return helper.make_tensor("0.weight", TensorProto.FLOAT16, [4, 8], [0.0] * 32)
+
+    def onnx_missing():
+        with mock.patch.dict(sys.modules, {"onnx": None}):
+            export_onnx(*rounded(), "model.onnx", torch.randn(1, 8))
+
+    wider = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))
+    return {
+        "export result type": lambda: export_quantized(_tiny(), None, "model.pt"),
+        "export layer missing": lambda: export_quantized(nn.Linear(8, 4), rounded()[1], "model.pt"),
+        "export layer shape": lambda: export_quantized(wider, rounded()[1], "model.pt"),
+        "load unreadable": lambda: load_edited(raw=b"not a torch file"),
+        "load format": lambda: load_edited(lambda p: p.pop("format")),
+        "load version": lambda: load_edited(lambda p: p.update(version=2)),
+        "load damaged": lambda: load_edited(lambda p: p["layers"]["0"].update(data=p["layers"]["0"]["data"][:-1])),
+        "load does not fit": lambda: load_edited(target=nn.Sequential(nn.Linear(8, 4))),
+        "load shape": lambda: load_edited(target=wider),
+        "no float weights": lambda: use_float_weights(*rounded()),
+        "onnx missing": onnx_missing,
+        "onnx kwargs": lambda: export_onnx(*rounded(), "model.onnx", torch.randn(1, 8), dynamo=False),
+        "onnx opset": lambda: export_onnx(*rounded(), "model.onnx", torch.randn(1, 8), opset_version=13),
+        "onnx old graph": lambda: quantize_initializers(onnx_graph(opset=11), rounded()[1]),
+        "onnx no initializer": lambda: quantize_initializers(onnx_graph(), rounded()[1]),
+        "onnx initializer type": lambda: quantize_initializers(onnx_graph(initializers=[fp16_initializer()]), rounded()[1]),
+    }
 
 
 def _normalized(text: str) -> str:
