@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import time
 import warnings
 from typing import Any, Callable, Iterable, Optional
@@ -26,7 +27,7 @@ from lightning_adaround.loss import BetaSchedule
 from lightning_adaround.observer import AdaRoundObserver
 from lightning_adaround.optimize import GradReduce, optimize_rounding
 from lightning_adaround.reconstruct import build_layer_objective
-from lightning_adaround.quant import PerChannel, QuantGrid, choose_grid
+from lightning_adaround.quant import PerChannel, QuantGrid, choose_grid, weight_problem
 from lightning_adaround.result import AdaRoundResult, LayerResult, compact_integer
 from lightning_adaround.rounding import RoundingVariable
 
@@ -78,13 +79,15 @@ def adaround(
             ``distributed.distributed_adaround`` for sharded data.
 
     Raises:
-        ValueError: empty calibration data, no supported layer selected, a forward function
-            that fails on the first batch, NaN/Inf activations.
+        ValueError: empty calibration data, no supported layer selected, a NaN/Inf, huge or empty
+            weight, a forward function that fails on the first batch, NaN/Inf activations, a
+            reconstruction error that overflows float32.
     """
     config = config if config is not None else AdaRoundConfig()
     forward_fn = forward_fn if forward_fn is not None else default_forward
     observer = observer if observer is not None else AdaRoundObserver()
     layers = _selected_layers(model, config)
+    _check_weights(layers)
     names = [n for n, _ in layers]
     unused = [p for p in config.layer_bits if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unused:
@@ -134,6 +137,17 @@ def adaround(
             model.train(was_training)
     observer.on_end(result)
     return result
+
+
+def _check_weights(layers: list[tuple[str, nn.Module]]) -> None:
+    """Refuse a NaN/Inf, huge or empty weight by name, before any calibration work."""
+    for name, module in layers:
+        problem = weight_problem(module.weight)
+        if problem is not None:
+            raise ValueError(
+                f"the weight of layer {name!r} {problem}; AdaRound cannot put it on a grid. Load good weights "
+                f"(a diverged training run or a bad checkpoint?) or leave the layer in float with exclude=[{name!r}]."
+            )
 
 
 def _selected_layers(model: nn.Module, config: AdaRoundConfig) -> list[tuple[str, nn.Module]]:
@@ -211,15 +225,27 @@ def _round_layers(
             result.unreached.append(name)
             continue
         capture_seconds = time.perf_counter() - started
-        observer.on_layer_start(name, index, config.iterations)
         objective = prepared.objective
         weight = float_weights[name].float()
         grid = layer_grid(name, layer, weight, config)
         nearest_mse = objective.mse(grid.fake_quantize(weight))
+        if not math.isfinite(nearest_mse):
+            raise ValueError(
+                f"the reconstruction error of layer {name!r} is not finite ({nearest_mse}) even with "
+                "round-to-nearest weights: its weights or inputs are too large for float32 arithmetic. "
+                f"Check the model and the calibration data, or leave the layer in float with exclude=[{name!r}]."
+            )
+        observer.on_layer_start(name, index, config.iterations)
         rounding = RoundingVariable(weight, grid)
         history: list[tuple[int, float, float, float]] = []
 
         def on_log(step: int, metrics: dict[str, float], name: str = name) -> None:
+            if not math.isfinite(metrics["recon_loss"]):
+                raise ValueError(
+                    f"the reconstruction loss of layer {name!r} became {metrics['recon_loss']} at step {step}: "
+                    "its weights or inputs are too large for float32 arithmetic. Check the model and the "
+                    f"calibration data, or leave the layer in float with exclude=[{name!r}]."
+                )
             history.append((step, metrics["recon_loss"], metrics["reg_loss"], metrics["beta"]))
             observer.on_step(name, step, metrics)
 
@@ -286,7 +312,9 @@ def round_to_nearest(model: nn.Module, config: Optional[AdaRoundConfig] = None) 
     """
     config = config if config is not None else AdaRoundConfig()
     rounded = {}
-    for name, layer in _selected_layers(model, config):
+    layers = _selected_layers(model, config)
+    _check_weights(layers)
+    for name, layer in layers:
         weight = layer.weight.detach().float()
         grid = layer_grid(name, layer, weight, config)
         layer.weight.copy_(grid.fake_quantize(weight).to(layer.weight.dtype))
