@@ -2,7 +2,8 @@
 
 Plain PyTorch. Data flows one way: calibration batches -> capture -> objective ->
 optimise -> hard-rounded weight written back -> result. Any failure restores the float
-weights, so the model is never left half rounded.
+weights (and the training mode and ``requires_grad`` flags), so the model is never left half
+rounded.
 """
 
 from __future__ import annotations
@@ -110,12 +111,15 @@ def adaround(
         )
     home = _model_device(model)
     device = torch.device(device) if device is not None else home
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
+    trainable = [(param, param.requires_grad) for param in model.parameters()]
     # Lightning's validate runs hooks under inference_mode: tensors made there cannot be
     # saved for backward, so everything below is created outside it.
     with torch.inference_mode(False), torch.enable_grad():
         float_weights = {name: module.weight.detach().clone() for name, module in layers}
         try:
+            for param in model.parameters():  # gradients for V only: the model's .grad stay untouched
+                param.requires_grad_(False)
             model.to(device).eval()
             cache_device = torch.device("cpu") if config.cache_on_cpu else device
             staged = [_clone_inference_tensors(move_batch(b, cache_device)) for b in batches]
@@ -134,7 +138,10 @@ def adaround(
             raise
         finally:
             model.to(home)
-            model.train(was_training)
+            for module, training in modes:
+                module.training = training
+            for param, requires_grad in trainable:
+                param.requires_grad_(requires_grad)
     observer.on_end(result)
     return result
 
