@@ -3,7 +3,7 @@
 Plain PyTorch. Data flows one way: calibration batches -> capture -> objective ->
 optimise -> hard-rounded weight written back -> result. Any failure restores the float
 weights (and the training mode and ``requires_grad`` flags), so the model is never left half
-rounded.
+rounded; with ``checkpoint_dir`` the finished layers are kept on disk and a second call resumes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_adaround.checkpoint import PathLike, RoundingCheckpoint, run_fingerprint
 from lightning_adaround.capture import ForwardFn, default_forward, execution_order
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.layers import (
@@ -59,6 +60,7 @@ def adaround(
     grad_reduce: Optional[GradReduce] = None,
     move_batch: MoveBatch = move_to_device,
     objective_builder: Optional[Callable[..., Any]] = None,
+    checkpoint_dir: Optional[PathLike] = None,
 ) -> AdaRoundResult:
     """Round ``model``'s weights in place with AdaRound and return what was done per layer.
 
@@ -78,11 +80,16 @@ def adaround(
         move_batch: ``move_batch(batch, device)`` moves one batch to the device.
         objective_builder: Replaces ``reconstruct.build_layer_objective`` (same arguments); used by
             ``distributed.distributed_adaround`` for sharded data.
+        checkpoint_dir: A folder where each finished layer is saved as soon as it is done. Calling
+            again with the same arguments after an interruption (an exception, Ctrl-C, a killed
+            process) skips the finished layers and gives the same integer weights as an
+            uninterrupted run; a folder from other settings, model or data is refused.
 
     Raises:
         ValueError: empty calibration data, no supported layer selected, a NaN/Inf, huge or empty
             weight, a forward function that fails on the first batch, NaN/Inf activations, a
-            reconstruction error that overflows float32.
+            reconstruction error that overflows float32, a ``checkpoint_dir`` holding another
+            run's checkpoint.
     """
     config = config if config is not None else AdaRoundConfig()
     forward_fn = forward_fn if forward_fn is not None else default_forward
@@ -118,6 +125,10 @@ def adaround(
     with torch.inference_mode(False), torch.enable_grad():
         float_weights = {name: module.weight.detach().clone() for name, module in layers}
         try:
+            checkpoint = None
+            if checkpoint_dir is not None:
+                fingerprint = run_fingerprint(model, layers, batches, config, activations or {})
+                checkpoint = RoundingCheckpoint.open(checkpoint_dir, fingerprint)
             for param in model.parameters():  # gradients for V only: the model's .grad stay untouched
                 param.requires_grad_(False)
             model.to(device).eval()
@@ -129,7 +140,7 @@ def adaround(
                 model, dict(layers), order, staged, run, config,
                 {n: w.to(device) for n, w in float_weights.items()},
                 device, cache_device, activations or {}, observer, grad_reduce,
-                objective_builder or build_layer_objective,
+                objective_builder or build_layer_objective, checkpoint,
             )
         except BaseException:
             with torch.no_grad():
@@ -215,14 +226,36 @@ def _round_layers(
     observer: AdaRoundObserver,
     grad_reduce: Optional[GradReduce],
     build_objective: Callable[..., Any] = build_layer_objective,
+    checkpoint: Optional[RoundingCheckpoint] = None,
 ) -> AdaRoundResult:
+    """Round ``order``'s layers one after the other; each sees the earlier ones already rounded.
+
+    One generator, seeded once, feeds every layer's hold-out split and minibatches in turn. A
+    checkpoint stores its state after each layer, so a resumed run continues the same sequence.
+    """
     result = AdaRoundResult()
     generator = torch.Generator().manual_seed(config.seed)
     schedule = BetaSchedule(config.iterations, config.warm_start, config.beta_start, config.beta_end)
     rounded: dict[str, nn.Module] = {}
     observer.on_start(list(order))
+    resuming = checkpoint is not None
     for index, name in enumerate(order):
         layer = modules[name]
+        if resuming:
+            assert checkpoint is not None
+            saved = checkpoint.restore(index, name)
+            resuming = saved is not None
+            if saved is not None:
+                if saved.result is None:
+                    result.unreached.append(name)
+                    continue
+                _write_back(layer, saved.result.dequantized_weight().to(device))
+                generator.set_state(saved.generator_state)
+                rounded[name] = layer
+                result.layers[name] = saved.result
+                result.restored.append(name)
+                observer.on_layer_restored(saved.result)
+                continue
         started = time.perf_counter()
         prepared = build_objective(
             model, name, layer, batches, forward_fn, rounded, float_weights,
@@ -230,6 +263,8 @@ def _round_layers(
         )
         if prepared is None:
             result.unreached.append(name)
+            if checkpoint is not None:
+                checkpoint.save_unreached(index, name)
             continue
         capture_seconds = time.perf_counter() - started
         objective = prepared.objective
@@ -261,8 +296,7 @@ def _round_layers(
             grad_reduce=grad_reduce, on_log=on_log, log_every_n_steps=config.log_every_n_steps,
         )
         hard = rounding.hard_weight()
-        with torch.no_grad():
-            layer.weight.copy_(hard.to(layer.weight.dtype))
+        _write_back(layer, hard)
         rounded[name] = layer
         layer_result = LayerResult(
             name=name, bits=grid.bits, scale=grid.scale.cpu(), zero_point=grid.zero_point.cpu(),
@@ -276,8 +310,15 @@ def _round_layers(
             note=prepared.note, history=history, capture_seconds=capture_seconds,
         )
         result.layers[name] = layer_result
+        if checkpoint is not None:  # before the observer: a failing hook cannot lose a finished layer
+            checkpoint.save_layer(index, layer_result, generator.get_state())
         observer.on_layer_end(layer_result)
     return result
+
+
+@torch.no_grad()
+def _write_back(layer: nn.Module, hard: Tensor) -> None:
+    layer.weight.copy_(hard.to(layer.weight.dtype))
 
 
 def _loss_ops(

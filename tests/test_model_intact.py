@@ -80,6 +80,9 @@ def test_failure_leaves_the_model_as_it_was(hook, layer, error, loss_form, tmp_p
     with pytest.raises(error):
         adaround(model, data, config, observer=_FailAt(hook, layer, error))
     _assert_same(model, before)
+    with pytest.raises(error):  # the same with a checkpoint folder: the finished layers are on disk only
+        adaround(model, data, config, observer=_FailAt(hook, layer, error), checkpoint_dir=tmp_path / "ckpt")
+    _assert_same(model, before)
 
 
 def test_success_keeps_flags_modes_and_gradients():
