@@ -14,11 +14,13 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_adaround.checkpoint as checkpoint_module
 from lightning_adaround import AdaRoundConfig, AdaRoundObserver, adaround
@@ -384,6 +386,81 @@ def test_same_seed_same_integer_weights_wherever_the_cache_lives(loss_form):
         results.append((adaround(model, _data(), _config(loss_form=loss_form, cache_on_cpu=cache_on_cpu)), model))
     for result, model in results[1:]:
         _assert_same_result(result, results[0][0], model, results[0][1])
+
+
+# ------------------------------------------------------------------------------ the Lightning callback
+
+
+def test_callback_resumes_in_a_validate_pass(tmp_path):
+    import lightning.pytorch as pl
+
+    from lightning_adaround import AdaRoundCallback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    class FailingOnce(AdaRoundCallback):
+        """Fails in the forward pass that captures the third layer."""
+
+        calls = 0
+
+        def forward_batch(self, module, batch):
+            FailingOnce.calls += 1
+            if FailingOnce.calls == 22:  # 1 first pass + 6 (net.0) + 12 (net.2) + 3
+                raise RuntimeError("node lost")
+            return super().forward_batch(module, batch)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 8, generator=g)
+    dataset = TensorDataset(x, (x[:, 0] > 0).long())
+    shuffled = DataLoader(dataset, batch_size=16, shuffle=True)  # the callback reads it with a fixed seed
+
+    def run(callback_class, **kwargs):
+        model = Tiny()
+        callback = callback_class(
+            bits=3, run_on="validate", iterations=20, batch_size=16, calibration_data=shuffled,
+            verbose=False, report=False, log_every_n_steps=5, **kwargs,
+        )
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=tmp_path, callbacks=[callback],
+        )
+        trainer.validate(model, dataloaders=DataLoader(dataset, batch_size=32), verbose=False)
+        return callback.result, model
+
+    reference, reference_model = run(AdaRoundCallback)
+    folder = tmp_path / "adaround-ckpt"
+    with pytest.raises(RuntimeError, match="node lost"):
+        run(FailingOnce, checkpoint_dir=folder)
+    assert _finished(folder) == ["net.0", "net.2"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result, model = run(AdaRoundCallback, checkpoint_dir=str(folder))
+    assert not [w for w in caught if "damaged" in str(w.message)]
+    assert result.restored == ["net.0", "net.2"]
+    _assert_same_result(result, reference, model, reference_model)
+
+
+def test_callback_refuses_checkpoint_dir_under_ddp():
+    from types import SimpleNamespace
+
+    from lightning_adaround import AdaRoundCallback
+
+    trainer = SimpleNamespace(strategy=SimpleNamespace(), world_size=2)
+    with pytest.raises(ValueError, match="works in a single process, but this Trainer runs 2 processes"):
+        AdaRoundCallback(checkpoint_dir="ckpt").setup(trainer, None, "validate")
+    AdaRoundCallback().setup(trainer, None, "validate")  # without checkpoint_dir, DDP is fine
+    with pytest.raises(TypeError, match="checkpoint_dir must be a folder path"):
+        AdaRoundCallback(checkpoint_dir=5)
 
 
 def test_deepcopy_of_a_model_resumes_like_the_original(tmp_path):
