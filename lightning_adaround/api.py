@@ -161,6 +161,11 @@ def _check_weights(layers: list[tuple[str, nn.Module]]) -> None:
     """Refuse a NaN/Inf, huge or empty weight by name, before any calibration work."""
     for name, module in layers:
         problem = weight_problem(module.weight)
+        if problem is not None and module.weight.numel() == 0:
+            raise ValueError(
+                f"the weight of layer {name!r} {problem}: there is nothing to round. Leave the layer out "
+                f"with exclude=[{name!r}]."
+            )
         if problem is not None:
             raise ValueError(
                 f"the weight of layer {name!r} {problem}; AdaRound cannot put it on a grid. Load good weights "

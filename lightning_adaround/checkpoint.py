@@ -226,10 +226,6 @@ class RoundingCheckpoint:
             )
         return cls(folder, label, fingerprint, [_Entry(**e) for e in saved["layers"]])
 
-    @property
-    def finished(self) -> list[str]:
-        return [e.name for e in self.entries]
-
     def restore(self, index: int, name: str) -> Optional[Restored]:
         """Layer ``index`` of the run as saved, or ``None`` when it must be computed.
 

@@ -160,6 +160,8 @@ def choose_grid(
         axis = axis % weight.dim()
     else:
         raise TypeError(f"granularity must be PerTensor() or PerChannel(axis), got {granularity!r}.")
+    if weight.numel() == 0:
+        raise ValueError(f"the weight is empty (shape {tuple(weight.shape)}); there is nothing to put on a grid.")
     problem = weight_problem(weight)
     if problem is not None:
         raise ValueError(
