@@ -470,3 +470,69 @@ def test_deepcopy_of_a_model_resumes_like_the_original(tmp_path):
     _interrupted_after_three_layers(tmp_path, config)
     result = adaround(copy.deepcopy(model), _data(), config, checkpoint_dir=tmp_path)
     assert result.restored == LAYERS[:3]
+
+
+def test_fit_end_run_resumes_from_the_float_checkpoint_in_a_validate_pass(tmp_path):
+    """The documented recipe: a fit-end rounding that failed resumes from last.ckpt in a validate pass."""
+    import lightning.pytorch as pl
+
+    from lightning_adaround import AdaRoundCallback
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class Data(pl.LightningDataModule):
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(64, 8, generator=g)
+            return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=16, shuffle=True)
+
+        def val_dataloader(self):
+            return self.train_dataloader()
+
+    class FailsInSecondLayer(AdaRoundCallback):
+        calls = 0
+
+        def forward_batch(self, module, batch):
+            FailsInSecondLayer.calls += 1
+            if FailsInSecondLayer.calls == 8:  # 1 first pass + 4 batches for layer net.0, then net.3's capture
+                raise RuntimeError("preempted")
+            return super().forward_batch(module, batch)
+
+    options = dict(bits=3, iterations=20, batch_size=16, verbose=False, report=False)
+    folder = tmp_path / "adaround-ckpt"
+    common = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    torch.manual_seed(0)
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[checkpoints, FailsInSecondLayer(checkpoint_dir=folder, **options)],
+                         default_root_dir=tmp_path, **common)
+    with pytest.raises(RuntimeError, match="preempted"):
+        trainer.fit(Net(), datamodule=Data())
+    assert _finished(folder) == ["net.0"]
+
+    def validate(**kwargs):
+        model = Net.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+        callback = AdaRoundCallback(run_on="validate", **options, **kwargs)
+        pl.Trainer(callbacks=[callback], default_root_dir=tmp_path, **common).validate(
+            model, datamodule=Data(), verbose=False,
+        )
+        return callback.result, model
+
+    result, model = validate(checkpoint_dir=folder)
+    assert result.restored == ["net.0"]
+    reference, reference_model = validate()
+    _assert_same_result(result, reference, model, reference_model)
