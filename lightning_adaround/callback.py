@@ -58,7 +58,8 @@ class _AdaRoundCallbackBase:
         include_activation: Include a following BatchNorm/activation in the loss.
         holdout_fraction: Calibration share kept out of optimisation for honest reporting.
         cache_on_cpu: Keep cached activations in host memory.
-        seed: Minibatch sampling seed.
+        seed: Seed of the minibatch sampler and of the calibration read (a shuffling loader
+            gives the same samples on every run; the global random state is left alone).
         log_every_n_steps: Per-step loss logging interval (default: the Trainer's).
         verbose: Print the per-layer summary table at the end.
         report: Save a PNG report (per-layer error, loss curves) as ``adaround_report.png``
