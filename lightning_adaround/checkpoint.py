@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -48,7 +49,8 @@ def run_fingerprint(
 
     The settings that affect the result, the selected layers and their weight shapes, a
     SHA-256 of the model's parameters and floating-point buffers (the float weights, biases,
-    BatchNorm statistics), and a SHA-256 of the calibration batches. ``forward_fn`` and the
+    BatchNorm statistics), and a SHA-256 of the calibration batches (tensors and arrays byte
+    for byte, plain values by ``repr``, other objects by type only). ``forward_fn`` and the
     code of ``activations`` are not fingerprinted (only the names of the activations).
     """
     settings = {
@@ -117,6 +119,9 @@ def _hash_batches(batches: Sequence[Any]) -> str:
                 visit(x)
         elif item is None or isinstance(item, (bool, int, float, str, bytes)):
             digest.update(repr(item).encode())
+        elif hasattr(item, "__array__"):  # numpy arrays and the like
+            digest.update(b"A")
+            _update_with_tensor(digest, torch.as_tensor(np.ascontiguousarray(item)))
         else:  # an object we cannot read: only its type counts
             digest.update(type(item).__qualname__.encode())
 

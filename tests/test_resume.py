@@ -346,6 +346,25 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path, change, words):
     assert _finished(tmp_path) == LAYERS[:3]  # the refused checkpoint is left as it was
 
 
+def test_the_data_hash_reads_tensors_arrays_and_plain_values():
+    import numpy as np
+
+    from lightning_adaround.checkpoint import _hash_batches
+
+    base = [{"x": torch.zeros(2, 3), "ids": np.arange(3), "text": "a", "n": 1}]
+    for changed in (
+        [{"x": torch.zeros(2, 3), "ids": np.arange(3) + 1, "text": "a", "n": 1}],
+        [{"x": torch.ones(2, 3), "ids": np.arange(3), "text": "a", "n": 1}],
+        [{"x": torch.zeros(2, 3, dtype=torch.float64), "ids": np.arange(3), "text": "a", "n": 1}],
+        [{"x": torch.zeros(3, 2), "ids": np.arange(3), "text": "a", "n": 1}],
+        [{"x": torch.zeros(2, 3), "ids": np.arange(3), "text": "b", "n": 1}],
+        [{"x": torch.zeros(2, 3), "ids": np.arange(3), "text": "a", "n": 2}],
+        base + base,
+    ):
+        assert _hash_batches(changed) != _hash_batches(base)
+    assert _hash_batches(copy.deepcopy(base)) == _hash_batches(base)
+
+
 def test_a_different_layer_order_is_refused(tmp_path):
     class Two(nn.Module):
         def __init__(self):
