@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.checkpoint import PathLike, RoundingCheckpoint, run_fingerprint
 from lightning_adaround.capture import ForwardFn, default_forward, execution_order
+from lightning_adaround.checkpoint import PathLike, RoundingCheckpoint, run_fingerprint
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.layers import (
     SUPPORTED_LAYER_TYPES, OutputOps, bits_for, following_ops, output_major, per_channel_to_weight_layout,
