@@ -2,13 +2,15 @@
 
 Plain PyTorch. Data flows one way: calibration batches -> capture -> objective ->
 optimise -> hard-rounded weight written back -> result. Any failure restores the float
-weights, so the model is never left half rounded.
+weights (and the training mode and ``requires_grad`` flags), so the model is never left half
+rounded; with ``checkpoint_dir`` the finished layers are kept on disk and a second call resumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import time
 import warnings
 from typing import Any, Callable, Iterable, Optional
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 
 from lightning_adaround.capture import ForwardFn, InputCapture, default_forward, execution_order
 from lightning_adaround.chain import find_block_chains
+from lightning_adaround.checkpoint import PathLike, RoundingCheckpoint, run_fingerprint
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.layers import (
     SUPPORTED_LAYER_TYPES, OutputOps, bits_for, following_ops, output_major, per_channel_to_weight_layout,
@@ -27,7 +30,7 @@ from lightning_adaround.loss import BetaSchedule
 from lightning_adaround.observer import AdaRoundObserver
 from lightning_adaround.optimize import GradReduce, optimize_rounding
 from lightning_adaround.reconstruct import build_layer_objective
-from lightning_adaround.quant import PerChannel, QuantGrid, choose_grid
+from lightning_adaround.quant import PerChannel, QuantGrid, choose_grid, weight_problem
 from lightning_adaround.result import AdaRoundResult, LayerResult, compact_integer
 from lightning_adaround.rounding import RoundingVariable
 
@@ -58,6 +61,7 @@ def adaround(
     grad_reduce: Optional[GradReduce] = None,
     move_batch: MoveBatch = move_to_device,
     objective_builder: Optional[Callable[..., Any]] = None,
+    checkpoint_dir: Optional[PathLike] = None,
 ) -> AdaRoundResult:
     """Round ``model``'s weights in place with AdaRound and return what was done per layer.
 
@@ -77,15 +81,22 @@ def adaround(
         move_batch: ``move_batch(batch, device)`` moves one batch to the device.
         objective_builder: Replaces ``reconstruct.build_layer_objective`` (same arguments); used by
             ``distributed.distributed_adaround`` for sharded data.
+        checkpoint_dir: A folder where each finished layer is saved as soon as it is done. Calling
+            again with the same arguments after an interruption (an exception, Ctrl-C, a killed
+            process) skips the finished layers and gives the same integer weights as an
+            uninterrupted run; a folder from other settings, model or data is refused.
 
     Raises:
-        ValueError: empty calibration data, no supported layer selected, a forward function
-            that fails on the first batch, NaN/Inf activations.
+        ValueError: empty calibration data, no supported layer selected, a NaN/Inf, huge or empty
+            weight, a forward function that fails on the first batch, NaN/Inf activations, a
+            reconstruction error that overflows float32, a ``checkpoint_dir`` holding another
+            run's checkpoint.
     """
     config = config if config is not None else AdaRoundConfig()
     forward_fn = forward_fn if forward_fn is not None else default_forward
     observer = observer if observer is not None else AdaRoundObserver()
     layers = _selected_layers(model, config)
+    _check_weights(layers)
     names = [n for n, _ in layers]
     unused = [p for p in config.layer_bits if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unused:
@@ -108,15 +119,19 @@ def adaround(
         )
     home = _model_device(model)
     device = torch.device(device) if device is not None else home
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
+    trainable = [(param, param.requires_grad) for param in model.parameters()]
     # Lightning's validate runs hooks under inference_mode: tensors made there cannot be
     # saved for backward, so everything below is created outside it.
     with torch.inference_mode(False), torch.enable_grad():
         float_weights = {name: module.weight.detach().clone() for name, module in layers}
-        # Only V is optimised: no gradient (time, or a stray ``.grad``) for the model's own parameters.
-        trainable = [p for p in model.parameters() if p.requires_grad]
         try:
-            model.requires_grad_(False)
+            checkpoint = None
+            if checkpoint_dir is not None:
+                fingerprint = run_fingerprint(model, layers, batches, config, activations or {})
+                checkpoint = RoundingCheckpoint.open(checkpoint_dir, fingerprint)
+            for param in model.parameters():  # gradients for V only: the model's .grad stay untouched
+                param.requires_grad_(False)
             model.to(device).eval()
             cache_device = torch.device("cpu") if config.cache_on_cpu else device
             staged = [_clone_inference_tensors(move_batch(b, cache_device)) for b in batches]
@@ -128,7 +143,7 @@ def adaround(
                 model, dict(layers), order, capture, config,
                 {n: w.to(device) for n, w in float_weights.items()},
                 device, cache_device, activations or {}, observer, grad_reduce,
-                objective_builder or build_layer_objective,
+                objective_builder or build_layer_objective, checkpoint,
             )
         except BaseException:
             with torch.no_grad():
@@ -137,11 +152,28 @@ def adaround(
             raise
         finally:
             model.to(home)
-            model.train(was_training)
-            for p in trainable:
-                p.requires_grad_(True)
+            for module, training in modes:
+                module.training = training
+            for param, requires_grad in trainable:
+                param.requires_grad_(requires_grad)
     observer.on_end(result)
     return result
+
+
+def _check_weights(layers: list[tuple[str, nn.Module]]) -> None:
+    """Refuse a NaN/Inf, huge or empty weight by name, before any calibration work."""
+    for name, module in layers:
+        problem = weight_problem(module.weight)
+        if problem is not None and module.weight.numel() == 0:
+            raise ValueError(
+                f"the weight of layer {name!r} {problem}: there is nothing to round. Leave the layer out "
+                f"with exclude=[{name!r}]."
+            )
+        if problem is not None:
+            raise ValueError(
+                f"the weight of layer {name!r} {problem}; AdaRound cannot put it on a grid. Load good weights "
+                f"(a diverged training run or a bad checkpoint?) or leave the layer in float with exclude=[{name!r}]."
+            )
 
 
 def _selected_layers(model: nn.Module, config: AdaRoundConfig) -> list[tuple[str, nn.Module]]:
@@ -201,14 +233,36 @@ def _round_layers(
     observer: AdaRoundObserver,
     grad_reduce: Optional[GradReduce],
     build_objective: Callable[..., Any] = build_layer_objective,
+    checkpoint: Optional[RoundingCheckpoint] = None,
 ) -> AdaRoundResult:
+    """Round ``order``'s layers one after the other; each sees the earlier ones already rounded.
+
+    One generator, seeded once, feeds every layer's hold-out split and minibatches in turn. A
+    checkpoint stores its state after each layer, so a resumed run continues the same sequence.
+    """
     result = AdaRoundResult()
     generator = torch.Generator().manual_seed(config.seed)
     schedule = BetaSchedule(config.iterations, config.warm_start, config.beta_start, config.beta_end)
     rounded: dict[str, nn.Module] = {}
     observer.on_start(list(order))
+    resuming = checkpoint is not None
     for index, name in enumerate(order):
         layer = modules[name]
+        if resuming:
+            assert checkpoint is not None
+            saved = checkpoint.restore(index, name)
+            resuming = saved is not None
+            if saved is not None:
+                if saved.result is None:
+                    result.unreached.append(name)
+                    continue
+                _write_back(layer, saved.result.dequantized_weight().to(device))
+                generator.set_state(saved.generator_state)
+                rounded[name] = layer
+                result.layers[name] = saved.result
+                result.restored.append(name)
+                observer.on_layer_restored(saved.result)
+                continue
         started = time.perf_counter()
         prepared = build_objective(
             capture, name, layer, rounded, float_weights,
@@ -216,17 +270,31 @@ def _round_layers(
         )
         if prepared is None:
             result.unreached.append(name)
+            if checkpoint is not None:
+                checkpoint.save_unreached(index, name)
             continue
         capture_seconds = time.perf_counter() - started
-        observer.on_layer_start(name, index, config.iterations)
         objective = prepared.objective
         weight = float_weights[name].float()
         grid = layer_grid(name, layer, weight, config)
         nearest_mse = objective.mse(grid.fake_quantize(weight))
+        if not math.isfinite(nearest_mse):
+            raise ValueError(
+                f"the reconstruction error of layer {name!r} is not finite ({nearest_mse}) even with "
+                "round-to-nearest weights: its weights or inputs are too large for float32 arithmetic. "
+                f"Check the model and the calibration data, or leave the layer in float with exclude=[{name!r}]."
+            )
+        observer.on_layer_start(name, index, config.iterations)
         rounding = RoundingVariable(weight, grid)
         history: list[tuple[int, float, float, float]] = []
 
         def on_log(step: int, metrics: dict[str, float], name: str = name) -> None:
+            if not math.isfinite(metrics["recon_loss"]):
+                raise ValueError(
+                    f"the reconstruction loss of layer {name!r} became {metrics['recon_loss']} at step {step}: "
+                    "its weights or inputs are too large for float32 arithmetic. Check the model and the "
+                    f"calibration data, or leave the layer in float with exclude=[{name!r}]."
+                )
             history.append((step, metrics["recon_loss"], metrics["reg_loss"], metrics["beta"]))
             observer.on_step(name, step, metrics)
 
@@ -235,8 +303,7 @@ def _round_layers(
             grad_reduce=grad_reduce, on_log=on_log, log_every_n_steps=config.log_every_n_steps,
         )
         hard = rounding.hard_weight()
-        with torch.no_grad():
-            layer.weight.copy_(hard.to(layer.weight.dtype))
+        _write_back(layer, hard)
         rounded[name] = layer
         layer_result = LayerResult(
             name=name, bits=grid.bits, scale=grid.scale.cpu(), zero_point=grid.zero_point.cpu(),
@@ -252,9 +319,16 @@ def _round_layers(
             float_weight=float_weights[name].detach().cpu().clone() if config.keep_float_weights else None,
         )
         result.layers[name] = layer_result
+        if checkpoint is not None:  # before the observer: a failing hook cannot lose a finished layer
+            checkpoint.save_layer(index, layer_result, generator.get_state())
         observer.on_layer_end(layer_result)
         del prepared, objective, rounding  # free this layer's cache before the next one is built
     return result
+
+
+@torch.no_grad()
+def _write_back(layer: nn.Module, hard: Tensor) -> None:
+    layer.weight.copy_(hard.to(layer.weight.dtype))
 
 
 def _loss_ops(
@@ -296,7 +370,9 @@ def round_to_nearest(model: nn.Module, config: Optional[AdaRoundConfig] = None) 
     """
     config = config if config is not None else AdaRoundConfig()
     rounded = {}
-    for name, layer in _selected_layers(model, config):
+    layers = _selected_layers(model, config)
+    _check_weights(layers)
+    for name, layer in layers:
         weight = layer.weight.detach().float()
         grid = layer_grid(name, layer, weight, config)
         layer.weight.copy_(grid.fake_quantize(weight).to(layer.weight.dtype))

@@ -8,6 +8,7 @@ base so ``lightning.pytorch`` and ``pytorch_lightning`` each get a one-line clas
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -19,6 +20,7 @@ from torch import nn
 
 from lightning_adaround.api import adaround
 from lightning_adaround.calibration import take_samples
+from lightning_adaround.checkpoint import PathLike
 from lightning_adaround.capture import default_forward
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.distributed import CalibrationShard, distributed_adaround, is_sharded_loader, shard_calibration
@@ -60,7 +62,8 @@ class _AdaRoundCallbackBase:
             live (device, host, memory-mapped file) and in which dtype (see ``AdaRoundConfig``).
         carry_activations: Feed layers inside a chain of blocks from the previous block's
             kept output (capture linear in depth; see ``AdaRoundConfig``).
-        seed: Minibatch sampling seed.
+        seed: Seed of the minibatch sampler and of the calibration read (a shuffling loader
+            gives the same samples on every run; the global random state is left alone).
         log_every_n_steps: Per-step loss logging interval (default: the Trainer's).
         keep_float_weights: Keep the full-precision weights in ``callback.result`` (and so in
             checkpoints) to switch between them and the rounded ones with
@@ -69,11 +72,16 @@ class _AdaRoundCallbackBase:
         report: Save a PNG report (per-layer error, loss curves) as ``adaround_report.png``
             in the first logger's directory (else ``default_root_dir``) and add it to
             TensorBoard; needs matplotlib.
+        checkpoint_dir: A folder where each finished layer is saved; a run stopped part way
+            (an exception, Ctrl-C, a killed job) resumes from it when started again with the same
+            model, data and settings, with the same result. Single process only (refused under DDP).
 
     Raises:
         ValueError: an unknown ``run_on``/``granularity``/``scale_method``, bits outside
             2-8, a non-positive count, and (when the run starts) missing or empty
-            calibration data or a sharded strategy (FSDP, DeepSpeed: refused in ``setup``).
+            calibration data, a sharded strategy (FSDP, DeepSpeed: refused in ``setup``),
+            ``checkpoint_dir`` with more than one process, or a ``checkpoint_dir`` holding
+            another run's checkpoint.
         AdaRoundDistributedError: under DDP, on every rank, when any rank fails or the ranks
             disagree (see ``lightning_adaround.distributed``).
 
@@ -120,6 +128,7 @@ class _AdaRoundCallbackBase:
         keep_float_weights: bool = False,
         verbose: bool = True,
         report: bool = True,
+        checkpoint_dir: Optional[PathLike] = None,
     ) -> None:
         if run_on not in RUN_ON:
             raise ValueError(f"run_on={run_on!r} isn't one of {RUN_ON}; use run_on='fit_end' or 'validate'.")
@@ -138,6 +147,8 @@ class _AdaRoundCallbackBase:
             )
         if forward_fn is not None and not callable(forward_fn):
             raise TypeError(f"forward_fn={forward_fn!r} must be callable as forward_fn(module, batch).")
+        if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+            raise TypeError(f"checkpoint_dir must be a folder path (str or os.PathLike), got {checkpoint_dir!r}.")
         self.config = AdaRoundConfig(
             bits=bits, symmetric=symmetric, granularity=GRANULARITIES[granularity](),
             scale_method=scale_method, loss_form=loss_form, iterations=iterations, batch_size=batch_size, lr=lr,
@@ -156,6 +167,7 @@ class _AdaRoundCallbackBase:
         self.log_every_n_steps = log_every_n_steps
         self.verbose = verbose
         self.report = report
+        self.checkpoint_dir = checkpoint_dir
         self.report_path: Optional[str] = None
         self.result: Optional[AdaRoundResult] = None
         self._log_step = 0
@@ -169,6 +181,14 @@ class _AdaRoundCallbackBase:
                 f"AdaRoundCallback cannot round a model sharded by {strategy} yet: each rank holds "
                 "only part of every weight. Train with it, save a checkpoint, then round the full "
                 "model with strategy='auto' or 'ddp' in a separate trainer.validate(...) call."
+            )
+        self._check_checkpoint_dir(trainer)
+
+    def _check_checkpoint_dir(self, trainer: Any) -> None:
+        if self.checkpoint_dir is not None and _world_size(trainer) > 1:
+            raise ValueError(
+                f"AdaRoundCallback(checkpoint_dir=...) works in a single process, but this Trainer runs "
+                f"{_world_size(trainer)} processes. Round with devices=1 to use checkpoint_dir, or drop it."
             )
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
@@ -204,7 +224,7 @@ class _AdaRoundCallbackBase:
         source = self._calibration_source(trainer, pl_module)
         if _world_size(trainer) > 1:
             return self._calibration_shard(trainer, source)
-        batches = take_samples(source, self.num_calibration_samples)
+        batches = self._read_seeded(source, self.num_calibration_samples)
         if not batches:
             raise ValueError(
                 "the calibration data gave no batch; pass a non-empty loader with "
@@ -226,11 +246,13 @@ class _AdaRoundCallbackBase:
         config = self.config
         if self.log_every_n_steps is None:
             config = dataclasses.replace(config, log_every_n_steps=max(1, trainer.log_every_n_steps))
+        self._check_checkpoint_dir(trainer)
         strategy = trainer.strategy
         distributed = _world_size(trainer) > 1  # DDP: one rounding from every rank's shard
         read = lambda: self.calibration_batches(trainer, pl_module)  # noqa: E731
         batches = read if distributed else read()  # under DDP, read inside the failure protocol
         observer = _TrainerObserver(self, trainer, config.iterations)
+        options: dict[str, Any] = {} if distributed else {"checkpoint_dir": self.checkpoint_dir}
         try:
             self.result = (distributed_adaround if distributed else adaround)(
                 pl_module, batches, config,
@@ -238,6 +260,7 @@ class _AdaRoundCallbackBase:
                 device=strategy.root_device,
                 observer=observer,
                 move_batch=lambda batch, device: strategy.batch_to_device(batch, device),
+                **options,
             )
         finally:
             observer.progress.close()
@@ -248,12 +271,18 @@ class _AdaRoundCallbackBase:
         if is_sharded_loader(source):  # Lightning injected a DistributedSampler: already this rank's part
             share = None if total is None else total // world + (1 if rank < total % world else 0)
             return take_samples(source, share)
-        # Every rank reads the same samples (a shuffling loader draws its order from this seed),
-        # then keeps its block; distributed_adaround checks that the ranks read the same data.
+        # Every rank reads the same samples, then keeps its block; distributed_adaround checks
+        # that the ranks read the same data.
+        return shard_calibration(self._read_seeded(source, total), rank, world)
+
+    def _read_seeded(self, source: Iterable[Any], num_samples: Optional[int]) -> list[Any]:
+        """A shuffling or augmenting loader draws from ``seed`` here: same seed, same samples.
+
+        The global random state is restored afterwards, so training randomness is untouched.
+        """
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
-            batches = take_samples(source, total)
-        return shard_calibration(batches, rank, world)
+            return take_samples(source, num_samples)
 
     def _calibration_source(self, trainer: Any, pl_module: Any) -> Iterable[Any]:
         if self.calibration_data is not None:
@@ -327,6 +356,10 @@ class _TrainerObserver(AdaRoundObserver):
         self._log({f"adaround/{name}/{k}": v for k, v in metrics.items()}, self._layer_start + step)
         self.progress.update(step + 1 - self._done_steps)
         self._done_steps = step + 1
+
+    def on_layer_restored(self, result: LayerResult) -> None:
+        self.callback._log_step += result.iterations  # later layers log at the steps of an uninterrupted run
+        self.progress.update(result.iterations)
 
     def on_layer_end(self, result: LayerResult) -> None:
         self.callback._log_step = self._layer_start + result.iterations

@@ -27,5 +27,8 @@ class AdaRoundObserver:
     def on_layer_end(self, result: "LayerResult") -> None:
         """Called after a layer's hard-rounded weight has been written back."""
 
+    def on_layer_restored(self, result: "LayerResult") -> None:
+        """Called instead of the other per-layer hooks for a layer read back from ``checkpoint_dir``."""
+
     def on_end(self, result: "AdaRoundResult") -> None:
         """Called once when every layer is done."""

@@ -15,6 +15,8 @@ from torch import Tensor
 ScaleMethod = Literal["mse", "minmax"]
 SCALE_METHODS = ("mse", "minmax")
 MIN_BITS, MAX_BITS = 2, 8
+# Beyond this magnitude a float32 grid's ends (up to twice the largest weight at 2 bits) overflow.
+LARGEST_WEIGHT = torch.finfo(torch.float32).max / 4
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,27 @@ def check_bits(bits: int, what: str = "bits") -> None:
         )
 
 
+def weight_problem(weight: Tensor) -> Optional[str]:
+    """Why no grid can hold ``weight`` (``"contains NaN or Inf (...)"``, ...), or ``None`` when one can.
+
+    Checked before any work, so a broken weight is refused with its layer's name instead of
+    silently becoming NaN after minutes of calibration.
+    """
+    if weight.numel() == 0:
+        return f"is empty (shape {tuple(weight.shape)})"
+    w = weight.detach().float()
+    finite = torch.isfinite(w)
+    if not bool(finite.all()):
+        return f"contains NaN or Inf ({int((~finite).sum())} of {w.numel()} values)"
+    largest = float(w.abs().max())
+    if largest > LARGEST_WEIGHT:
+        return (
+            f"has values up to {largest:.3g} in magnitude, too large for a float32 grid "
+            f"(the limit is {LARGEST_WEIGHT:.3g})"
+        )
+    return None
+
+
 def integer_range(bits: int, symmetric: bool) -> tuple[int, int]:
     """Signed range for symmetric grids, unsigned for asymmetric (affine) ones."""
     check_bits(bits)
@@ -127,6 +150,7 @@ def choose_grid(
     """
     if method not in SCALE_METHODS:
         raise ValueError(f"scale method {method!r} is not one of {SCALE_METHODS}.")
+    check_bits(bits)
     if isinstance(granularity, PerTensor):
         axis = None
     elif isinstance(granularity, PerChannel):
@@ -136,6 +160,14 @@ def choose_grid(
         axis = axis % weight.dim()
     else:
         raise TypeError(f"granularity must be PerTensor() or PerChannel(axis), got {granularity!r}.")
+    if weight.numel() == 0:
+        raise ValueError(f"the weight is empty (shape {tuple(weight.shape)}); there is nothing to put on a grid.")
+    problem = weight_problem(weight)
+    if problem is not None:
+        raise ValueError(
+            f"the weight {problem}; no grid can hold it. Load good weights (a diverged training run or a "
+            "bad checkpoint?) or leave this layer in float."
+        )
     w = weight.detach().float()
     dims = _reduce_dims(w, axis)
     w_min = w.amin(dim=dims, keepdim=True)
@@ -148,6 +180,9 @@ def choose_grid(
     for ratio in torch.linspace(1.0, 0.2, num_candidates).tolist():
         grid = _grid_from_range(w_min * ratio, w_max * ratio, bits, symmetric, axis)
         err = (grid.fake_quantize(w) - w).pow(2).sum(dim=dims, keepdim=True)
+        if not bool(torch.isfinite(err).all()):  # huge weights: the squares overflow float32
+            err = (grid.fake_quantize(w).double() - w.double()).pow(2).sum(dim=dims, keepdim=True)
+        err = err.double()
         if best is None:
             best, best_err = grid, err
             continue

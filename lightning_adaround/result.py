@@ -57,6 +57,7 @@ class LayerResult:
 class AdaRoundResult:
     layers: dict[str, LayerResult] = field(default_factory=dict)
     unreached: list[str] = field(default_factory=list)
+    restored: list[str] = field(default_factory=list)  # layers read back from checkpoint_dir, not recomputed
 
     def summary_table(self) -> str:
         """A plain-text per-layer table: what a user reads at the end of a run."""
@@ -64,7 +65,8 @@ class AdaRoundResult:
         rows = [
             (
                 r.name, str(r.bits), r.loss_form, str(r.num_samples), f"{r.nearest_mse:.3e}",
-                f"{r.adaround_mse:.3e}", f"{r.improvement:.2f}x", f"{r.seconds:.1f}", r.note,
+                f"{r.adaround_mse:.3e}", f"{r.improvement:.2f}x", f"{r.seconds:.1f}",
+                "; ".join(filter(None, [r.note, "from checkpoint" if r.name in self.restored else ""])),
             )
             for r in self.layers.values()
         ]
@@ -81,6 +83,7 @@ class AdaRoundResult:
         return {
             "layers": {name: r.state() for name, r in self.layers.items()},
             "unreached": list(self.unreached),
+            "restored": list(self.restored),
         }
 
     @classmethod
@@ -88,6 +91,7 @@ class AdaRoundResult:
         return cls(
             layers={n: LayerResult.from_state(s) for n, s in state["layers"].items()},
             unreached=list(state.get("unreached", [])),
+            restored=list(state.get("restored", [])),
         )
 
 

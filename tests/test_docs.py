@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import os
 import re
 import runpy
 import shutil
 import subprocess
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -167,6 +170,114 @@ def _tiny() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
 
 
+def _seeded(make: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return make()
+
+
+def _in_empty_folder(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Run ``fn`` in a fresh temporary working directory: checkpoint paths in messages read 'ckpt'."""
+    def run() -> Any:
+        previous = os.getcwd()
+        with tempfile.TemporaryDirectory() as folder:
+            os.chdir(folder)
+            try:
+                return fn()
+            finally:
+                os.chdir(previous)
+    return run
+
+
+def _checkpoint_cases() -> dict[str, Callable[[], Any]]:
+    from lightning_adaround import AdaRoundCallback, AdaRoundConfig, adaround
+
+    fast = AdaRoundConfig(iterations=2)
+    x = [torch.randn(4, 8, generator=torch.Generator().manual_seed(0))]
+
+    def other_run():
+        adaround(_seeded(_tiny), x, fast, checkpoint_dir="ckpt")
+        adaround(_seeded(_tiny), x, AdaRoundConfig(bits=3, iterations=2), checkpoint_dir="ckpt")
+
+    def other_model_and_data():
+        adaround(_seeded(_tiny), x, fast, checkpoint_dir="ckpt")
+        adaround(_seeded(_tiny, 1), [x[0] + 1], fast, checkpoint_dir="ckpt")
+
+    def unreadable_manifest():
+        os.mkdir("ckpt")
+        with open("ckpt/manifest.json", "w") as f:
+            f.write("{not json")
+        adaround(_seeded(_tiny), x, fast, checkpoint_dir="ckpt")
+
+    def other_order():
+        class Two(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        adaround(_seeded(Two), x, fast, forward_fn=lambda m, b: m.b(m.a(b)), checkpoint_dir="ckpt")
+        adaround(_seeded(Two), x, fast, forward_fn=lambda m, b: m.a(m.b(b)), checkpoint_dir="ckpt")
+
+    def a_file():
+        open("ckpt", "w").close()
+        adaround(_seeded(_tiny), x, fast, checkpoint_dir="ckpt")
+
+    def damaged():
+        adaround(_seeded(_tiny), x, fast, checkpoint_dir="ckpt")
+        with open("ckpt/layer-0000.pt", "r+b") as f:
+            f.write(b"damaged")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the warning is raised, so its message can be checked
+            adaround(_seeded(_tiny), x, fast, checkpoint_dir="ckpt")
+
+    def ddp():
+        trainer = SimpleNamespace(strategy=SimpleNamespace(), world_size=2)
+        AdaRoundCallback(checkpoint_dir="ckpt").setup(trainer, None, "validate")
+
+    cases = {
+        "checkpoint other run": other_run,
+        "checkpoint other model and data": other_model_and_data,
+        "checkpoint manifest": unreadable_manifest,
+        "checkpoint order": other_order,
+        "checkpoint a file": a_file,
+        "checkpoint damaged (warning)": damaged,
+        "checkpoint type": lambda: adaround(_tiny(), x, fast, checkpoint_dir=3),
+        "checkpoint type callback": lambda: AdaRoundCallback(checkpoint_dir=3),
+        "checkpoint ddp": ddp,
+    }
+    return {name: _in_empty_folder(fn) for name, fn in cases.items()}
+
+
+def _bad_weight_cases() -> dict[str, Callable[[], Any]]:
+    from lightning_adaround import AdaRoundConfig, adaround
+    from lightning_adaround.quant import choose_grid
+
+    fast = AdaRoundConfig(iterations=2)
+    x = [torch.randn(4, 8)]
+
+    def with_weight(index: int, value: float) -> nn.Module:
+        model = _seeded(_tiny)
+        with torch.no_grad():
+            model[index].weight[0, 0] = value
+        return model
+
+    def overflow(loss_form: str):
+        model = _seeded(lambda: nn.Sequential(nn.Linear(8, 2)))
+        with torch.no_grad():
+            model[0].weight.mul_(1e30)
+        data = [torch.randn(8, 8, generator=torch.Generator().manual_seed(0)) * 1e10]
+        adaround(model, data, AdaRoundConfig(iterations=2, loss_form=loss_form))
+
+    return {
+        "nan weight": lambda: adaround(with_weight(0, float("nan")), x, fast),
+        "huge weight": lambda: adaround(with_weight(2, 1e38), x, fast),
+        "empty weight": lambda: adaround(nn.Sequential(nn.Linear(0, 2)), [torch.randn(4, 0)], fast),
+        "grid of nan": lambda: choose_grid(torch.tensor([1.0, float("nan")]), 4),
+        "grid of nothing": lambda: choose_grid(torch.zeros(0, 3), 4),
+        "overflow nearest": lambda: overflow("minibatch"),
+        "overflow loss": lambda: overflow("moments"),
+    }
+
+
 def _error_cases() -> list[Any]:
     from lightning_adaround import AdaRoundCallback, AdaRoundConfig, PerChannel, adaround
 
@@ -237,6 +348,8 @@ def _error_cases() -> list[Any]:
         "sharded": sharded,
         "no process group": lambda: _distributed().distributed_adaround(_tiny(), x, AdaRoundConfig(**fast)),
         "shard rank": lambda: _distributed().shard_calibration(x, 2, 2),
+        **_bad_weight_cases(),
+        **_checkpoint_cases(),
     }
     cases.update(_export_error_cases())
     return [pytest.param(trigger, id=name) for name, trigger in cases.items()]
@@ -339,7 +452,7 @@ def test_mkdocs_build_strict(tmp_path):
     build = _mkdocs_build(ROOT / "mkdocs.yml", tmp_path / "site")
     assert build.returncode == 0, build.stdout + build.stderr
     for page in ("index", "quickstart", "how-it-works", "configuration", "choosing-bits",
-                 "multi-gpu", "export", "troubleshooting"):
+                 "multi-gpu", "export", "reliability", "troubleshooting"):
         html = tmp_path / "site" / ("index.html" if page == "index" else f"{page}/index.html")
         assert html.is_file(), page
         text = html.read_text(encoding="utf-8")
