@@ -466,7 +466,9 @@ def test_callback_resumes_in_a_validate_pass(tmp_path):
     reference, reference_model = run(AdaRoundCallback)
     folder = tmp_path / "adaround-ckpt"
     with pytest.raises(RuntimeError, match="node lost"):
-        run(FailingOnce, checkpoint_dir=folder)
+        # full forward passes (counted above); carrying block inputs changes no weight,
+        # so the resume below carries them and still matches
+        run(FailingOnce, checkpoint_dir=folder, carry_activations=False)
     assert _finished(folder) == ["net.0", "net.2"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -544,7 +546,8 @@ def test_fit_end_run_resumes_from_the_float_checkpoint_in_a_validate_pass(tmp_pa
     common = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     torch.manual_seed(0)
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = pl.Trainer(max_epochs=2, callbacks=[checkpoints, FailsInSecondLayer(checkpoint_dir=folder, **options)],
+    failing = FailsInSecondLayer(checkpoint_dir=folder, carry_activations=False, **options)  # counts full passes
+    trainer = pl.Trainer(max_epochs=2, callbacks=[checkpoints, failing],
                          default_root_dir=tmp_path, **common)
     with pytest.raises(RuntimeError, match="preempted"):
         trainer.fit(Net(), datamodule=Data())
