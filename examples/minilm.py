@@ -267,6 +267,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "--loss-form", choices=["auto", "minibatch", "moments"], default="auto",
         help="auto: the exact second-moment loss over every calibration token (cheaper here)",
     )
+    parser.add_argument(
+        "--no-carry", action="store_true",
+        help="capture with full forward passes instead of carrying block inputs (less memory, slower)",
+    )
     parser.add_argument("--layers", nargs="+", default=None, help="name globs to round (default: all Linear)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-layer table")
@@ -293,7 +297,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     callback = AdaRoundCallback(
         bits=args.bits, run_on="validate", iterations=args.iterations, loss_form=args.loss_form,
         num_calibration_samples=args.calibration_samples, layers=layers, seed=args.seed,
-        verbose=not args.quiet,
+        carry_activations=not args.no_carry, verbose=not args.quiet,
     )
     adarounded.reference = reference
     trainer = L.Trainer(

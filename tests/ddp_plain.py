@@ -107,6 +107,23 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         distributed_adaround(conv_model(), shard_calibration(batches, rank, world), conv_config, sync_every_step=True),
         adaround(conv_model(), batches, conv_config),
     )
+    # Moments form: the collectives per run do not grow with the iterations (none per step).
+    calls = {"n": 0}
+    real_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(*args, **kwargs):
+        calls["n"] += 1
+        return real_all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    counts = {}
+    for iterations in (30, 90):
+        calls["n"] = 0
+        moments_config = AdaRoundConfig(iterations=iterations, batch_size=16, loss_form="moments")
+        result = distributed_adaround(conv_model(), shard_calibration(batches, rank, world), moments_config)
+        counts[iterations] = calls["n"]
+    dist.all_reduce = real_all_reduce
+    report["collectives"] = {"per_run": counts, "layers": len(result.layers)}
     Path(out, f"plain{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 

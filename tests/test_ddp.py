@@ -152,6 +152,11 @@ def test_plain_torch_distributed_cases(tmp_path):
         assert same["layers"] and same["forms"] and set(same["forms"]) == {"moments"}, (case, same)
         assert same["integer_weights_equal"] and same["counts_equal"], (case, same)
         assert same["mse_rel_diff"] < 1e-6, (case, same)
+    # Moments form: a fixed handful of collectives per layer (status, the one moments sum,
+    # errors, the checksum), none per step: 30 and 90 iterations make the same number.
+    collectives = report[0]["collectives"]
+    assert collectives["per_run"]["30"] == collectives["per_run"]["90"], collectives
+    assert collectives["per_run"]["30"] <= 8 * collectives["layers"], collectives
 
 
 # ------------------------------------------------------------------------------ no processes
