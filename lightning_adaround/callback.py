@@ -17,12 +17,14 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_adaround.api import adaround
 from lightning_adaround.calibration import take_samples
 from lightning_adaround.checkpoint import PathLike
 from lightning_adaround.capture import default_forward
 from lightning_adaround.config import AdaRoundConfig
+from lightning_adaround.fold import fold_batchnorm
 from lightning_adaround.distributed import CalibrationShard, distributed_adaround, is_sharded_loader, shard_calibration
 from lightning_adaround.observer import AdaRoundObserver
 from lightning_adaround.quant import PerChannel, PerTensor
@@ -62,6 +64,10 @@ class _AdaRoundCallbackBase:
             live (device, host, memory-mapped file) and in which dtype (see ``AdaRoundConfig``).
         carry_activations: Feed layers inside a chain of blocks from the previous block's
             kept output (capture linear in depth; see ``AdaRoundConfig``).
+        fold_batchnorm: Fold each BatchNorm into the Conv/Linear that feeds it before rounding
+            (``lightning_adaround.fold_batchnorm``), so each grid fits the weights a runtime
+            uses; ``state_dict`` keys and outputs stay the same, the BatchNorm keeps an exact
+            shift. Restored if rounding fails.
         seed: Seed of the minibatch sampler and of the calibration read (a shuffling loader
             gives the same samples on every run; the global random state is left alone).
         log_every_n_steps: Per-step loss logging interval (default: the Trainer's).
@@ -123,6 +129,7 @@ class _AdaRoundCallbackBase:
         cache_dir: Optional[str] = None,
         cache_dtype: Optional[torch.dtype] = None,
         carry_activations: bool = True,
+        fold_batchnorm: bool = True,
         seed: int = 0,
         log_every_n_steps: Optional[int] = None,
         keep_float_weights: bool = False,
@@ -167,6 +174,7 @@ class _AdaRoundCallbackBase:
         self.log_every_n_steps = log_every_n_steps
         self.verbose = verbose
         self.report = report
+        self.fold_batchnorm = fold_batchnorm
         self.checkpoint_dir = checkpoint_dir
         self.report_path: Optional[str] = None
         self.result: Optional[AdaRoundResult] = None
@@ -253,6 +261,11 @@ class _AdaRoundCallbackBase:
         batches = read if distributed else read()  # under DDP, read inside the failure protocol
         observer = _TrainerObserver(self, trainer, config.iterations)
         options: dict[str, Any] = {} if distributed else {"checkpoint_dir": self.checkpoint_dir}
+        before_folding = None
+        if self.fold_batchnorm and any(isinstance(m, _BatchNorm) for m in pl_module.modules()):
+            before_folding = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            folded = fold_batchnorm(pl_module)
+            self._info(f"AdaRound: folded {len(folded)} BatchNorm(s) into the layers that feed them.")
         try:
             self.result = (distributed_adaround if distributed else adaround)(
                 pl_module, batches, config,
@@ -262,6 +275,11 @@ class _AdaRoundCallbackBase:
                 move_batch=lambda batch, device: strategy.batch_to_device(batch, device),
                 **options,
             )
+        except BaseException:
+            if before_folding is not None:  # the model as it was given, BatchNorms unfolded
+                with torch.no_grad():
+                    pl_module.load_state_dict(before_folding)
+            raise
         finally:
             observer.progress.close()
         return self.result

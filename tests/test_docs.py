@@ -352,7 +352,37 @@ def _error_cases() -> list[Any]:
         **_checkpoint_cases(),
     }
     cases.update(_export_error_cases())
+    cases.update(_fold_cases())
     return [pytest.param(trigger, id=name) for name, trigger in cases.items()]
+
+
+def _fold_cases() -> dict[str, Callable[[], Any]]:
+    """fold_batchnorm's errors, and its warnings raised as errors so their text can be checked."""
+    from lightning_adaround import fold_batchnorm
+
+    def as_error(make_model: Callable[[], nn.Module]) -> Callable[[], Any]:
+        def run():
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                fold_batchnorm(make_model())
+        return run
+
+    class Side(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.BatchNorm1d(8)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.norm(x))
+
+    no_stats = lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))  # noqa: E731
+    return {
+        "fold: no feeding layer (warning)": as_error(Side),
+        "fold: cannot fold (warning)": as_error(no_stats),
+        "fold: unknown name": lambda: fold_batchnorm(no_stats(), pairs=[("conv", "1")]),
+        "fold: not a batchnorm": lambda: fold_batchnorm(no_stats(), pairs=[("1", "0")]),
+    }
 
 
 def _export_error_cases() -> dict[str, Callable[[], Any]]:

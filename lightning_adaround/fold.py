@@ -1,0 +1,142 @@
+"""Folding each BatchNorm into the Conv/Linear that feeds it, before rounding.
+
+A runtime folds ``BN(conv(x))`` into one convolution with weight ``s * W`` (``s`` the
+BatchNorm's per-channel scale), so the grid should be chosen for ``s * W``, not ``W``.
+Folding here keeps every ``state_dict`` key: the scale goes into the layer's weight, and
+the BatchNorm is left as an exact shift (unit scale, ``running_var + eps == 1``), which
+a runtime folds away again for free.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    pairs = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.named_children())
+        for (a, layer), (b, bn) in zip(children, children[1:]):
+            if isinstance(layer, _FOLDABLE) and isinstance(bn, _BATCH_NORMS):
+                prefix = f"{name}." if name else ""
+                pairs.append((prefix + a, prefix + b))
+    return pairs
+
+
+def _traced_pairs(model: nn.Module) -> Optional[list[tuple[str, str]]]:
+    """Layer -> BatchNorm edges of the model's ``torch.fx`` graph; ``None`` if it does not trace."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:
+        return None
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), _BATCH_NORMS):
+            continue
+        source = node.args[0] if node.args else None
+        if (
+            isinstance(source, torch.fx.Node) and source.op == "call_module"
+            and isinstance(modules.get(source.target), _FOLDABLE)
+            and len(source.users) == 1 and calls[source.target] == 1 and calls[node.target] == 1
+        ):
+            pairs.append((source.target, node.target))
+    return pairs
+
+
+def find_batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``(layer, batchnorm)`` names where the BatchNorm's only input is the layer's only output.
+
+    From the ``torch.fx`` graph when the model traces, else from ``nn.Sequential`` chains.
+    """
+    traced = _traced_pairs(model)
+    found = traced if traced is not None else _sequential_pairs(model)
+    return sorted(set(found), key=found.index)
+
+
+def _why_not(layer: nn.Module, bn: nn.Module) -> Optional[str]:
+    if not isinstance(layer, _FOLDABLE):
+        return f"it follows a {type(layer).__name__}, not a Linear or convolution"
+    if bn.running_var is None or bn.running_mean is None:
+        return "it keeps no running statistics (track_running_stats=False)"
+    channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    if bn.num_features != channels:
+        return f"it has {bn.num_features} features for {channels} output channels"
+    if getattr(layer, "transposed", False) and layer.groups != 1:
+        return "it follows a grouped transposed convolution"
+    return None
+
+
+@torch.no_grad()
+def _fold(layer: nn.Module, bn: nn.Module) -> None:
+    var = bn.running_var.double()
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(var)
+    # BN(W x + b) = s W x + s (b - mean) + beta  ==  (s W) x + b - shift, with the shift below
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+    shift = bias - scale * (bias - bn.running_mean.double()) - beta
+    axis = 1 if getattr(layer, "transposed", False) else 0
+    shape = [1] * layer.weight.dim()
+    shape[axis] = -1
+    layer.weight.copy_((layer.weight.double() * scale.reshape(shape)).to(layer.weight.dtype))
+    bn.running_mean.copy_(shift.to(bn.running_mean.dtype))
+    # 1 - eps + eps rounds back to exactly 1 for float16/bfloat16/float32/float64 and the
+    # usual eps values, so the BatchNorm divides by exactly 1 (checked in the tests).
+    bn.running_var.copy_(torch.ones_like(bn.running_var) - bn.eps)
+    if bn.weight is not None:
+        bn.weight.fill_(1.0)
+    if bn.bias is not None:
+        bn.bias.zero_()
+
+
+def fold_batchnorm(model: nn.Module, pairs: Optional[Sequence[tuple[str, str]]] = None) -> list[tuple[str, str]]:
+    """Fold BatchNorms into the layers before them, in place; returns the ``(layer, bn)`` pairs folded.
+
+    Args:
+        model: Any module; its BatchNorms' running statistics are used (eval semantics).
+        pairs: ``(layer name, batchnorm name)`` to fold; by default found from the model's
+            ``torch.fx`` graph, or its ``nn.Sequential`` chains when it does not trace.
+
+    Every BatchNorm that is not folded gets a warning naming it and the reason. The model's
+    outputs in eval mode are unchanged up to float rounding, and its ``state_dict`` keys too.
+    """
+    modules = dict(model.named_modules())
+    chosen = list(pairs) if pairs is not None else find_batchnorm_pairs(model)
+    for layer_name, bn_name in chosen:
+        for name in (layer_name, bn_name):
+            if name not in modules:
+                raise ValueError(f"fold_batchnorm pairs name {name!r}, which is not a module of {type(model).__name__}.")
+        if not isinstance(modules[bn_name], _BATCH_NORMS):
+            raise ValueError(f"fold_batchnorm pairs {bn_name!r} as a BatchNorm, but it is a {type(modules[bn_name]).__name__}.")
+    folded = []
+    for layer_name, bn_name in chosen:
+        reason = _why_not(modules[layer_name], modules[bn_name])
+        if reason is not None:
+            warnings.warn(f"BatchNorm {bn_name!r} is not folded into {layer_name!r}: {reason}.", stacklevel=2)
+            continue
+        _fold(modules[layer_name], modules[bn_name])
+        folded.append((layer_name, bn_name))
+    done = {bn for _, bn in folded} | {bn for _, bn in chosen}
+    for name, module in modules.items():
+        if isinstance(module, _BATCH_NORMS) and name not in done:
+            warnings.warn(
+                f"BatchNorm {name!r} is not folded: no Linear/convolution feeds it directly; "
+                "name the pair with fold_batchnorm(model, pairs=[(layer, batchnorm)]) if one does.",
+                stacklevel=2,
+            )
+    return folded
