@@ -50,7 +50,7 @@ def make_cnn() -> nn.Sequential:
 import lightning as L  # noqa: E402
 import torchmetrics  # noqa: E402
 
-from lightning_adaround import AdaRoundCallback, AdaRoundConfig, round_to_nearest  # noqa: E402
+from lightning_adaround import AdaRoundCallback, AdaRoundConfig, fold_batchnorm, round_to_nearest  # noqa: E402
 
 
 class DigitsDataModule(L.LightningDataModule):
@@ -152,7 +152,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, object]]:
     fp_acc = test_accuracy(DigitsClassifier.load_from_checkpoint(float_ckpt), dm)
     rows = []
     for bits in args.bits:
-        nearest = DigitsClassifier.load_from_checkpoint(float_ckpt)
+        nearest = DigitsClassifier.load_from_checkpoint(float_ckpt).eval()
+        fold_batchnorm(nearest)  # as the callback does: both round the weights a runtime uses
         grid = AdaRoundConfig(bits=bits, granularity=AdaRoundCallback(bits=bits, **common).config.granularity)
         round_to_nearest(nearest, grid)
         rows.append({
