@@ -23,7 +23,7 @@ from lightning_adaround.capture import LayerData
 from lightning_adaround.layers import output_channel_dim, run_with_weight
 from lightning_adaround.loss import BetaSchedule
 from lightning_adaround.moments import LayerMoments
-from lightning_adaround.objective import MinibatchObjective, MomentsObjective
+from lightning_adaround.objective import MinibatchObjective, MomentsObjective, reconstruction_loss
 from lightning_adaround.optimize import optimize_rounding
 from lightning_adaround.quant import PerChannel, choose_grid
 from lightning_adaround.rounding import RoundingVariable
@@ -63,7 +63,7 @@ def per_step_rows(quick: bool, steps: int) -> list[dict[str, object]]:
 
         def irreducible():
             x, y = inputs[:batch], targets[:batch]
-            loss = (run_with_weight(layer, x, weight) - y).pow(2).sum(dim=channel_dim).mean()
+            loss = reconstruction_loss(run_with_weight(layer, x, weight), y, channel_dim)
             (grad,) = torch.autograd.grad(loss, weight)
 
         t_base = timed(irreducible, steps)
@@ -193,7 +193,7 @@ def _irreducible_seconds(result, model: nn.Module, batches: list[torch.Tensor], 
         channel_dim = output_channel_dim(layer)
 
         def step():
-            loss = (run_with_weight(layer, x, weight) - y).pow(2).sum(dim=channel_dim).mean()
+            loss = reconstruction_loss(run_with_weight(layer, x, weight), y, channel_dim)
             torch.autograd.grad(loss, weight)
 
         total += timed(step, 20) * iterations

@@ -99,14 +99,6 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     conv_config = AdaRoundConfig(iterations=60, batch_size=16, loss_form="moments")
     x = torch.randn(40, 2, 6, 6, generator=torch.Generator().manual_seed(5))
     batches = [x[i:i + 16] for i in range(0, 40, 16)]
-    report["shard_moments"] = compare(
-        distributed_adaround(conv_model(), shard_calibration(batches, rank, world), conv_config),
-        adaround(conv_model(), batches, conv_config),
-    )
-    report["shard_moments_synced"] = compare(
-        distributed_adaround(conv_model(), shard_calibration(batches, rank, world), conv_config, sync_every_step=True),
-        adaround(conv_model(), batches, conv_config),
-    )
     # Moments form: the collectives per run do not grow with the iterations (none per step).
     calls = {"n": 0}
     real_all_reduce = dist.all_reduce
@@ -124,7 +116,16 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         counts[iterations] = calls["n"]
     dist.all_reduce = real_all_reduce
     report["collectives"] = {"per_run": counts, "layers": len(result.layers)}
+    report["shard_moments"] = compare(
+        distributed_adaround(conv_model(), shard_calibration(batches, rank, world), conv_config),
+        adaround(conv_model(), batches, conv_config),
+    )
+    report["shard_moments_synced"] = compare(
+        distributed_adaround(conv_model(), shard_calibration(batches, rank, world), conv_config, sync_every_step=True),
+        adaround(conv_model(), batches, conv_config),
+    )
     Path(out, f"plain{rank}.json").write_text(json.dumps(report))
+    dist.barrier()  # both ranks done before either tears the group down (gloo aborts otherwise, rarely)
     dist.destroy_process_group()
 
 
