@@ -49,6 +49,18 @@ def layer_cases(quick: bool) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
     ]
 
 
+def irreducible_step(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """The work no AdaRound step can avoid: the layer's forward and weight gradient on ``x`` with a fixed weight."""
+    weight = layer.weight.detach().clone().requires_grad_(True)
+    channel_dim = output_channel_dim(layer)
+
+    def step() -> None:
+        loss = reconstruction_loss(run_with_weight(layer, x, weight), y, channel_dim)
+        torch.autograd.grad(loss, weight)
+
+    return step
+
+
 def per_step_rows(quick: bool, steps: int) -> list[dict[str, object]]:
     rows = []
     batch = 32
@@ -58,15 +70,7 @@ def per_step_rows(quick: bool, steps: int) -> list[dict[str, object]]:
         inputs = torch.randn(4 * batch, *shape)
         with torch.no_grad():
             targets = layer(inputs)
-        weight = layer.weight.detach().clone().requires_grad_(True)
-        channel_dim = output_channel_dim(layer)
-
-        def irreducible():
-            x, y = inputs[:batch], targets[:batch]
-            loss = reconstruction_loss(run_with_weight(layer, x, weight), y, channel_dim)
-            (grad,) = torch.autograd.grad(loss, weight)
-
-        t_base = timed(irreducible, steps)
+        t_base = timed(irreducible_step(layer, inputs[:batch], targets[:batch]), steps)
         grid = choose_grid(layer.weight, 4, granularity=PerChannel(), method="minmax")
         data = LayerData(inputs, targets)
         generator = torch.Generator().manual_seed(0)
@@ -187,16 +191,9 @@ def _irreducible_seconds(result, model: nn.Module, batches: list[torch.Tensor], 
     for name in result.layers:
         layer = modules[name]
         x = next(capture.pairs(name, layer, {}, {}))[0][:32]
-        weight = layer.weight.detach().clone().requires_grad_(True)
         with torch.no_grad():
             y = run_with_weight(layer, x, layer.weight)
-        channel_dim = output_channel_dim(layer)
-
-        def step():
-            loss = reconstruction_loss(run_with_weight(layer, x, weight), y, channel_dim)
-            torch.autograd.grad(loss, weight)
-
-        total += timed(step, 20) * iterations
+        total += timed(irreducible_step(layer, x, y), 20) * iterations
     return total
 
 
@@ -229,11 +226,10 @@ def _memory_case(case: str, quick: bool, form: str, carry: bool, repeat: int) ->
     gc.collect()
     model = make()
     model_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the resident high-water mark (Linux)
-    baseline = _status_kib("VmRSS")
+    reset_peak_memory()
+    baseline = status_kib("VmRSS")
     result = adaround(model, batches, config)
-    added = (_status_kib("VmHWM") - baseline) * 1024
+    added = (status_kib("VmHWM") - baseline) * 1024
     largest = max(r.cache_bytes for r in result.layers.values())
     return {
         "model": name, "form": form, "carry": carry, "samples": sum(b.shape[0] for b in batches),
@@ -244,7 +240,14 @@ def _memory_case(case: str, quick: bool, form: str, carry: bool, repeat: int) ->
     }
 
 
-def _status_kib(key: str) -> int:
+def reset_peak_memory() -> None:
+    """Reset this process's resident high-water mark (Linux), so ``VmHWM`` measures from here."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def status_kib(key: str) -> int:
+    """A ``/proc/self/status`` memory figure (``VmRSS``, ``VmHWM``) in KiB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
@@ -252,32 +255,40 @@ def _status_kib(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def memory_rows(quick: bool) -> list[dict[str, object]]:
-    """Each case in a fresh process, so memory freed by an earlier case cannot hide a peak."""
+def measure_in_fresh_process(script: str, spec: list[object]) -> dict[str, object]:
+    """Run ``script --memory-case <spec>`` in a new process and return the JSON it prints last.
+
+    A fresh process, so memory freed by an earlier case cannot hide a peak, and a fixed
+    malloc mmap threshold, so large blocks go back to the OS when freed and the
+    high-water mark shows what was live rather than what glibc chose to keep.
+    """
     import json
     import subprocess
     import sys
 
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    args = [sys.executable, script, "--memory-case", json.dumps(spec)]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def memory_rows(quick: bool) -> list[dict[str, object]]:
+    """Peak memory of the ResNet-style CNN per form, each case in a fresh process."""
     if not os.path.exists("/proc/self/clear_refs"):
         return []
-    # A fixed malloc mmap threshold: large blocks go back to the OS when freed, so the
-    # high-water mark shows what was live rather than what glibc chose to keep.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    rows = []
     cases = [("minibatch", False, 1), ("minibatch", False, 4), ("minibatch", True, 1), ("moments", True, 1)]
-    for form, carry, repeat in cases:
-        spec = json.dumps(["ResNet-style CNN", quick, form, carry, repeat])
-        args = [sys.executable, __file__, "--memory-case", spec]
-        out = subprocess.run(args, capture_output=True, text=True, check=True, env=env).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    return rows
+    return [
+        measure_in_fresh_process(__file__, ["ResNet-style CNN", quick, form, carry, repeat])
+        for form, carry, repeat in cases
+    ]
 
 
-def print_table(title: str, rows: list[dict[str, object]]) -> None:
+def print_table(title: str, rows: list[dict[str, object]], digits: int = 3) -> None:
+    """A plain-text table; rows may lack some columns (left blank)."""
     if not rows:
         return
-    keys = list(rows[0])
-    cells = [[f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[f"{r[k]:.{digits}g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys] for r in rows]
     widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
     print(f"\n{title}")
     print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))

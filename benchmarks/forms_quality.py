@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
+from bench import measure_in_fresh_process, print_table, reset_peak_memory, status_kib  # noqa: E402  (same folder)
 from lightning_adaround import AdaRoundConfig, adaround, round_to_nearest  # noqa: E402
 
 FORMS = [("moments", "moments", False), ("minibatch", "minibatch", False), ("minibatch + ReLU", "minibatch", True)]
@@ -76,7 +75,6 @@ def minilm_rows(iterations: int, chunks: int) -> list[dict[str, object]]:
 
     rows = []
     for form in ("moments", "minibatch"):
-        start = time.perf_counter()
         report = minilm.main(["--quiet", "--iterations", str(iterations), "--calibration-samples", str(chunks), "--loss-form", form])
         rows.append({"model": "MiniLM W4", "bits": 4, "form": form, "accuracy": "-",
                      "agreement": report["adaround"], "seconds": report["adaround_seconds"],
@@ -88,35 +86,14 @@ def _memory_case(chunks: int, carry: bool) -> dict[str, object]:
     """In a child process: resident high-water mark added by rounding MiniLM in moments form."""
     import minilm
 
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    reset_peak_memory()
     report = minilm.main(["--quiet", "--iterations", "20", "--calibration-samples", str(chunks), "--loss-form", "moments",
                           *([] if carry else ["--no-carry"])])
-    with open("/proc/self/status") as f:
-        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    return {"chunks": chunks, "carry": carry, "peak MiB": hwm / 1024, "cosine @20 it": report["adaround"]}
+    return {"chunks": chunks, "carry": carry, "peak MiB": status_kib("VmHWM") / 1024, "cosine @20 it": report["adaround"]}
 
 
 def minilm_memory_rows(chunks: int) -> list[dict[str, object]]:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    rows = []
-    for carry in (False, True):
-        for n in (chunks, 4 * chunks):
-            args = [sys.executable, __file__, "--memory-case", json.dumps([n, carry])]
-            out = subprocess.run(args, capture_output=True, text=True, check=True, env=env).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-    return rows
-
-
-def print_table(title: str, rows: list[dict[str, object]]) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    cells = [[f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys] for r in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    print(f"\n{title}")
-    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
-    print("  ".join("-" * w for w in widths))
-    for c in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+    return [measure_in_fresh_process(__file__, [n, carry]) for carry in (False, True) for n in (chunks, 4 * chunks)]
 
 
 def main() -> None:
@@ -130,12 +107,12 @@ def main() -> None:
     if args.memory_case:
         print(json.dumps(_memory_case(*json.loads(args.memory_case))))
         return
-    print_table(f"Digits CNN, per-channel, {args.iterations} iterations per layer", digits_rows(args.iterations))
+    print_table(f"Digits CNN, per-channel, {args.iterations} iterations per layer", digits_rows(args.iterations), 4)
     if args.minilm:
         print_table(f"MiniLM, W4 per-channel, {args.minilm_iterations} iterations, {args.minilm_chunks} chunks "
-                    "(agreement = cosine to full precision)", minilm_rows(args.minilm_iterations, args.minilm_chunks))
+                    "(agreement = cosine to full precision)", minilm_rows(args.minilm_iterations, args.minilm_chunks), 4)
         print_table("MiniLM moments form: peak resident memory vs calibration size",
-                    minilm_memory_rows(args.minilm_chunks))
+                    minilm_memory_rows(args.minilm_chunks), 4)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ class CachePlan:
                 return self.device_bytes
             if self.device.type == "cuda":
                 return int(_AUTO_SHARE * torch.cuda.mem_get_info(self.device)[0])
-            return None  # a CPU device is host memory: the host budget below applies
+            # no free-memory query for other accelerators: the host budget below applies
         if self.host_bytes is not None:
             return self.host_bytes
         available = _available_host_bytes()
@@ -62,8 +62,6 @@ class CachePlan:
         on_host = self.device.type == "cpu" or self.skip_device
         for tier in (("host",) if on_host else ("device", "host")):
             budget = self.budget(tier)
-            if tier == "device" and budget is None:
-                budget = self.budget("host")
             if budget is None or nbytes <= budget:
                 return tier
         return "disk"

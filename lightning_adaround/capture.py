@@ -15,10 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_adaround.chain import BlockChain
-from lightning_adaround.layers import run_with_weight
-
-ForwardFn = Callable[[nn.Module, Any], Any]
-
+from lightning_adaround.layers import ForwardFn, forward_with_hooks, run_with_weight
 
 class _StopForward(Exception):
     """Raised by the capture hook to end a forward pass at the layer being captured."""
@@ -61,12 +58,7 @@ def execution_order(
             if name not in order:
                 order.append(name)
         handles.append(module.register_forward_pre_hook(record))
-    try:
-        with torch.no_grad():
-            forward_fn(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_hooks(model, batch, forward_fn, handles)
     return order
 
 
@@ -78,14 +70,10 @@ def _call_reaching(module: nn.Module, target: nn.Module, batch: Any, forward_fn:
         seen.append((args, dict(kwargs)))
         raise _StopForward
 
-    handle = target.register_forward_pre_hook(stop_here, with_kwargs=True)
     try:
-        with torch.no_grad():
-            forward_fn(module, batch)
+        forward_with_hooks(module, batch, forward_fn, [target.register_forward_pre_hook(stop_here, with_kwargs=True)])
     except _StopForward:
         pass
-    finally:
-        handle.remove()
     return seen[0] if seen else None
 
 
@@ -180,10 +168,6 @@ def _first_input(block: nn.Module, layer: nn.Module, args: tuple, kwargs: dict) 
     return _input_reaching(block, layer, (args, kwargs), lambda m, call: m(*call[0], **call[1]))
 
 
-def _inside(name: str, block_name: str) -> bool:
-    return name == block_name or name.startswith(block_name + ".")
-
-
 class _CarriedInputs:
     """One chain's kept block inputs, per batch, in the rounded and in the float model.
 
@@ -204,6 +188,10 @@ class _CarriedInputs:
 
     def holds(self, name: str) -> bool:
         return not self.disabled and self.chain.block_of(name) is not None
+
+    def _rounded_inside(self, k: int, rounded: dict[str, nn.Module]) -> bool:
+        """Whether block ``k`` holds a rounded layer (then its two models' outputs differ)."""
+        return any(self.chain.block_of(n) == k for n in rounded)
 
     def _keep(self, t: Tensor) -> Tensor:
         return t.detach().to(self.capture.cache_device)
@@ -231,8 +219,8 @@ class _CarriedInputs:
     @torch.no_grad()
     def _advance(self, rounded: dict[str, nn.Module], originals: dict[str, Tensor]) -> None:
         """Run block ``at`` on its kept inputs: block ``at + 1``'s inputs."""
-        block_name, block = self.chain.blocks[self.at]
-        changed = any(_inside(n, block_name) for n in rounded)
+        block = self.chain.blocks[self.at][1]
+        changed = self._rounded_inside(self.at, rounded)
         for index, (args, kwargs) in enumerate(self.calls):
             out = block(self._run(args[0]), *args[1:], **kwargs)
             float_input = self.float_inputs[index]
@@ -255,8 +243,8 @@ class _CarriedInputs:
             return
         while self.at < k:
             self._advance(rounded, originals)
-        block_name, block = self.chain.blocks[k]
-        changed = any(_inside(n, block_name) for n in rounded)
+        block = self.chain.blocks[k][1]
+        changed = self._rounded_inside(k, rounded)
         for index in indices:
             args, kwargs = self.calls[index]
             rounded_input = _first_input(block, layer, (self._run(args[0]),) + args[1:], kwargs)

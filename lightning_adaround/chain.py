@@ -13,13 +13,11 @@ the same object for all blocks (an attention mask computed once, say).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
-ForwardFn = Callable[[nn.Module, Any], Any]
-
+from lightning_adaround.layers import ForwardFn, forward_with_hooks
 
 @dataclass
 class BlockChain:
@@ -120,12 +118,7 @@ def find_block_chains(
     for child in watched.values():
         handles.append(child.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(child.register_forward_hook(post_hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            forward_fn(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_hooks(model, batch, forward_fn, handles)
     chains: list[BlockChain] = []
     for name, container, _ in candidates:
         if any(name == c.name or name.startswith(c.name + ".") or c.name == "" for c in chains):

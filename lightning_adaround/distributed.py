@@ -56,7 +56,7 @@ from lightning_adaround.api import Activation, MoveBatch, adaround, move_to_devi
 from lightning_adaround.calibration import batch_size_of
 from lightning_adaround.capture import InputCapture, LayerData, layer_targets
 from lightning_adaround.config import AdaRoundConfig
-from lightning_adaround.layers import OutputOps, output_channel_dim, run_with_weight
+from lightning_adaround.layers import ForwardFn, OutputOps, output_channel_dim, run_with_weight
 from lightning_adaround.moments import LayerMoments
 from lightning_adaround.objective import MinibatchSampler, MomentsObjective
 from lightning_adaround.observer import AdaRoundObserver

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +63,19 @@ def per_channel_to_weight_layout(module: nn.Module, values: Tensor, weight: Tens
 def output_channel_dim(module: nn.Module) -> int:
     """The activation dim holding output channels: last for Linear, 1 for convolutions."""
     return -1 if isinstance(module, nn.Linear) else 1
+
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+def forward_with_hooks(model: nn.Module, batch: Any, forward_fn: ForwardFn, handles: Sequence[Any]) -> None:
+    """One ``forward_fn(model, batch)`` without autograd, for hooks that observe it; they are removed after."""
+    try:
+        with torch.no_grad():
+            forward_fn(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def run_with_weight(module: nn.Module, inputs: Tensor, weight: Tensor) -> Tensor:
