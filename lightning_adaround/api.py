@@ -13,14 +13,15 @@ import fnmatch
 import math
 import time
 import warnings
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lightning_adaround.capture import ForwardFn, InputCapture, default_forward, execution_order
+from lightning_adaround.blocks import Block, find_blocks
 from lightning_adaround.chain import find_block_chains
-from lightning_adaround.checkpoint import PathLike, RoundingCheckpoint, run_fingerprint
+from lightning_adaround.checkpoint import PathLike, Restored, RoundingCheckpoint, run_fingerprint
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.layers import (
     SUPPORTED_LAYER_TYPES, OutputOps, bits_for, following_ops, output_major, per_channel_to_weight_layout,
@@ -29,7 +30,7 @@ from lightning_adaround.layers import (
 from lightning_adaround.loss import BetaSchedule
 from lightning_adaround.observer import AdaRoundObserver
 from lightning_adaround.optimize import GradReduce, optimize_rounding
-from lightning_adaround.reconstruct import build_layer_objective
+from lightning_adaround.reconstruct import TaskLoss, build_block_objective, build_layer_objective
 from lightning_adaround.quant import PerChannel, QuantGrid, choose_grid, weight_problem
 from lightning_adaround.result import AdaRoundResult, LayerResult, compact_integer
 from lightning_adaround.rounding import RoundingVariable
@@ -62,6 +63,7 @@ def adaround(
     move_batch: MoveBatch = move_to_device,
     objective_builder: Optional[Callable[..., Any]] = None,
     checkpoint_dir: Optional[PathLike] = None,
+    task_loss: Optional[TaskLoss] = None,
 ) -> AdaRoundResult:
     """Round ``model``'s weights in place with AdaRound and return what was done per layer.
 
@@ -85,6 +87,8 @@ def adaround(
             again with the same arguments after an interruption (an exception, Ctrl-C, a killed
             process) skips the finished layers and gives the same integer weights as an
             uninterrupted run; a folder from other settings, model or data is refused.
+        task_loss: ``task_loss(output, batch) -> scalar``, the training loss of one batch (its
+            labels moved to the device), for ``block_loss="fisher"``.
 
     Raises:
         ValueError: empty calibration data, no supported layer selected, a NaN/Inf, huge or empty
@@ -110,6 +114,11 @@ def adaround(
         raise ValueError(
             f"loss_form='moments' cannot include an activation in the loss, but activations= gives one "
             f"for {explicit}; use loss_form='minibatch' (or 'auto') or drop those activations."
+        )
+    if config.block_loss == "fisher" and task_loss is None:
+        raise ValueError(
+            "block_loss='fisher' weights the block output by the gradient of the task loss: pass "
+            "task_loss=lambda output, batch: loss(output, batch[1]) (or use block_loss='mse')."
         )
     batches = list(calibration_batches)
     if not batches:
@@ -139,11 +148,15 @@ def adaround(
             order = _first_pass_order(model, layers, staged[0], run)
             chains = find_block_chains(model, order, staged[0], run) if config.carry_activations else []
             capture = InputCapture(model, staged, run, chains, device, cache_device)
+            blocks = _blocks(model, config, order, staged[0], run)
+            loss_on_device = None  # the task loss is only used for the Fisher weights
+            if config.block_loss == "fisher" and task_loss is not None:
+                loss_on_device = lambda out, b: task_loss(out, move_batch(b, device))  # noqa: E731
             result = _round_layers(
                 model, dict(layers), order, capture, config,
                 {n: w.to(device) for n, w in float_weights.items()},
                 device, cache_device, activations or {}, observer, grad_reduce,
-                objective_builder or build_layer_objective, checkpoint,
+                objective_builder or build_layer_objective, checkpoint, blocks, loss_on_device,
             )
         except BaseException:
             with torch.no_grad():
@@ -220,6 +233,19 @@ def _first_pass_order(
     return order + [name for name, _ in layers if name not in order]
 
 
+def _blocks(model: nn.Module, config: AdaRoundConfig, order: list[str], batch: Any, run: ForwardFn) -> list[Block]:
+    if config.reconstruction != "block":
+        return []
+    blocks = find_blocks(model, config.blocks, order, batch, run)
+    if not blocks:
+        warnings.warn(
+            f"reconstruction='block' found no block holding two or more of the layers of {type(model).__name__}, "
+            "so every layer is rounded alone; name blocks with blocks=['name', 'sequential[i:j]'].",
+            stacklevel=3,
+        )
+    return blocks
+
+
 def _round_layers(
     model: nn.Module,
     modules: dict[str, nn.Module],
@@ -234,9 +260,12 @@ def _round_layers(
     grad_reduce: Optional[GradReduce],
     build_objective: Callable[..., Any] = build_layer_objective,
     checkpoint: Optional[RoundingCheckpoint] = None,
+    blocks: Sequence[Block] = (),
+    task_loss: Optional[TaskLoss] = None,
 ) -> AdaRoundResult:
     """Round ``order``'s layers one after the other; each sees the earlier ones already rounded.
 
+    A block's layers are rounded together, when the forward pass reaches its first layer.
     One generator, seeded once, feeds every layer's hold-out split and minibatches in turn. A
     checkpoint stores its state after each layer, so a resumed run continues the same sequence.
     """
@@ -244,86 +273,124 @@ def _round_layers(
     generator = torch.Generator().manual_seed(config.seed)
     schedule = BetaSchedule(config.iterations, config.warm_start, config.beta_start, config.beta_end)
     rounded: dict[str, nn.Module] = {}
-    observer.on_start(list(order))
+    block_of = {layer: block for block in blocks for layer in block.layers}
+    units: list[str | Block] = []
+    for name in order:
+        unit = block_of.get(name, name)
+        if isinstance(unit, str) or unit.layers[0] == name:
+            units.append(unit)
+    observer.on_start([u if isinstance(u, str) else u.name for u in units])
     resuming = checkpoint is not None
-    for index, name in enumerate(order):
-        layer = modules[name]
+    for index, unit in enumerate(units):
+        is_block = isinstance(unit, Block)
+        names = unit.layers if isinstance(unit, Block) else [unit]
+        label = unit.name if isinstance(unit, Block) else unit
+        kind = "block" if is_block else "layer"
+        positions = [order.index(n) for n in names]
         if resuming:
             assert checkpoint is not None
-            saved = checkpoint.restore(index, name)
-            resuming = saved is not None
-            if saved is not None:
-                if saved.result is None:
-                    result.unreached.append(name)
-                    continue
-                _write_back(layer, saved.result.dequantized_weight().to(device))
-                generator.set_state(saved.generator_state)
-                rounded[name] = layer
-                result.layers[name] = saved.result
-                result.restored.append(name)
-                observer.on_layer_restored(saved.result)
+            restored = _restore(checkpoint, positions, names)
+            resuming = restored is not None
+            if restored is not None:
+                for name, saved in zip(names, restored):
+                    if saved.result is None:
+                        result.unreached.append(name)
+                        continue
+                    _write_back(modules[name], saved.result.dequantized_weight().to(device))
+                    generator.set_state(saved.generator_state)
+                    rounded[name] = modules[name]
+                    result.layers[name] = saved.result
+                    result.restored.append(name)
+                    observer.on_layer_restored(saved.result)
                 continue
         started = time.perf_counter()
-        prepared = build_objective(
-            capture, name, layer, rounded, float_weights,
-            _loss_ops(model, name, activations, config), config, generator, device, cache_device,
-        )
+        if isinstance(unit, Block):
+            prepared = build_block_objective(capture, unit, rounded, float_weights, config, generator, device, task_loss)
+        else:
+            prepared = build_objective(
+                capture, unit, modules[unit], rounded, float_weights,
+                _loss_ops(model, unit, activations, config), config, generator, device, cache_device,
+            )
         if prepared is None:
-            result.unreached.append(name)
-            if checkpoint is not None:
-                checkpoint.save_unreached(index, name)
+            result.unreached.extend(names)
+            for position, name in zip(positions, names):
+                if checkpoint is not None:
+                    checkpoint.save_unreached(position, name)
             continue
         capture_seconds = time.perf_counter() - started
         objective = prepared.objective
-        weight = float_weights[name].float()
-        grid = layer_grid(name, layer, weight, config)
-        nearest_mse = objective.mse(grid.fake_quantize(weight))
+        weights = [float_weights[n].float() for n in names]
+        grids = [layer_grid(n, modules[n], w, config) for n, w in zip(names, weights)]
+        pack = list if is_block else (lambda ws: ws[0])  # a block's objective takes all its weights
+        nearest_mse = objective.mse(pack([g.fake_quantize(w) for g, w in zip(grids, weights)]))
         if not math.isfinite(nearest_mse):
             raise ValueError(
-                f"the reconstruction error of layer {name!r} is not finite ({nearest_mse}) even with "
+                f"the reconstruction error of {kind} {label!r} is not finite ({nearest_mse}) even with "
                 "round-to-nearest weights: its weights or inputs are too large for float32 arithmetic. "
-                f"Check the model and the calibration data, or leave the layer in float with exclude=[{name!r}]."
+                f"Check the model and the calibration data, or leave the layer in float with exclude={names!r}."
             )
-        observer.on_layer_start(name, index, config.iterations)
-        rounding = RoundingVariable(weight, grid)
+        observer.on_layer_start(label, index, config.iterations)
+        roundings = [RoundingVariable(w, g) for w, g in zip(weights, grids)]
         history: list[tuple[int, float, float, float]] = []
 
-        def on_log(step: int, metrics: dict[str, float], name: str = name) -> None:
+        def on_log(step: int, metrics: dict[str, float], label: str = label, kind: str = kind) -> None:
             if not math.isfinite(metrics["recon_loss"]):
                 raise ValueError(
-                    f"the reconstruction loss of layer {name!r} became {metrics['recon_loss']} at step {step}: "
+                    f"the reconstruction loss of {kind} {label!r} became {metrics['recon_loss']} at step {step}: "
                     "its weights or inputs are too large for float32 arithmetic. Check the model and the "
-                    f"calibration data, or leave the layer in float with exclude=[{name!r}]."
+                    f"calibration data, or leave the layer in float with exclude=[{label!r}]."
                 )
             history.append((step, metrics["recon_loss"], metrics["reg_loss"], metrics["beta"]))
-            observer.on_step(name, step, metrics)
+            observer.on_step(label, step, metrics)
 
         optimize_rounding(
-            rounding, objective, config.iterations, config.lr, config.reg_lambda, schedule,
-            grad_reduce=grad_reduce, on_log=on_log, log_every_n_steps=config.log_every_n_steps,
+            roundings if is_block else roundings[0], objective, config.iterations, config.lr, config.reg_lambda,
+            schedule, grad_reduce=grad_reduce, on_log=on_log, log_every_n_steps=config.log_every_n_steps,
         )
-        hard = rounding.hard_weight()
-        _write_back(layer, hard)
-        rounded[name] = layer
-        layer_result = LayerResult(
-            name=name, bits=grid.bits, scale=grid.scale.cpu(), zero_point=grid.zero_point.cpu(),
-            qmin=grid.qmin, qmax=grid.qmax, axis=grid.axis,
-            integer_weight=compact_integer(rounding.integer_weight(), grid.qmin, grid.qmax),
-            nearest_mse=nearest_mse, adaround_mse=objective.mse(hard),
-            iterations=config.iterations, seconds=time.perf_counter() - started,
-            num_samples=prepared.num_samples, eval_samples=prepared.eval_samples,
-            loss_form=objective.form,
-            with_activation=prepared.ops is not None and prepared.ops.activation is not None,
-            note=prepared.note, history=history, capture_seconds=capture_seconds,
-            cache_bytes=prepared.cache_bytes,
-            float_weight=float_weights[name].detach().cpu().clone() if config.keep_float_weights else None,
-        )
-        result.layers[name] = layer_result
-        if checkpoint is not None:  # before the observer: a failing hook cannot lose a finished layer
-            checkpoint.save_layer(index, layer_result, generator.get_state())
-        observer.on_layer_end(layer_result)
-        del prepared, objective, rounding  # free this layer's cache before the next one is built
+        hards = [r.hard_weight() for r in roundings]
+        for name, hard in zip(names, hards):
+            _write_back(modules[name], hard)
+            rounded[name] = modules[name]
+        adaround_mse = objective.mse(pack(hards))
+        seconds = time.perf_counter() - started
+        finished = [
+            LayerResult(
+                name=name, bits=grid.bits, scale=grid.scale.cpu(), zero_point=grid.zero_point.cpu(),
+                qmin=grid.qmin, qmax=grid.qmax, axis=grid.axis,
+                integer_weight=compact_integer(rounding.integer_weight(), grid.qmin, grid.qmax),
+                nearest_mse=nearest_mse, adaround_mse=adaround_mse,
+                iterations=config.iterations, seconds=seconds / len(names),
+                num_samples=prepared.num_samples, eval_samples=prepared.eval_samples,
+                loss_form=objective.form,
+                with_activation=prepared.ops is not None and prepared.ops.activation is not None,
+                note=prepared.note, history=history, capture_seconds=capture_seconds / len(names),
+                cache_bytes=prepared.cache_bytes if name == names[0] else 0,
+                float_weight=float_weights[name].detach().cpu().clone() if config.keep_float_weights else None,
+                block=label if is_block else "",
+            )
+            for name, grid, rounding in zip(names, grids, roundings)
+        ]
+        for position, layer_result in zip(positions, finished):
+            result.layers[layer_result.name] = layer_result
+            if checkpoint is not None:  # before the observer: a failing hook cannot lose a finished layer
+                checkpoint.save_layer(position, layer_result, generator.get_state())
+        if is_block:
+            observer.on_block_end(label, finished)
+        else:
+            observer.on_layer_end(finished[0])
+        del prepared, objective, roundings  # free this layer's cache before the next one is built
     return result
+
+
+def _restore(checkpoint: RoundingCheckpoint, positions: list[int], names: list[str]) -> Optional[list[Restored]]:
+    """Every layer of a unit as saved, or ``None``: a block is redone unless all its layers were saved."""
+    restored = []
+    for position, name in zip(positions, names):
+        saved = checkpoint.restore(position, name)
+        if saved is None:
+            return None
+        restored.append(saved)
+    return restored
 
 
 @torch.no_grad()

@@ -69,10 +69,11 @@ class CachePlan:
     def stored_bytes(self, t: Tensor) -> int:
         return t.numel() * (self.dtype.itemsize if self.dtype is not None else t.element_size())
 
-    def store(self, tier: str, expected_chunks: int = 1) -> "ChunkStore":
+    def store(self, tier: str, expected_chunks: int = 1, exact: bool = False) -> "ChunkStore":
+        """A store in ``tier``; ``exact`` keeps the dtype (masks, indices) whatever ``cache_dtype`` says."""
         if tier not in TIERS:
             raise ValueError(f"cache tier {tier!r} is not one of {TIERS}")
-        return ChunkStore(tier, self.device, self.directory, self.dtype, expected_chunks)
+        return ChunkStore(tier, self.device, self.directory, None if exact else self.dtype, expected_chunks)
 
 
 class ChunkStore:

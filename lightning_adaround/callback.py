@@ -81,6 +81,10 @@ class _AdaRoundCallbackBase:
         checkpoint_dir: A folder where each finished layer is saved; a run stopped part way
             (an exception, Ctrl-C, a killed job) resumes from it when started again with the same
             model, data and settings, with the same result. Single process only (refused under DDP).
+        reconstruction, blocks, block_loss: ``"block"`` rounds the layers of each block together
+            against the block's output (BRECQ); see ``AdaRoundConfig``. Single process only.
+        task_loss: ``task_loss(output, batch) -> scalar`` for ``block_loss="fisher"``, e.g.
+            ``lambda out, batch: F.cross_entropy(out, batch[1])``.
 
     Raises:
         ValueError: an unknown ``run_on``/``granularity``/``scale_method``, bits outside
@@ -136,6 +140,10 @@ class _AdaRoundCallbackBase:
         verbose: bool = True,
         report: bool = True,
         checkpoint_dir: Optional[PathLike] = None,
+        reconstruction: str = "layer",
+        blocks: Optional[Sequence[str]] = None,
+        block_loss: str = "mse",
+        task_loss: Optional[Callable[[Any, Any], torch.Tensor]] = None,
     ) -> None:
         if run_on not in RUN_ON:
             raise ValueError(f"run_on={run_on!r} isn't one of {RUN_ON}; use run_on='fit_end' or 'validate'.")
@@ -165,8 +173,12 @@ class _AdaRoundCallbackBase:
             cache_dtype=cache_dtype, carry_activations=carry_activations, seed=seed,
             layers=layers, exclude=tuple(exclude), layer_bits=dict(layer_bits or {}),
             log_every_n_steps=50 if log_every_n_steps is None else log_every_n_steps,
-            keep_float_weights=keep_float_weights,
+            keep_float_weights=keep_float_weights, reconstruction=reconstruction, blocks=blocks,
+            block_loss=block_loss,
         )
+        if task_loss is not None and not callable(task_loss):
+            raise TypeError(f"task_loss={task_loss!r} must be callable as task_loss(output, batch).")
+        self.task_loss = task_loss
         self.run_on = run_on
         self.num_calibration_samples = num_calibration_samples
         self.calibration_data = calibration_data
@@ -197,6 +209,12 @@ class _AdaRoundCallbackBase:
             raise ValueError(
                 f"AdaRoundCallback(checkpoint_dir=...) works in a single process, but this Trainer runs "
                 f"{_world_size(trainer)} processes. Round with devices=1 to use checkpoint_dir, or drop it."
+            )
+        if self.config.reconstruction == "block" and _world_size(trainer) > 1:
+            raise ValueError(
+                f"AdaRoundCallback(reconstruction='block') works in a single process for now, but this Trainer "
+                f"runs {_world_size(trainer)} processes. Round with devices=1 (e.g. in a separate "
+                "trainer.validate(...) call), or use reconstruction='layer'."
             )
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
@@ -260,7 +278,7 @@ class _AdaRoundCallbackBase:
         read = lambda: self.calibration_batches(trainer, pl_module)  # noqa: E731
         batches = read if distributed else read()  # under DDP, read inside the failure protocol
         observer = _TrainerObserver(self, trainer, config.iterations)
-        options: dict[str, Any] = {} if distributed else {"checkpoint_dir": self.checkpoint_dir}
+        options: dict[str, Any] = {} if distributed else {"checkpoint_dir": self.checkpoint_dir, "task_loss": self.task_loss}
         before_folding = None
         if self.fold_batchnorm and any(isinstance(m, _BatchNorm) for m in pl_module.modules()):
             before_folding = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
@@ -358,6 +376,7 @@ class _TrainerObserver(AdaRoundObserver):
         self.iterations = iterations
         self.progress = _Progress(trainer)
         self._done_steps = 0
+        self._restored_blocks: set[str] = set()
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
         for logger in self.trainer.loggers:
@@ -376,21 +395,28 @@ class _TrainerObserver(AdaRoundObserver):
         self._done_steps = step + 1
 
     def on_layer_restored(self, result: LayerResult) -> None:
+        if result.block and result.block in self._restored_blocks:
+            return  # a block's steps count once
+        self._restored_blocks.add(result.block)
         self.callback._log_step += result.iterations  # later layers log at the steps of an uninterrupted run
         self.progress.update(result.iterations)
 
     def on_layer_end(self, result: LayerResult) -> None:
-        self.callback._log_step = self._layer_start + result.iterations
-        self._log(
-            {
-                f"adaround/{result.name}/nearest_mse": result.nearest_mse,
-                f"adaround/{result.name}/adaround_mse": result.adaround_mse,
-                f"adaround/{result.name}/seconds": result.seconds,
-                f"adaround/{result.name}/bits": float(result.bits),
-            },
-            self.callback._log_step,
-        )
-        self.progress.update(result.iterations - self._done_steps)
+        self.on_block_end(result.name, [result])
+
+    def on_block_end(self, name: str, results: list[LayerResult]) -> None:
+        self.callback._log_step = self._layer_start + results[0].iterations
+        for result in results:
+            self._log(
+                {
+                    f"adaround/{result.name}/nearest_mse": result.nearest_mse,
+                    f"adaround/{result.name}/adaround_mse": result.adaround_mse,
+                    f"adaround/{result.name}/seconds": result.seconds,
+                    f"adaround/{result.name}/bits": float(result.bits),
+                },
+                self.callback._log_step,
+            )
+        self.progress.update(results[0].iterations - self._done_steps)
         self._done_steps = 0
 
     def on_end(self, result: AdaRoundResult) -> None:

@@ -17,6 +17,9 @@ from torch import Tensor, nn
 from lightning_adaround.chain import BlockChain
 from lightning_adaround.layers import ForwardFn, forward_with_hooks, run_with_weight
 
+Call = tuple[tuple, dict]  # a module call's (args, kwargs)
+
+
 class _StopForward(Exception):
     """Raised by the capture hook to end a forward pass at the layer being captured."""
 
@@ -62,7 +65,7 @@ def execution_order(
     return order
 
 
-def _call_reaching(module: nn.Module, target: nn.Module, batch: Any, forward_fn: ForwardFn) -> Optional[tuple]:
+def call_reaching(module: nn.Module, target: nn.Module, batch: Any, forward_fn: ForwardFn) -> Optional[Call]:
     """``(args, kwargs)`` of ``target``'s first call when ``module`` runs on ``batch``; the pass stops there."""
     seen: list[tuple] = []
 
@@ -75,12 +78,6 @@ def _call_reaching(module: nn.Module, target: nn.Module, batch: Any, forward_fn:
     except _StopForward:
         pass
     return seen[0] if seen else None
-
-
-def _input_reaching(model: nn.Module, layer: nn.Module, batch: Any, forward_fn: ForwardFn) -> Optional[Tensor]:
-    """The first input ``layer`` receives when the model runs on ``batch``; the pass stops there."""
-    call = _call_reaching(model, layer, batch, forward_fn)
-    return call[0][0].detach() if call is not None else None
 
 
 @contextmanager
@@ -139,33 +136,47 @@ class InputCapture:
         only: Optional[Sequence[int]] = None,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Streamed per batch that reaches ``layer`` (all batches, or the indices in ``only``)."""
+        for _, rounded_call, float_call in self.calls(name, layer, rounded, float_weight_of, only):
+            rounded_input = rounded_call[0][0].detach()
+            float_input = rounded_input if float_call is rounded_call else float_call[0][0].detach()
+            _check_finite(name, rounded_input, float_input)
+            yield rounded_input, float_input
+
+    def calls(
+        self,
+        name: str,
+        module: nn.Module,
+        rounded: dict[str, nn.Module],
+        float_weight_of: dict[str, Tensor],
+        only: Optional[Sequence[int]] = None,
+    ) -> Iterator[tuple[int, Call, Call]]:
+        """``(batch index, call in the rounded model, call in the float model)`` of ``module``'s first call.
+
+        A call is ``(args, kwargs)``; the float call *is* the rounded one while both models agree.
+        """
         indices = range(len(self.batches)) if only is None else only
         originals = {n: float_weight_of[n] for n in rounded}
         for carried in self._carried:
             if carried.holds(name):
-                for rounded_input, float_input in carried.pairs(name, layer, rounded, originals, indices):
-                    _check_finite(name, rounded_input, float_input)
-                    yield rounded_input, float_input
+                yield from carried.calls(name, module, rounded, originals, indices)
                 return
         for index in indices:
             batch = self.batches[index]
-            rounded_input = _input_reaching(self.model, layer, batch, self.forward_fn)
-            if rounded_input is None:
+            rounded_call = call_reaching(self.model, module, batch, self.forward_fn)
+            if rounded_call is None:
                 continue
+            float_call = rounded_call  # nothing rounded yet: both models agree
             if rounded:
                 with float_weights(rounded, originals):
-                    float_input = _input_reaching(self.model, layer, batch, self.forward_fn)
-            else:
-                float_input = rounded_input  # nothing rounded yet: both models agree
-            _check_finite(name, rounded_input, float_input)
-            yield rounded_input, float_input
+                    float_call = call_reaching(self.model, module, batch, self.forward_fn)
+            yield index, rounded_call, float_call
 
 
-def _first_input(block: nn.Module, layer: nn.Module, args: tuple, kwargs: dict) -> Optional[Tensor]:
-    """Run ``block`` until ``layer`` is called: ``layer``'s first input (``args[0]`` if it is the block)."""
-    if block is layer:
-        return args[0].detach()
-    return _input_reaching(block, layer, (args, kwargs), lambda m, call: m(*call[0], **call[1]))
+def _call_in(block: nn.Module, module: nn.Module, args: tuple, kwargs: dict) -> Optional[Call]:
+    """Run ``block`` until ``module`` is called: ``module``'s first call (the block's own if it is the block)."""
+    if block is module:
+        return args, kwargs
+    return call_reaching(block, module, (args, kwargs), lambda m, call: m(*call[0], **call[1]))
 
 
 class _CarriedInputs:
@@ -182,7 +193,7 @@ class _CarriedInputs:
         self.capture = capture
         self.chain = chain
         self.at = -1
-        self.calls: list[tuple[tuple, dict]] = []  # block ``at``'s (args, kwargs) in the rounded model
+        self.calls_at: list[Call] = []  # block ``at``'s (args, kwargs) in the rounded model
         self.float_inputs: list[Optional[Tensor]] = []
         self.disabled = False
 
@@ -202,16 +213,16 @@ class _CarriedInputs:
     def _prime(self, k: int, rounded: dict[str, nn.Module], originals: dict[str, Tensor]) -> bool:
         """Forward passes that stop at block ``k``: its call in both models, per batch."""
         capture, block = self.capture, self.chain.blocks[k][1]
-        self.calls, self.float_inputs = [], []
+        self.calls_at, self.float_inputs = [], []
         for batch in capture.batches:
-            call = _call_reaching(capture.model, block, batch, capture.forward_fn)
+            call = call_reaching(capture.model, block, batch, capture.forward_fn)
             if call is None:
                 return False
-            self.calls.append(((self._keep(call[0][0]),) + tuple(call[0][1:]), call[1]))
+            self.calls_at.append(((self._keep(call[0][0]),) + tuple(call[0][1:]), call[1]))
             float_input = None
             if rounded:
                 with float_weights(rounded, originals):
-                    float_input = self._keep(_call_reaching(capture.model, block, batch, capture.forward_fn)[0][0])
+                    float_input = self._keep(call_reaching(capture.model, block, batch, capture.forward_fn)[0][0])
             self.float_inputs.append(float_input)
         self.at = k
         return True
@@ -221,7 +232,7 @@ class _CarriedInputs:
         """Run block ``at`` on its kept inputs: block ``at + 1``'s inputs."""
         block = self.chain.blocks[self.at][1]
         changed = self._rounded_inside(self.at, rounded)
-        for index, (args, kwargs) in enumerate(self.calls):
+        for index, (args, kwargs) in enumerate(self.calls_at):
             out = block(self._run(args[0]), *args[1:], **kwargs)
             float_input = self.float_inputs[index]
             if float_input is not None or changed:
@@ -229,35 +240,35 @@ class _CarriedInputs:
                 with float_weights(rounded, originals):
                     float_out = block(self._run(source), *args[1:], **kwargs)
                 self.float_inputs[index] = self._keep(self.chain.carry(float_out))
-            self.calls[index] = ((self._keep(self.chain.carry(out)),) + args[1:], kwargs)
+            self.calls_at[index] = ((self._keep(self.chain.carry(out)),) + args[1:], kwargs)
         self.at += 1
 
-    def pairs(
-        self, name: str, layer: nn.Module, rounded: dict[str, nn.Module], originals: dict[str, Tensor],
+    def calls(
+        self, name: str, module: nn.Module, rounded: dict[str, nn.Module], originals: dict[str, Tensor],
         indices: Sequence[int],
-    ) -> Iterator[tuple[Tensor, Tensor]]:
+    ) -> Iterator[tuple[int, Call, Call]]:
         k = self.chain.block_of(name)
         if (self.at < 0 or self.at > k) and not self._prime(k, rounded, originals):
             self.disabled = True  # some batch never reaches the block: plain capture from now on
-            yield from self.capture.pairs(name, layer, rounded, originals, indices)
+            yield from self.capture.calls(name, module, rounded, originals, indices)
             return
         while self.at < k:
             self._advance(rounded, originals)
         block = self.chain.blocks[k][1]
         changed = self._rounded_inside(k, rounded)
         for index in indices:
-            args, kwargs = self.calls[index]
-            rounded_input = _first_input(block, layer, (self._run(args[0]),) + args[1:], kwargs)
-            if rounded_input is None:
+            args, kwargs = self.calls_at[index]
+            rounded_call = _call_in(block, module, (self._run(args[0]),) + args[1:], kwargs)
+            if rounded_call is None:
                 continue
             float_input = self.float_inputs[index]
             if float_input is None and not changed:
-                yield rounded_input, rounded_input
+                yield index, rounded_call, rounded_call
                 continue
             source = float_input if float_input is not None else args[0]
             with float_weights(rounded, originals):
-                float_input = _first_input(block, layer, (self._run(source),) + args[1:], kwargs)
-            yield rounded_input, float_input
+                float_call = _call_in(block, module, (self._run(source),) + args[1:], kwargs)
+            yield index, rounded_call, float_call
 
 
 def stacked_shape(shapes: Sequence[torch.Size], name: str) -> tuple[int, ...]:

@@ -804,6 +804,11 @@ def distributed_adaround(
             (an exception, non-finite values), the calibration data has fewer samples than ranks,
             or the ranks disagree (model, settings, data, integer weights).
     """
+    if config is not None and config.reconstruction == "block":
+        raise ValueError(
+            "distributed_adaround rounds layer by layer; reconstruction='block' works in a single process "
+            "for now. Call adaround() in one process, or use reconstruction='layer'."
+        )
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "distributed_adaround needs an initialised torch.distributed process group "

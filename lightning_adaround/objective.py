@@ -7,11 +7,13 @@ loop does not care how the term is computed.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from lightning_adaround.blocks import Block
 from lightning_adaround.capture import LayerData
 from lightning_adaround.layers import OutputOps, output_channel_dim, run_with_weight
 from lightning_adaround.moments import LayerMoments, weight_as_groups
@@ -62,6 +64,27 @@ def reconstruction_loss(output: Tensor, target: Tensor, channel_dim: int) -> Ten
     return nn.functional.mse_loss(output, target, reduction="sum") / rows
 
 
+class RowGather:
+    """Rows ``idx`` of cached tensors on the compute device, into buffers reused every step.
+
+    A fresh 10-100 MB tensor per step costs page faults; a buffer is free to reuse because
+    the previous step's backward has finished with it.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffers: dict[str, Tensor] = {}
+
+    def __call__(self, source: Tensor, idx: Tensor, key: str, dtype: torch.dtype) -> Tensor:
+        idx = idx.to(source.device)
+        if source.device != self.device or source.dtype != dtype:  # host/disk cache, compact dtype
+            return source[idx].to(self.device, dtype, non_blocking=True)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape[0] != idx.numel():
+            buffer = self._buffers[key] = source.new_empty((idx.numel(), *source.shape[1:]))
+        return torch.index_select(source, 0, idx, out=buffer)
+
+
 class MinibatchObjective:
     """The paper's procedure: each step a random minibatch of cached samples, one forward.
 
@@ -89,7 +112,7 @@ class MinibatchObjective:
         self.activation = activation
         self.device = device
         self.channel_dim = output_channel_dim(layer)
-        self._buffers: dict[str, Tensor] = {}
+        self._gather = RowGather(device)
 
     def _next_indices(self) -> Tensor:
         return self.sampler.next_indices()
@@ -97,20 +120,6 @@ class MinibatchObjective:
     def _output(self, inputs: Tensor, weight: Tensor) -> Tensor:
         out = run_with_weight(self.layer, inputs, weight)
         return self.activation(out) if self.activation is not None else out
-
-    def _gather(self, source: Tensor, idx: Tensor, key: str, dtype: torch.dtype) -> Tensor:
-        """Rows ``idx`` of a cached tensor; on the compute device, into a buffer reused every step.
-
-        A fresh 10-100 MB tensor per step costs page faults; the buffer is free to reuse
-        because the previous step's backward has finished with it.
-        """
-        idx = idx.to(source.device)
-        if source.device != self.device or source.dtype != dtype:  # host/disk cache, compact dtype
-            return source[idx].to(self.device, dtype, non_blocking=True)
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.shape[0] != idx.numel():
-            buffer = self._buffers[key] = source.new_empty((idx.numel(), *source.shape[1:]))
-        return torch.index_select(source, 0, idx, out=buffer)
 
     def step_loss(self, weight: Tensor) -> Tensor:
         idx = self._next_indices()
@@ -226,3 +235,91 @@ class MomentsObjective:
         if self.evaluation is not None and self.evaluation.num_samples:
             return forward_mse(self.layer, self.evaluation, weight, self.ops, self.device)
         return self.exact_loss(weight) / weight.shape[0]
+
+
+@dataclass
+class BlockData:
+    """A block's cached calibration tensors, first dim = samples.
+
+    ``args``/``kwargs`` hold the block's other arguments: a tensor here is per sample (gathered
+    with the inputs), anything else is passed as it is. ``fisher``: per-element output weights.
+    """
+
+    inputs: Tensor
+    targets: Tensor
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    fisher: Optional[Tensor] = None
+
+    @property
+    def num_samples(self) -> int:
+        return self.inputs.shape[0]
+
+
+class BlockObjective:
+    """Block reconstruction: the block's output with every rounded layer's soft weight at once.
+
+    ``step_loss`` takes the layers' weights in ``weight_paths`` order and runs the block with
+    them through ``torch.func.functional_call``, so any block (attention, residuals) works.
+    With Fisher weights, each output element's squared error is weighted by its weight.
+    """
+
+    form = "block"
+
+    def __init__(
+        self,
+        block: Block,
+        train: BlockData,
+        evaluation: BlockData,
+        batch_size: int,
+        channel_dim: int,
+        generator: torch.Generator,
+        device: torch.device,
+    ) -> None:
+        self.block = block
+        self.paths = list(block.weight_paths.values())
+        self.train = train
+        self.evaluation = evaluation
+        self.sampler = MinibatchSampler(train.num_samples, batch_size, generator)
+        self.channel_dim = channel_dim
+        self.device = device
+        self._gather = RowGather(device)
+
+    def _output(self, weights: Sequence[Tensor], x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        params = dict(zip(self.paths, weights))
+        return self.block.output(torch.func.functional_call(self.block.module, params, (x, *args), kwargs))
+
+    def _rows(self, data: BlockData, idx: Tensor, dtype: torch.dtype, prefix: str) -> tuple[Tensor, tuple, dict]:
+        gather = self._gather if prefix == "train" else _plain_gather(self.device)
+        pick = lambda t, key: gather(t, idx, f"{prefix}{key}", t.dtype if not t.is_floating_point() else dtype)  # noqa: E731
+        args = tuple(pick(a, f"a{i}") if isinstance(a, Tensor) else a for i, a in enumerate(data.args))
+        kwargs = {k: pick(v, f"k{k}") if isinstance(v, Tensor) else v for k, v in data.kwargs.items()}
+        return pick(data.inputs, "x"), args, kwargs
+
+    def step_loss(self, weights: Sequence[Tensor]) -> Tensor:
+        idx = self.sampler.next_indices()
+        dtype = weights[0].dtype
+        x, args, kwargs = self._rows(self.train, idx, dtype, "train")
+        y = self._gather(self.train.targets, idx, "y", dtype)
+        out = self._output(weights, x, args, kwargs)
+        if self.train.fisher is None:
+            return reconstruction_loss(out, y, self.channel_dim)
+        fisher = self._gather(self.train.fisher, idx, "f", dtype)
+        rows = out.numel() // out.shape[self.channel_dim]
+        return (fisher * (out - y).square()).sum() / rows
+
+    @torch.no_grad()
+    def mse(self, weights: Sequence[Tensor], chunk: int = 64) -> float:
+        data = self.evaluation
+        total, count = 0.0, 0
+        for start in range(0, data.num_samples, chunk):
+            idx = torch.arange(start, min(start + chunk, data.num_samples))
+            x, args, kwargs = self._rows(data, idx, weights[0].dtype, "eval")
+            err = self._output(weights, x, args, kwargs) - data.targets[idx].to(self.device, weights[0].dtype)
+            total += float(err.double().pow(2).sum())
+            count += err.numel()
+        return total / max(count, 1)
+
+
+def _plain_gather(device: torch.device) -> Callable[[Tensor, Tensor, str, torch.dtype], Tensor]:
+    return lambda source, idx, _key, dtype: source[idx.to(source.device)].to(device, dtype)

@@ -16,16 +16,21 @@ class AdaRoundObserver:
     """Override any subset; every method is a no-op here."""
 
     def on_start(self, layer_names: list[str]) -> None:
-        """Called once with the layers that will be rounded, in execution order."""
+        """Called once with the layers (and blocks, by name) that will be rounded, in execution order."""
 
     def on_layer_start(self, name: str, index: int, iterations: int) -> None:
-        """Called before layer ``index`` (0-based) starts its ``iterations`` steps."""
+        """Called before layer or block ``index`` (0-based) starts its ``iterations`` steps."""
 
     def on_step(self, name: str, step: int, metrics: dict[str, float]) -> None:
         """Called every ``log_every_n_steps`` with ``recon_loss``, ``reg_loss`` and ``beta``."""
 
     def on_layer_end(self, result: "LayerResult") -> None:
         """Called after a layer's hard-rounded weight has been written back."""
+
+    def on_block_end(self, name: str, results: list["LayerResult"]) -> None:
+        """Called after a block's layers were rounded together; by default ``on_layer_end`` for each."""
+        for result in results:
+            self.on_layer_end(result)
 
     def on_layer_restored(self, result: "LayerResult") -> None:
         """Called instead of the other per-layer hooks for a layer read back from ``checkpoint_dir``."""

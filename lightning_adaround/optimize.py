@@ -6,7 +6,7 @@ Shared by every layer type and both objective forms; an optional ``grad_reduce``
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -20,7 +20,7 @@ StepLogger = Callable[[int, dict[str, float]], None]
 
 
 def optimize_rounding(
-    rounding: RoundingVariable,
+    rounding: RoundingVariable | Sequence[RoundingVariable],
     objective: ReconstructionObjective,
     iterations: int,
     lr: float,
@@ -32,26 +32,31 @@ def optimize_rounding(
 ) -> None:
     """Run ``iterations`` Adam steps on ``rounding.v``; V is left at its final value.
 
-    An objective with ``value_and_grad(weight)`` (the moments form) is stepped without
-    autograd: its gradient on the weight goes straight through :func:`soft_backward`.
+    Several roundings (a block's layers) are optimised jointly: the objective takes their soft
+    weights as a list and the regularizer is summed over them. An objective with
+    ``value_and_grad(weight)`` (the moments form, one layer) is stepped without autograd: its
+    gradient on the weight goes straight through :func:`soft_backward`.
     """
-    optimizer = torch.optim.Adam([rounding.v], lr=lr)
-    value_and_grad = getattr(objective, "value_and_grad", None)
+    group = [rounding] if isinstance(rounding, RoundingVariable) else list(rounding)
+    optimizer = torch.optim.Adam([r.v for r in group], lr=lr)
+    value_and_grad = getattr(objective, "value_and_grad", None) if len(group) == 1 else None
     for step in range(iterations):
         optimizer.zero_grad(set_to_none=True)
         regularizing = schedule.regularizing(step)
         beta = schedule.beta(step)
         if value_and_grad is not None:
-            weight, reg, saved = rounding.soft_step(beta if regularizing else None)
+            weight, reg, saved = group[0].soft_step(beta if regularizing else None)
             recon, grad_weight = value_and_grad(weight)
-            rounding.v.grad = soft_backward(saved, grad_weight, reg_lambda if regularizing else None)
+            group[0].v.grad = soft_backward(saved, grad_weight, reg_lambda if regularizing else None)
         else:
-            weight, reg = rounding.soft_with_regularizer(beta if regularizing else None)
-            recon = objective.step_loss(weight)
+            soft = [r.soft_with_regularizer(beta if regularizing else None) for r in group]
+            weights = [w for w, _ in soft]
+            reg = soft[0][1] if len(soft) == 1 else torch.stack([r for _, r in soft]).sum()
+            recon = objective.step_loss(weights[0] if isinstance(rounding, RoundingVariable) else weights)
             loss = recon + reg_lambda * reg if regularizing else recon
             loss.backward()
         if grad_reduce is not None:
-            grad_reduce([rounding.v.grad])
+            grad_reduce([r.v.grad for r in group])
         optimizer.step()
         last = step == iterations - 1
         if on_log is not None and (step % log_every_n_steps == 0 or last):

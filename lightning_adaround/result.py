@@ -36,6 +36,7 @@ class LayerResult:
     cache_bytes: int = 0  # cached activations (minibatch) or moments plus held-out samples
     history: list[tuple[int, float, float, float]] = field(default_factory=list)  # (step, recon, reg, beta)
     float_weight: Optional[Tensor] = None  # the full-precision weight, with keep_float_weights=True
+    block: str = ""  # the block it was rounded with (its MSEs are the block output's), or "" alone
 
     @property
     def improvement(self) -> float:

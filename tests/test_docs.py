@@ -353,7 +353,105 @@ def _error_cases() -> list[Any]:
     }
     cases.update(_export_error_cases())
     cases.update(_fold_cases())
+    cases.update(_block_cases())
     return [pytest.param(trigger, id=name) for name, trigger in cases.items()]
+
+
+class _TwoArgBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x, scale=1.0):
+        return self.b(torch.relu(self.a(x))) * scale
+
+
+class _AsDict(nn.Module):
+    def forward(self, x):
+        return {"y": x}
+
+
+class _WithBlock(nn.Module):
+    """A model whose ``block`` can be called twice, with a per-batch scalar, or return a dict."""
+
+    def __init__(self, how: str = ""):
+        super().__init__()
+        self.block = _TwoArgBlock()
+        self.how = how
+
+    def forward(self, x):
+        if self.how == "twice":
+            return self.block(self.block(x))
+        if self.how == "keyword":
+            return self.block(x=x)
+        if self.how == "scale":
+            return self.block(x, x.sum())
+        return self.block(x)
+
+
+def _block_cases() -> dict[str, Callable[[], Any]]:
+    """Block reconstruction's errors and warning (raised as an error so its text can be checked)."""
+    from lightning_adaround import AdaRoundCallback, AdaRoundConfig, adaround
+
+    x = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def run(blocks=None, how="", **kwargs):
+        config = AdaRoundConfig(iterations=2, reconstruction="block", blocks=blocks, **kwargs.pop("config", {}))
+        adaround(_seeded(lambda: _WithBlock(how)), x, config, **kwargs)
+
+    def no_block_found():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            adaround(_tiny(), x, AdaRoundConfig(iterations=2, reconstruction="block"))
+
+    def ddp():
+        trainer = SimpleNamespace(strategy=SimpleNamespace(), world_size=2)
+        AdaRoundCallback(reconstruction="block").setup(trainer, None, "validate")
+
+    fisher = {"block_loss": "fisher"}
+    return {
+        "block: reconstruction": lambda: AdaRoundConfig(reconstruction="blocks"),
+        "block: block_loss": lambda: AdaRoundConfig(reconstruction="block", block_loss="kl"),
+        "block: blocks str": lambda: AdaRoundConfig(reconstruction="block", blocks="features.*"),
+        "block: not block mode": lambda: AdaRoundConfig(blocks=["features.*"]),
+        "block: fisher without task_loss": lambda: run(["block"], config=fisher),
+        "block: no match": lambda: run(["features.*"]),
+        "block: run of a non-sequential": lambda: run(["block[0:2]"]),
+        "block: run out of range": lambda: adaround(
+            _tiny(), x, AdaRoundConfig(iterations=2, reconstruction="block", blocks=["[1:5]"]),
+        ),
+        "block: no layer": lambda: adaround(
+            _tiny(), x, AdaRoundConfig(iterations=2, reconstruction="block", blocks=["1"]),
+        ),
+        "block: overlap": lambda: run(["block", "block.a"]),
+        "block: called twice": lambda: run(["block"], "twice"),
+        "block: keyword input": lambda: run(["block"], "keyword"),
+        "block: changing argument": lambda: run(["block"], "scale"),
+        "block: output not a tensor": lambda: adaround(
+            nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), _AsDict()), x,
+            AdaRoundConfig(iterations=2, reconstruction="block", blocks=["[0:4]"]),
+        ),
+        "block: shapes": lambda: adaround(
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3)),
+            [torch.randn(2, 1, 8, 8), torch.randn(2, 1, 9, 9)],
+            AdaRoundConfig(iterations=2, reconstruction="block", blocks=["[0:3]"]),
+        ),
+        "block: nan": lambda: adaround(
+            _seeded(_WithBlock), [torch.full((4, 8), float("nan"))],
+            AdaRoundConfig(iterations=2, reconstruction="block", blocks=["block"]),
+        ),
+        "block: fisher zero": lambda: run(["block"], config=fisher, task_loss=lambda out, batch: (out * 0).sum()),
+        "block: fisher unused": lambda: run(
+            ["block"], config=fisher, task_loss=lambda out, batch: torch.ones((), requires_grad=True) * batch.sum(),
+        ),
+        "block: fisher not scalar": lambda: run(["block"], config=fisher, task_loss=lambda out, batch: out),
+        "block: none found (warning)": no_block_found,
+        "block: task_loss callback": lambda: AdaRoundCallback(task_loss="cross_entropy"),
+        "block: ddp callback": ddp,
+        "block: distributed_adaround": lambda: _distributed().distributed_adaround(
+            _tiny(), x, AdaRoundConfig(reconstruction="block"),
+        ),
+    }
 
 
 def _fold_cases() -> dict[str, Callable[[], Any]]:
