@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_adaround.bias_correction import SumReduce, correct_biases
 from lightning_adaround.capture import ForwardFn, InputCapture, default_forward, execution_order
 from lightning_adaround.chain import find_block_chains
 from lightning_adaround.checkpoint import PathLike, RoundingCheckpoint, run_fingerprint
@@ -62,6 +63,7 @@ def adaround(
     move_batch: MoveBatch = move_to_device,
     objective_builder: Optional[Callable[..., Any]] = None,
     checkpoint_dir: Optional[PathLike] = None,
+    statistics_reduce: Optional[SumReduce] = None,
 ) -> AdaRoundResult:
     """Round ``model``'s weights in place with AdaRound and return what was done per layer.
 
@@ -85,6 +87,8 @@ def adaround(
             again with the same arguments after an interruption (an exception, Ctrl-C, a killed
             process) skips the finished layers and gives the same integer weights as an
             uninterrupted run; a folder from other settings, model or data is refused.
+        statistics_reduce: Sums the bias-correction statistics over processes (passed by
+            ``distributed.distributed_adaround``).
 
     Raises:
         ValueError: empty calibration data, no supported layer selected, a NaN/Inf, huge or empty
@@ -125,6 +129,7 @@ def adaround(
     # saved for backward, so everything below is created outside it.
     with torch.inference_mode(False), torch.enable_grad():
         float_weights = {name: module.weight.detach().clone() for name, module in layers}
+        float_biases = {name: m.bias.detach().clone() for name, m in layers if m.bias is not None}
         try:
             checkpoint = None
             if checkpoint_dir is not None:
@@ -145,10 +150,15 @@ def adaround(
                 device, cache_device, activations or {}, observer, grad_reduce,
                 objective_builder or build_layer_objective, checkpoint,
             )
+            if config.bias_correction:  # a fresh capture: inputs change as earlier biases are corrected
+                fresh = InputCapture(model, staged, run, chains, device, cache_device)
+                correct_biases(model, result, fresh, float_weights, device, statistics_reduce)
         except BaseException:
             with torch.no_grad():
                 for name, module in layers:
                     module.weight.copy_(float_weights[name].to(module.weight.device))
+                    if name in float_biases:
+                        module.bias.copy_(float_biases[name].to(module.bias.device))
             raise
         finally:
             model.to(home)

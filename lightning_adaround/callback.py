@@ -73,6 +73,9 @@ class _AdaRoundCallbackBase:
             rescales the channels of consecutive layers so one per-tensor grid fits them all,
             outputs unchanged. ``None`` (default): on for ``granularity="per_tensor"``, off for
             ``"per_channel"`` (per-channel scales already fit each channel). Restored if rounding fails.
+        bias_correction: After rounding, move each rounded layer's mean output error on the
+            calibration data into its bias (a layer without a bias only reports it; see
+            ``AdaRoundConfig``). Under DDP the means are taken over every rank's samples.
         seed: Seed of the minibatch sampler and of the calibration read (a shuffling loader
             gives the same samples on every run; the global random state is left alone).
         log_every_n_steps: Per-step loss logging interval (default: the Trainer's).
@@ -136,6 +139,7 @@ class _AdaRoundCallbackBase:
         carry_activations: bool = True,
         fold_batchnorm: bool = True,
         equalize: Optional[bool] = None,
+        bias_correction: bool = False,
         seed: int = 0,
         log_every_n_steps: Optional[int] = None,
         keep_float_weights: bool = False,
@@ -175,7 +179,7 @@ class _AdaRoundCallbackBase:
             cache_dtype=cache_dtype, carry_activations=carry_activations, seed=seed,
             layers=layers, exclude=tuple(exclude), layer_bits=dict(layer_bits or {}),
             log_every_n_steps=50 if log_every_n_steps is None else log_every_n_steps,
-            keep_float_weights=keep_float_weights,
+            keep_float_weights=keep_float_weights, bias_correction=bias_correction,
         )
         self.run_on = run_on
         self.num_calibration_samples = num_calibration_samples
@@ -412,6 +416,10 @@ class _TrainerObserver(AdaRoundObserver):
 
     def on_end(self, result: AdaRoundResult) -> None:
         self.progress.close()
+        shifts = {f"adaround/{r.name}/bias_shift": r.bias_shift_max for r in result.layers.values()}
+        shifts = {k: v for k, v in shifts.items() if v is not None}
+        if shifts:
+            self._log(shifts, self.callback._log_step)
         for logger in self.trainer.loggers:
             logger.save()
         if self.callback.verbose:
