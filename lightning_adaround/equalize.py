@@ -192,7 +192,10 @@ def _why_not(pair: _Pair, modules: dict[str, nn.Module]) -> Optional[str]:
     c1, c2 = _channels_out(first), _channels_in(second)
     conv_to_linear = not isinstance(first, nn.Linear) and isinstance(second, nn.Linear)
     if conv_to_linear != pair.flattened or (isinstance(first, nn.Linear) and not isinstance(second, nn.Linear)):
-        return f"a {type(first).__name__} feeds a {type(second).__name__} through a reshape this cannot follow"
+        return (
+            f"the {type(first).__name__}'s output channels do not map onto the {type(second).__name__}'s input "
+            "channels (only a Flatten(start_dim=1) between a convolution and a Linear is followed)"
+        )
     fits = c1 > 0 and (c2 % c1 == 0 if pair.flattened else c2 == c1)
     if not fits:
         return f"{pair.first!r} has {c1} output channels and {pair.second!r} {c2} input channels"
