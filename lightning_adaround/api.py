@@ -150,8 +150,8 @@ def adaround(
                 device, cache_device, activations or {}, observer, grad_reduce,
                 objective_builder or build_layer_objective, checkpoint,
             )
-            if config.bias_correction:  # a fresh capture: inputs change as earlier biases are corrected
-                fresh = InputCapture(model, staged, run, chains, device, cache_device)
+            if config.bias_correction:  # fresh captures: inputs change as earlier biases are corrected
+                fresh = lambda: InputCapture(model, staged, run, chains, device, cache_device)  # noqa: E731
                 correct_biases(model, result, fresh, float_weights, device, statistics_reduce)
         except BaseException:
             with torch.no_grad():

@@ -70,9 +70,9 @@ class AdaRoundConfig:
             without rounding again. Costs one float copy of the rounded weights (in memory
             and in checkpoints that hold the result).
         bias_correction: After rounding, add each rounded layer's mean output error on the
-            calibration data (float weight minus rounded weight, per output channel, its input
-            from the model with the earlier layers rounded and corrected) to its bias. A layer
-            without a bias keeps none; its shift is only reported (``LayerResult.bias_shift``).
+            calibration data to its bias: per output channel, its mean output in the float model
+            minus its mean output in the model whose earlier layers are rounded and corrected. A
+            layer without a bias keeps none; its shift is only reported (``LayerResult.bias_shift``).
     """
 
     bits: int = 4

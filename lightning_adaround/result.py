@@ -36,7 +36,7 @@ class LayerResult:
     cache_bytes: int = 0  # cached activations (minibatch) or moments plus held-out samples
     history: list[tuple[int, float, float, float]] = field(default_factory=list)  # (step, recon, reg, beta)
     float_weight: Optional[Tensor] = None  # the full-precision weight, with keep_float_weights=True
-    # bias_correction=True: the mean output error per output channel (float minus rounded weight)...
+    # bias_correction=True: the mean output error per output channel (float model minus rounded model)...
     bias_shift: Optional[Tensor] = None
     bias_corrected: bool = False  # ...added to the bias (False: the layer has no bias; only reported)
 

@@ -145,17 +145,17 @@ def bias_correction(rank: int, errors: dict) -> dict:
             for i in (0, 2)
         ),
     }
-    real = correction._error_sums
+    real = correction._output_sums
 
     def fails(*args):
         raise RuntimeError("no output error on this rank")
 
     if rank == 1:
-        correction._error_sums = fails
+        correction._output_sums = fails
     failing = model()
     before = {k: v.clone() for k, v in failing.state_dict().items()}
     errors["bias_correction_on_rank1"] = expect_error(lambda: distributed_adaround(failing, data(rank), config))
-    correction._error_sums = real
+    correction._output_sums = real
     found["restored"] = all(torch.equal(v, before[k]) for k, v in failing.state_dict().items())
     return found
 
