@@ -91,6 +91,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         lambda: distributed_adaround(model(), huge, AdaRoundConfig(iterations=40, batch_size=16, loss_form="minibatch"))
     )
     report = {"errors": errors}
+    report["bias_correction"] = bias_correction(rank, errors)  # before the scenarios that end the run
     # Each rank passes its own batches; the global set is rank 0's batches, then rank 1's.
     report["own_batches"] = compare(
         distributed_adaround(model(), data(10 + rank), config), adaround(model(), data(10) + data(11), config)
@@ -124,7 +125,6 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         distributed_adaround(conv_model(), shard_calibration(batches, rank, world), conv_config, sync_every_step=True),
         adaround(conv_model(), batches, conv_config),
     )
-    report["bias_correction"] = bias_correction(rank, errors)
     Path(out, f"plain{rank}.json").write_text(json.dumps(report))
     dist.barrier()  # both ranks done before either tears the group down (gloo aborts otherwise, rarely)
     dist.destroy_process_group()
@@ -141,7 +141,8 @@ def bias_correction(rank: int, errors: dict) -> dict:
     found = {
         "integer_weights_equal": compare(ddp, single)["integer_weights_equal"],
         "bias_rel_diff": max(
-            float((ddp_model[i].bias - single_model[i].bias).abs().max() / single.layers[str(i)].bias_shift.abs().max())
+            float((ddp_model[i].bias - single_model[i].bias).detach().abs().max()
+                  / single.layers[str(i)].bias_shift.abs().max())
             for i in (0, 2)
         ),
     }
