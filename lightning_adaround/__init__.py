@@ -1,13 +1,14 @@
 """AdaRound post-training weight rounding for PyTorch, with a PyTorch Lightning callback.
 
 Public API: ``adaround`` and ``AdaRoundConfig`` (plain PyTorch), the grid granularities,
-the result types, the observer hooks, BatchNorm folding, export (a quantized file, ONNX) and full-precision
+the result types, the observer hooks, BatchNorm folding, cross-layer equalization, export (a quantized file, ONNX) and full-precision
 A/B switching, and ``AdaRoundCallback`` (imported lazily so the core works without
 Lightning installed).
 """
 
 from lightning_adaround.api import adaround, round_to_nearest
 from lightning_adaround.config import AdaRoundConfig
+from lightning_adaround.equalize import equalize_layers
 from lightning_adaround.fold import fold_batchnorm
 from lightning_adaround.export import export_quantized, load_quantized, use_float_weights, use_rounded_weights
 from lightning_adaround.onnx_export import export_onnx
@@ -25,6 +26,7 @@ __all__ = [
     "PerTensor",
     "QuantGrid",
     "adaround",
+    "equalize_layers",
     "export_onnx",
     "export_quantized",
     "fold_batchnorm",

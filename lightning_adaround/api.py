@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_adaround.bias_correction import SumReduce, correct_biases
 from lightning_adaround.capture import ForwardFn, InputCapture, default_forward, execution_order
 from lightning_adaround.blocks import Block, find_blocks
 from lightning_adaround.chain import find_block_chains
@@ -64,6 +65,7 @@ def adaround(
     objective_builder: Optional[Callable[..., Any]] = None,
     checkpoint_dir: Optional[PathLike] = None,
     task_loss: Optional[TaskLoss] = None,
+    statistics_reduce: Optional[SumReduce] = None,
 ) -> AdaRoundResult:
     """Round ``model``'s weights in place with AdaRound and return what was done per layer.
 
@@ -89,6 +91,8 @@ def adaround(
             uninterrupted run; a folder from other settings, model or data is refused.
         task_loss: ``task_loss(output, batch) -> scalar``, the training loss of one batch (its
             labels moved to the device), for ``block_loss="fisher"``.
+        statistics_reduce: Sums the bias-correction statistics over processes (passed by
+            ``distributed.distributed_adaround``).
 
     Raises:
         ValueError: empty calibration data, no supported layer selected, a NaN/Inf, huge or empty
@@ -134,6 +138,7 @@ def adaround(
     # saved for backward, so everything below is created outside it.
     with torch.inference_mode(False), torch.enable_grad():
         float_weights = {name: module.weight.detach().clone() for name, module in layers}
+        float_biases = {name: m.bias.detach().clone() for name, m in layers if m.bias is not None}
         try:
             checkpoint = None
             if checkpoint_dir is not None:
@@ -158,10 +163,15 @@ def adaround(
                 device, cache_device, activations or {}, observer, grad_reduce,
                 objective_builder or build_layer_objective, checkpoint, blocks, loss_on_device,
             )
+            if config.bias_correction:  # fresh captures: inputs change as earlier biases are corrected
+                fresh = lambda: InputCapture(model, staged, run, chains, device, cache_device)  # noqa: E731
+                correct_biases(model, result, fresh, float_weights, device, statistics_reduce)
         except BaseException:
             with torch.no_grad():
                 for name, module in layers:
                     module.weight.copy_(float_weights[name].to(module.weight.device))
+                    if name in float_biases:
+                        module.bias.copy_(float_biases[name].to(module.bias.device))
             raise
         finally:
             model.to(home)

@@ -24,6 +24,7 @@ from lightning_adaround.calibration import take_samples
 from lightning_adaround.checkpoint import PathLike
 from lightning_adaround.capture import default_forward
 from lightning_adaround.config import AdaRoundConfig
+from lightning_adaround.equalize import equalize_layers
 from lightning_adaround.fold import fold_batchnorm
 from lightning_adaround.distributed import CalibrationShard, distributed_adaround, is_sharded_loader, shard_calibration
 from lightning_adaround.observer import AdaRoundObserver
@@ -68,6 +69,13 @@ class _AdaRoundCallbackBase:
             (``lightning_adaround.fold_batchnorm``), so each grid fits the weights a runtime
             uses; ``state_dict`` keys and outputs stay the same, the BatchNorm keeps an exact
             shift. Restored if rounding fails.
+        equalize: Cross-layer equalization after folding (``lightning_adaround.equalize_layers``):
+            rescales the channels of consecutive layers so one per-tensor grid fits them all,
+            outputs unchanged. ``None`` (default): on for ``granularity="per_tensor"``, off for
+            ``"per_channel"`` (per-channel scales already fit each channel). Restored if rounding fails.
+        bias_correction: After rounding, move each rounded layer's mean output error on the
+            calibration data into its bias (a layer without a bias only reports it; see
+            ``AdaRoundConfig``). Under DDP the means are taken over every rank's samples.
         seed: Seed of the minibatch sampler and of the calibration read (a shuffling loader
             gives the same samples on every run; the global random state is left alone).
         log_every_n_steps: Per-step loss logging interval (default: the Trainer's).
@@ -134,6 +142,8 @@ class _AdaRoundCallbackBase:
         cache_dtype: Optional[torch.dtype] = None,
         carry_activations: bool = True,
         fold_batchnorm: bool = True,
+        equalize: Optional[bool] = None,
+        bias_correction: bool = False,
         seed: int = 0,
         log_every_n_steps: Optional[int] = None,
         keep_float_weights: bool = False,
@@ -160,6 +170,10 @@ class _AdaRoundCallbackBase:
                 f"num_calibration_samples={num_calibration_samples!r} must be a positive integer "
                 "(about 1,024 is typical) or None to read all calibration data."
             )
+        if equalize not in (None, True, False):
+            raise ValueError(
+                f"equalize={equalize!r} must be True, False or None (None: on for granularity='per_tensor')."
+            )
         if forward_fn is not None and not callable(forward_fn):
             raise TypeError(f"forward_fn={forward_fn!r} must be callable as forward_fn(module, batch).")
         if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
@@ -174,7 +188,7 @@ class _AdaRoundCallbackBase:
             layers=layers, exclude=tuple(exclude), layer_bits=dict(layer_bits or {}),
             log_every_n_steps=50 if log_every_n_steps is None else log_every_n_steps,
             keep_float_weights=keep_float_weights, reconstruction=reconstruction, blocks=blocks,
-            block_loss=block_loss,
+            block_loss=block_loss, bias_correction=bias_correction,
         )
         if task_loss is not None and not callable(task_loss):
             raise TypeError(f"task_loss={task_loss!r} must be callable as task_loss(output, batch).")
@@ -187,6 +201,7 @@ class _AdaRoundCallbackBase:
         self.verbose = verbose
         self.report = report
         self.fold_batchnorm = fold_batchnorm
+        self.equalize = equalize
         self.checkpoint_dir = checkpoint_dir
         self.report_path: Optional[str] = None
         self.result: Optional[AdaRoundResult] = None
@@ -279,11 +294,17 @@ class _AdaRoundCallbackBase:
         batches = read if distributed else read()  # under DDP, read inside the failure protocol
         observer = _TrainerObserver(self, trainer, config.iterations)
         options: dict[str, Any] = {} if distributed else {"checkpoint_dir": self.checkpoint_dir, "task_loss": self.task_loss}
+        fold = self.fold_batchnorm and any(isinstance(m, _BatchNorm) for m in pl_module.modules())
+        equalize = self.equalize if self.equalize is not None else isinstance(config.granularity, PerTensor)
         before_folding = None
-        if self.fold_batchnorm and any(isinstance(m, _BatchNorm) for m in pl_module.modules()):
+        if fold or equalize:
             before_folding = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        if fold:
             folded = fold_batchnorm(pl_module)
             self._info(f"AdaRound: folded {len(folded)} BatchNorm(s) into the layers that feed them.")
+        if equalize:
+            pairs = equalize_layers(pl_module)
+            self._info(f"AdaRound: equalized the channel ranges of {len(pairs)} pair(s) of consecutive layers.")
         try:
             self.result = (distributed_adaround if distributed else adaround)(
                 pl_module, batches, config,
@@ -294,7 +315,7 @@ class _AdaRoundCallbackBase:
                 **options,
             )
         except BaseException:
-            if before_folding is not None:  # the model as it was given, BatchNorms unfolded
+            if before_folding is not None:  # the model as it was given: BatchNorms unfolded, not equalized
                 with torch.no_grad():
                     pl_module.load_state_dict(before_folding)
             raise
@@ -421,6 +442,10 @@ class _TrainerObserver(AdaRoundObserver):
 
     def on_end(self, result: AdaRoundResult) -> None:
         self.progress.close()
+        shifts = {f"adaround/{r.name}/bias_shift": r.bias_shift_max for r in result.layers.values()}
+        shifts = {k: v for k, v in shifts.items() if v is not None}
+        if shifts:
+            self._log(shifts, self.callback._log_step)
         for logger in self.trainer.loggers:
             logger.save()
         if self.callback.verbose:

@@ -81,6 +81,10 @@ class AdaRoundConfig:
             ``use_rounded_weights`` can switch the model between the two for A/B evaluation
             without rounding again. Costs one float copy of the rounded weights (in memory
             and in checkpoints that hold the result).
+        bias_correction: After rounding, add each rounded layer's mean output error on the
+            calibration data to its bias: per output channel, its mean output in the float model
+            minus its mean output in the model whose earlier layers are rounded and corrected. A
+            layer without a bias keeps none; its shift is only reported (``LayerResult.bias_shift``).
     """
 
     bits: int = 4
@@ -113,6 +117,7 @@ class AdaRoundConfig:
     layer_bits: Mapping[str, int] = field(default_factory=dict)
     log_every_n_steps: int = 50
     keep_float_weights: bool = False
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -164,6 +169,8 @@ class AdaRoundConfig:
             raise TypeError(f"cache_dtype={self.cache_dtype!r} must be a floating torch dtype, e.g. torch.bfloat16.")
         if self.cache_dir is not None and not os.path.isdir(self.cache_dir):
             raise ValueError(f"cache_dir={self.cache_dir!r} is not an existing directory; create it or pass None.")
+        if not isinstance(self.bias_correction, bool):
+            raise TypeError(f"bias_correction={self.bias_correction!r} must be True or False.")
         check_layer_types(self.layer_types)
         if isinstance(self.layers, str) or isinstance(self.exclude, str):
             raise TypeError("layers and exclude take a list of name globs, e.g. layers=['features.*'].")

@@ -384,6 +384,21 @@ class _Sync:
             t.copy_(reduced[offset:offset + t.numel()].view_as(t).to(t.dtype))
             offset += t.numel()
 
+    def sum_statistics(self, name: str, numel: int, compute: Callable[[], Tensor]) -> Tensor:
+        """Sum this rank's ``compute()`` (``numel`` float64 values) over ranks, for bias correction.
+
+        A status exchange first sets the next collective to this one, so a rank that fails inside
+        ``compute`` meets the others in it with its flag set.
+        """
+        self.where = f"correcting the bias of layer {name!r}"
+        self.status([], then=_Next(numel, torch.float64))
+        local = compute().to(device=self.device, dtype=torch.float64)
+        reduced, _ = self.collective(
+            local, self.status_next, local_flag=~torch.isfinite(local).all(),
+            flag_message=f"non-finite output error while {self.where} (check this rank's calibration data)",
+        )
+        return reduced
+
     def reduce_error(self, total: float, count: int) -> float:
         """Global mean squared error from each rank's sum and count (before/after optimisation)."""
         self.where = f"evaluating layer {self.layer!r}"
@@ -833,6 +848,7 @@ def distributed_adaround(
             forward_fn=forward_fn, device=device, activations=activations,
             observer=_RankZeroObserver(observer, sync), grad_reduce=sync.grad_reduce,
             move_batch=move_batch, objective_builder=_DistributedLayers(sync, layout, sync_every_step),
+            statistics_reduce=sync.sum_statistics,
         )
         sync.status([])  # after the last layer: any late failure reaches every rank
     return result

@@ -37,6 +37,14 @@ class LayerResult:
     history: list[tuple[int, float, float, float]] = field(default_factory=list)  # (step, recon, reg, beta)
     float_weight: Optional[Tensor] = None  # the full-precision weight, with keep_float_weights=True
     block: str = ""  # the block it was rounded with (its MSEs are the block output's), or "" alone
+    # bias_correction=True: the mean output error per output channel (float model minus rounded model)...
+    bias_shift: Optional[Tensor] = None
+    bias_corrected: bool = False  # ...added to the bias (False: the layer has no bias; only reported)
+
+    @property
+    def bias_shift_max(self) -> Optional[float]:
+        """The largest ``|bias_shift|`` (``None`` without bias correction)."""
+        return float(self.bias_shift.abs().max()) if self.bias_shift is not None and self.bias_shift.numel() else None
 
     @property
     def improvement(self) -> float:
@@ -72,6 +80,10 @@ class AdaRoundResult:
             for r in self.layers.values()
         ]
         rows += [(name, "-", "-", "0", "-", "-", "-", "-", "unreached: left in float") for name in self.unreached]
+        if any(r.bias_shift is not None for r in self.layers.values()):  # bias correction ran
+            header = header[:-1] + ("bias shift",) + header[-1:]
+            shifts = [_shift_cell(r) for r in self.layers.values()] + ["-"] * len(self.unreached)
+            rows = [row[:-1] + (shift,) + row[-1:] for row, shift in zip(rows, shifts)]
         widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
         lines = [
             "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
@@ -94,6 +106,13 @@ class AdaRoundResult:
             unreached=list(state.get("unreached", [])),
             restored=list(state.get("restored", [])),
         )
+
+
+def _shift_cell(r: LayerResult) -> str:
+    """Max ``|shift|`` added to the bias, or only measured for a layer without one."""
+    if r.bias_shift_max is None:
+        return "-"
+    return f"{r.bias_shift_max:.2e}" + ("" if r.bias_corrected else " (no bias)")
 
 
 def compact_integer(weight_int: Tensor, qmin: int, qmax: int) -> Tensor:

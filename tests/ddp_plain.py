@@ -91,6 +91,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         lambda: distributed_adaround(model(), huge, AdaRoundConfig(iterations=40, batch_size=16, loss_form="minibatch"))
     )
     report = {"errors": errors}
+    report["bias_correction"] = bias_correction(rank, errors)  # before the scenarios that end the run
     # Each rank passes its own batches; the global set is rank 0's batches, then rank 1's.
     report["own_batches"] = compare(
         distributed_adaround(model(), data(10 + rank), config), adaround(model(), data(10) + data(11), config)
@@ -127,6 +128,37 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     Path(out, f"plain{rank}.json").write_text(json.dumps(report))
     dist.barrier()  # both ranks done before either tears the group down (gloo aborts otherwise, rarely)
     dist.destroy_process_group()
+
+
+def bias_correction(rank: int, errors: dict) -> dict:
+    """Biases corrected from per-rank batches equal one process's on all of them; a failure restores them."""
+    import lightning_adaround.bias_correction as correction
+
+    config = AdaRoundConfig(iterations=40, batch_size=16, bias_correction=True)
+    ddp_model, single_model = model(), model()
+    ddp = distributed_adaround(ddp_model, data(10 + rank), config)
+    single = adaround(single_model, data(10) + data(11), config)
+    found = {
+        "integer_weights_equal": compare(ddp, single)["integer_weights_equal"],
+        "bias_rel_diff": max(
+            float((ddp_model[i].bias - single_model[i].bias).detach().abs().max()
+                  / single.layers[str(i)].bias_shift.abs().max())
+            for i in (0, 2)
+        ),
+    }
+    real = correction._output_sums
+
+    def fails(*args):
+        raise RuntimeError("no output error on this rank")
+
+    if rank == 1:
+        correction._output_sums = fails
+    failing = model()
+    before = {k: v.clone() for k, v in failing.state_dict().items()}
+    errors["bias_correction_on_rank1"] = expect_error(lambda: distributed_adaround(failing, data(rank), config))
+    correction._output_sums = real
+    found["restored"] = all(torch.equal(v, before[k]) for k, v in failing.state_dict().items())
+    return found
 
 
 def free_port() -> int:

@@ -157,6 +157,12 @@ def test_plain_torch_distributed_cases(tmp_path):
     collectives = report[0]["collectives"]
     assert collectives["per_run"]["30"] == collectives["per_run"]["90"], collectives
     assert collectives["per_run"]["30"] <= 8 * collectives["layers"], collectives
+    # Bias correction: the per-channel means are summed over ranks; a rank failing there stops both.
+    corrected = report[0]["bias_correction"]
+    assert corrected["integer_weights_equal"] and corrected["bias_rel_diff"] < 1e-5, corrected
+    assert corrected["restored"], corrected
+    assert "rank 1: RuntimeError while correcting the bias of layer '0': no output error" in (
+        errors["bias_correction_on_rank1"])
 
 
 # ------------------------------------------------------------------------------ no processes

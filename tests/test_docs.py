@@ -354,6 +354,7 @@ def _error_cases() -> list[Any]:
     cases.update(_export_error_cases())
     cases.update(_fold_cases())
     cases.update(_block_cases())
+    cases.update(_equalize_cases())
     return [pytest.param(trigger, id=name) for name, trigger in cases.items()]
 
 
@@ -483,6 +484,45 @@ def _fold_cases() -> dict[str, Callable[[], Any]]:
     }
 
 
+def _equalize_cases() -> dict[str, Callable[[], Any]]:
+    """equalize_layers' errors and warnings (as errors), the equalize and bias_correction options."""
+    from lightning_adaround import AdaRoundCallback, AdaRoundConfig, equalize_layers
+
+    def as_error(make_model: Callable[[], nn.Module], **kwargs: Any) -> Callable[[], Any]:
+        def run():
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                equalize_layers(make_model(), **kwargs)
+        return run
+
+    class Relu6Call(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(nn.functional.relu6(self.a(x)))
+
+    def between(*middle: nn.Module, first: Any = None, second: Any = None) -> Callable[[], nn.Module]:
+        return lambda: nn.Sequential(first or nn.Conv2d(3, 4, 3), *middle, second or nn.Conv2d(4, 4, 1))
+
+    linear = lambda: nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))  # noqa: E731
+    return {
+        "equalize: relu6 (warning)": as_error(between(nn.ReLU6())),
+        "equalize: relu6 call (warning)": as_error(Relu6Call),
+        "equalize: unfolded (warning)": as_error(between(nn.BatchNorm2d(4), nn.ReLU())),
+        "equalize: no statistics (warning)": as_error(between(nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU())),
+        "equalize: silu (warning)": as_error(between(nn.SiLU())),
+        "equalize: transposed (warning)": as_error(between(nn.ReLU(), first=nn.ConvTranspose2d(3, 4, 3))),
+        "equalize: reshape (warning)": as_error(between(nn.ReLU(), second=nn.Linear(4, 2))),
+        "equalize: channels (warning)": as_error(linear, pairs=[("0", "0")]),
+        "equalize: unknown name": as_error(linear, pairs=[("fc", "2")]),
+        "equalize: not a layer": as_error(linear, pairs=[("0", "1")]),
+        "equalize option": lambda: AdaRoundCallback(equalize="yes"),
+        "bias_correction option": lambda: AdaRoundConfig(bias_correction="yes"),
+    }
+
+
 def _export_error_cases() -> dict[str, Callable[[], Any]]:
     """The messages of lightning_adaround.export and .onnx_export, on a tiny rounded model."""
     import copy
@@ -580,7 +620,7 @@ def test_mkdocs_build_strict(tmp_path):
     build = _mkdocs_build(ROOT / "mkdocs.yml", tmp_path / "site")
     assert build.returncode == 0, build.stdout + build.stderr
     for page in ("index", "quickstart", "how-it-works", "configuration", "choosing-bits",
-                 "multi-gpu", "export", "reliability", "troubleshooting"):
+                 "multi-gpu", "export", "reliability", "troubleshooting", "ptq-toolbox"):
         html = tmp_path / "site" / ("index.html" if page == "index" else f"{page}/index.html")
         assert html.is_file(), page
         text = html.read_text(encoding="utf-8")

@@ -1,0 +1,167 @@
+"""Bias correction: each rounded layer's mean output error on the calibration data moves into its bias."""
+
+import copy
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_adaround import AdaRoundConfig, adaround
+from lightning_adaround.checkpoint import run_fingerprint
+
+FAST = dict(bits=3, iterations=30, batch_size=16)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU(),  # no bias: the shift is only reported
+        nn.Flatten(), nn.Linear(8 * 36, 10),
+    ).eval()
+
+
+def _batches(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, 3, 6, 6, generator=g) + 0.5 for _ in range(n)]  # a non-zero mean input
+
+
+def _layer_means(model, names, batches):
+    """Per layer: its mean output per channel over the calibration data."""
+    outputs = {name: [] for name in names}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda m, args, out, n=n: outputs[n].append(out.movedim(-1 if out.dim() == 2 else 1, 0).flatten(1)))
+        for n in names]
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(o, dim=1).double().mean(1) for n, o in outputs.items()}
+
+
+def _mean_errors(model, names, batches):
+    """Per layer: the largest |mean output of the float model - mean output of ``model``| over channels."""
+    reference, found = _layer_means(_model(), names, batches), _layer_means(model, names, batches)
+    return {n: float((reference[n] - found[n]).abs().max()) for n in names}
+
+
+def test_mean_output_error_is_removed_and_layers_without_bias_only_report():
+    batches = _batches()
+    plain_model, model = _model(), _model()
+    plain = adaround(plain_model, batches, AdaRoundConfig(**FAST))
+    corrected = adaround(model, batches, AdaRoundConfig(bias_correction=True, **FAST))
+    for name in plain.layers:  # the same rounding: bias correction only touches biases
+        assert torch.equal(plain.layers[name].integer_weight, corrected.layers[name].integer_weight)
+    before = _mean_errors(plain_model, list(plain.layers), batches)
+    after = _mean_errors(model, list(plain.layers), batches)
+    for name in ("0", "5"):
+        assert corrected.layers[name].bias_corrected
+        assert after[name] < 1e-4 * before[name] + 1e-6, (name, before[name], after[name])
+        shift = corrected.layers[name].bias_shift
+        assert torch.allclose(model.get_submodule(name).bias, _model().get_submodule(name).bias + shift, atol=1e-6)
+    no_bias = corrected.layers["2"]
+    assert model[2].bias is None and not no_bias.bias_corrected and no_bias.bias_shift_max > 0
+    assert list(model.state_dict()) == list(_model().state_dict())
+    table = corrected.summary_table()
+    assert "bias shift" in table and "(no bias)" in table
+    assert "bias shift" not in plain.summary_table()
+    # the end-to-end mean output of the network moves towards the float one
+    reference = _model()
+    with torch.no_grad():
+        float_mean = torch.cat([reference(x) for x in batches]).mean(0)
+        plain_gap = (torch.cat([plain_model(x) for x in batches]).mean(0) - float_mean).abs().max()
+        corrected_gap = (torch.cat([model(x) for x in batches]).mean(0) - float_mean).abs().max()
+    assert corrected_gap < plain_gap
+
+
+def test_off_leaves_biases_bit_identical_and_records_nothing():
+    model, original = _model(), _model()
+    result = adaround(model, _batches(), AdaRoundConfig(**FAST))
+    assert torch.equal(model[0].bias, original[0].bias) and torch.equal(model[5].bias, original[5].bias)
+    assert all(r.bias_shift is None and not r.bias_corrected for r in result.layers.values())
+
+
+def test_failure_during_correction_restores_weights_and_biases(monkeypatch):
+    import lightning_adaround.bias_correction as correction
+
+    model = _model()
+    original = copy.deepcopy(model.state_dict())
+    real = correction._output_sums
+    calls = []
+
+    def second_fails(layer, *args):
+        calls.append(layer)
+        if len(calls) == 5:  # after the float pass (3 layers); the first layer's bias is corrected by now
+            raise RuntimeError("stop in the middle of bias correction")
+        return real(layer, *args)
+
+    monkeypatch.setattr(correction, "_output_sums", second_fails)
+    with pytest.raises(RuntimeError, match="stop in the middle"):
+        adaround(model, _batches(), AdaRoundConfig(bias_correction=True, **FAST))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, original[key]), key
+
+
+def test_checkpoint_resume_corrects_again_and_fingerprints_the_option(tmp_path):
+    batches = _batches()
+    config = AdaRoundConfig(bias_correction=True, **FAST)
+    first, again = _model(), _model()
+    result = adaround(first, batches, config, checkpoint_dir=tmp_path / "ckpt")
+    resumed = adaround(again, batches, config, checkpoint_dir=tmp_path / "ckpt")
+    assert resumed.restored == list(result.layers)
+    for name in ("0", "5"):
+        assert torch.equal(first.get_submodule(name).bias, again.get_submodule(name).bias)
+        assert torch.equal(result.layers[name].bias_shift, resumed.layers[name].bias_shift)
+    model = _model()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    on = run_fingerprint(model, layers, batches, config, {})
+    off = run_fingerprint(model, layers, batches, AdaRoundConfig(**FAST), {})
+    assert on["settings"]["bias_correction"] is True and off["settings"]["bias_correction"] is False
+    with pytest.raises(ValueError, match="bias_correction is True there and False here"):
+        adaround(_model(), batches, AdaRoundConfig(**FAST), checkpoint_dir=tmp_path / "ckpt")
+
+
+def test_bad_value_is_refused():
+    with pytest.raises(TypeError, match="bias_correction='yes' must be True or False"):
+        AdaRoundConfig(bias_correction="yes")
+
+
+def test_through_the_lightning_callback(tmp_path):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_adaround import AdaRoundCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _model()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def validation_step(self, batch, batch_idx):
+            self.log("out", self(batch[0]).abs().mean())
+
+    data = DataLoader(TensorDataset(torch.cat(_batches())), batch_size=16)
+    module = Module()
+    logger = pl.loggers.CSVLogger(tmp_path, name="csv")
+    callback = AdaRoundCallback(run_on="validate", calibration_data=data, bias_correction=True, report=False,
+                                iterations=30, bits=3, batch_size=16)
+    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=logger,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer.validate(module, dataloaders=data, verbose=False)
+    result = callback.result
+    assert result.layers["net.0"].bias_corrected and not result.layers["net.2"].bias_corrected
+    assert torch.allclose(module.net[0].bias, _model()[0].bias + result.layers["net.0"].bias_shift, atol=1e-6)
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r.get("adaround/net.2/bias_shift") for r in rows)
+    # the callback's state (and so a Lightning checkpoint) carries the shifts
+    state = callback.state_dict()
+    fresh = AdaRoundCallback()
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.result.layers["net.0"].bias_shift, result.layers["net.0"].bias_shift)

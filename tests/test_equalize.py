@@ -1,0 +1,298 @@
+"""Cross-layer equalization: same outputs, more equal channel ranges, lower per-tensor error, named skips."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_adaround import AdaRoundConfig, PerTensor, equalize_layers, fold_batchnorm, round_to_nearest
+from lightning_adaround.equalize import channel_range_balance, find_equalization_pairs
+
+
+class InvertedResidual(nn.Module):
+    """Expand 1x1 -> ReLU -> depthwise 3x3 -> ReLU -> project 1x1, plus the block input (traced by torch.fx)."""
+
+    def __init__(self, channels=8, expand=3, multiplier=1, batchnorm=False):
+        super().__init__()
+        hidden = channels * expand
+        self.expand = nn.Conv2d(channels, hidden, 1, bias=not batchnorm)
+        self.bn1 = nn.BatchNorm2d(hidden) if batchnorm else nn.Identity()
+        self.depthwise = nn.Conv2d(hidden, hidden * multiplier, 3, padding=1, groups=hidden)
+        self.project = nn.Conv2d(hidden * multiplier, channels, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.expand(x)))
+        h = nn.functional.relu(self.depthwise(h))
+        return x + self.project(h)
+
+
+class ResidualNet(nn.Module):
+    def __init__(self, batchnorm=False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(InvertedResidual(batchnorm=batchnorm), InvertedResidual(multiplier=2))
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.blocks(torch.relu(self.stem(x)))
+        x = torch.relu(self.grouped(x))
+        return self.head(torch.flatten(self.pool(x), 1))
+
+
+def _unbalanced(model, seed=0):
+    """Spread every channel's scale over two orders of magnitude (a trained net is milder)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                shape = (-1,) + (1,) * (m.weight.dim() - 1)
+                m.weight.mul_(torch.exp(2 * torch.randn(m.weight.shape[0], generator=g)).reshape(shape))
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+def _images(shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+class _no_warning:
+    def __enter__(self):
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        self._catch.__exit__(*exc)
+
+
+def _balance(model, names):
+    return {n: channel_range_balance(model.get_submodule(n).weight) for n in names}
+
+
+def test_inverted_residual_outputs_kept_and_the_residual_branch_left_alone():
+    torch.manual_seed(0)
+    model = _unbalanced(ResidualNet(batchnorm=True))
+    x = _images((8, 3, 8, 8))
+    fold_batchnorm(model)
+    with torch.no_grad():
+        before = model(x)
+    project_before = model.blocks[0].project(torch.relu(model.blocks[0].depthwise(
+        torch.relu(model.blocks[0].bn1(model.blocks[0].expand(model.stem(x).relu()))))))
+    keys = list(model.state_dict())
+    firsts = ["blocks.0.expand", "blocks.0.depthwise", "blocks.1.expand", "blocks.1.depthwise", "grouped"]
+    balance = _balance(model, firsts)
+    with _no_warning():
+        pairs = equalize_layers(model)
+    # stem and project feed a residual add as well: not rescaled; the last pair goes through pool + flatten
+    assert pairs == [
+        ("blocks.0.expand", "blocks.0.depthwise"), ("blocks.0.depthwise", "blocks.0.project"),
+        ("blocks.1.expand", "blocks.1.depthwise"), ("blocks.1.depthwise", "blocks.1.project"), ("grouped", "head"),
+    ]
+    with torch.no_grad():
+        after = model(x)
+        project_after = model.blocks[0].project(torch.relu(model.blocks[0].depthwise(
+            torch.relu(model.blocks[0].bn1(model.blocks[0].expand(model.stem(x).relu()))))))
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(project_after, project_before, rtol=1e-4, atol=1e-5)  # what the add reads
+    for name, old in balance.items():  # min/max channel range moves towards 1
+        assert channel_range_balance(model.get_submodule(name).weight) > old, name
+    assert channel_range_balance(model.blocks[0].expand.weight) > 3 * balance["blocks.0.expand"]
+
+
+def test_digits_cnn_outputs_kept_and_ranges_more_equal(digits_cnn, digits):
+    x = digits["test"].tensors[0][:64]
+    fold_batchnorm(digits_cnn)
+    with torch.no_grad():
+        before = digits_cnn(x)
+    assert find_equalization_pairs(digits_cnn) == [("0", "3"), ("3", "7"), ("7", "12"), ("12", "14")]
+    balance = _balance(digits_cnn, ["0", "3", "7"])  # "12" sits between two pairs: a compromise
+    with _no_warning():
+        equalize_layers(digits_cnn)
+    with torch.no_grad():
+        after = digits_cnn(x)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    for name, old in balance.items():
+        assert channel_range_balance(digits_cnn.get_submodule(name).weight) > old, name
+
+
+def _conv_chain():
+    """conv -> ReLU -> conv -> ReLU -> max pool -> conv -> ReLU -> pool -> flatten -> Linear, channels unbalanced
+    by scales that cancel (the function is the one of a plain initialisation)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    ).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for first, second in (("0", "2"), ("2", "5"), ("5", "9")):
+            a, b = model.get_submodule(first), model.get_submodule(second)
+            c = torch.exp(1.5 * torch.randn(a.out_channels, generator=g))
+            a.weight.mul_(c.reshape(-1, 1, 1, 1))
+            a.bias.mul_(c)
+            b.weight.div_(c.reshape(1, -1, *([1] * (b.weight.dim() - 2))))
+    return model
+
+
+def test_per_tensor_nearest_error_drops_after_equalization():
+    model = _conv_chain()
+    x = _images((64, 3, 8, 8))
+    with torch.no_grad():
+        reference = model(x)
+    config = AdaRoundConfig(bits=4, granularity=PerTensor(), scale_method="minmax")
+
+    def error(prepare):
+        m = copy.deepcopy(model)
+        prepare(m)
+        round_to_nearest(m, config)
+        with torch.no_grad():
+            return float(((m(x) - reference) ** 2).mean() / (reference ** 2).mean())
+
+    plain, equalized = error(lambda m: None), error(equalize_layers)
+    assert equalized < 0.2 * plain, (plain, equalized)
+
+
+def test_chains_are_swept_until_the_scales_settle():
+    torch.manual_seed(0)
+    model = _unbalanced(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)))
+    x = torch.randn(32, 6)
+    with torch.no_grad():
+        before = model(x)
+    assert equalize_layers(model) == [("0", "2"), ("2", "4")]
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
+    # at the fixed point both sides of every pair have equal per-channel ranges
+    middle = model[2].weight.detach()
+    torch.testing.assert_close(model[0].weight.abs().amax(1), middle.abs().amax(0), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(middle.abs().amax(1), model[4].weight.abs().amax(0), rtol=1e-4, atol=1e-7)
+
+
+def test_relu6_and_unfolded_batchnorm_pairs_are_named_and_left_alone():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU6(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+        nn.SiLU(), nn.Conv2d(4, 2, 1),
+    )
+    _unbalanced(model)
+    original = copy.deepcopy(model.state_dict())
+    with pytest.warns(UserWarning) as caught:
+        assert equalize_layers(model) == []
+    messages = [str(w.message) for w in caught]
+    assert messages == [
+        "Layers '0' -> '2' are not equalized: the ReLU6 '1' between them clips, so scaling a channel moves where it "
+        "clips and changes the output (replace it with nn.ReLU to equalize, as the paper does for MobileNetV2).",
+        "Layers '2' -> '5' are not equalized: the BatchNorm '3' between them is not folded; call "
+        "fold_batchnorm(model) first.",
+        "Layers '5' -> '7' are not equalized: the SiLU '6' between them does not commute with a per-channel scale.",
+    ]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, original[key]), key
+
+
+def test_functional_relu6_in_a_traced_model_is_named():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(nn.functional.relu6(self.a(x)))
+
+    with pytest.warns(UserWarning, match=r"Layers 'a' -> 'b' are not equalized: the relu6 call 'relu6' between"):
+        assert equalize_layers(Block()) == []
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 4, 1))
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        return self.body(x)
+
+
+def test_untraceable_model_falls_back_to_sequentials_and_pairs_can_be_named():
+    model = _unbalanced(_Untraceable())
+    x = _images((4, 3, 8, 8))
+    with torch.no_grad():
+        before = model(x)
+    assert equalize_layers(model) == [("body.0", "body.3")]
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
+
+    linear = _unbalanced(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2)))
+    assert equalize_layers(linear, pairs=[("0", "2")]) == [("0", "2")]
+    with pytest.raises(ValueError, match="equalize_layers pairs name 'fc', which is not a module of Sequential"):
+        equalize_layers(linear, pairs=[("fc", "2")])
+    with pytest.raises(ValueError, match="equalize_layers pairs '1', a ReLU; pairs are Linear or convolution layers"):
+        equalize_layers(linear, pairs=[("0", "1")])
+    with pytest.warns(UserWarning, match="'0' has 8 output channels and '0' 5 input channels"):
+        assert equalize_layers(linear, pairs=[("0", "0")]) == []
+
+
+def _trainer(callback):
+    import lightning.pytorch as pl
+
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[callback])
+
+
+def _module():
+    import lightning.pytorch as pl
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = _unbalanced(ResidualNet(batchnorm=True))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def validation_step(self, batch, batch_idx):
+            self.log("out", self(batch[0]).abs().mean())
+
+    return Module()
+
+
+def test_callback_equalizes_for_per_tensor_only_and_restores_on_failure():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_adaround import AdaRoundCallback
+
+    data = DataLoader(TensorDataset(_images((32, 3, 8, 8))), batch_size=16)
+    options = dict(run_on="validate", iterations=5, calibration_data=data, verbose=False, report=False)
+    module = _module()
+    original = {k: v.clone() for k, v in module.state_dict().items()}
+    balance = channel_range_balance(module.net.blocks[1].expand.weight)
+    seen = []
+
+    def spy(model, batch):  # the weights the rounding starts from
+        seen.append(channel_range_balance(model.net.blocks[1].expand.weight))
+        return model(batch[0])
+
+    def failing(model, batch):
+        raise RuntimeError("stop after equalizing")
+
+    with pytest.raises(ValueError, match="stop after equalizing"):
+        _trainer(AdaRoundCallback(granularity="per_tensor", forward_fn=failing, **options)).validate(
+            module, dataloaders=data, verbose=False)
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, original[key]), key
+
+    for granularity, equalize, equalized in (("per_tensor", None, True), ("per_channel", None, False),
+                                             ("per_channel", True, True), ("per_tensor", False, False)):
+        seen.clear()
+        callback = AdaRoundCallback(granularity=granularity, equalize=equalize, forward_fn=spy, **options)
+        _trainer(callback).validate(_module(), dataloaders=data, verbose=False)
+        assert (seen[0] > 3 * balance) == equalized, (granularity, equalize)
+    with pytest.raises(ValueError, match="equalize='yes' must be True, False or None"):
+        AdaRoundCallback(equalize="yes")
