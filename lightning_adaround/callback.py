@@ -24,7 +24,7 @@ from lightning_adaround.calibration import take_samples
 from lightning_adaround.checkpoint import PathLike
 from lightning_adaround.capture import default_forward
 from lightning_adaround.config import AdaRoundConfig
-from lightning_adaround.equalize import equalize_layers
+from lightning_adaround.equalize import clips_restorer, equalize_layers
 from lightning_adaround.fold import fold_batchnorm
 from lightning_adaround.distributed import CalibrationShard, distributed_adaround, is_sharded_loader, shard_calibration
 from lightning_adaround.observer import AdaRoundObserver
@@ -297,6 +297,7 @@ class _AdaRoundCallbackBase:
         fold = self.fold_batchnorm and any(isinstance(m, _BatchNorm) for m in pl_module.modules())
         equalize = self.equalize if self.equalize is not None else isinstance(config.granularity, PerTensor)
         before_folding = None
+        restore_clips = clips_restorer(pl_module)  # equalizing swaps ReLU6 modules for per-channel clips
         if fold or equalize:
             before_folding = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         if fold:
@@ -318,6 +319,7 @@ class _AdaRoundCallbackBase:
             if before_folding is not None:  # the model as it was given: BatchNorms unfolded, not equalized
                 with torch.no_grad():
                     pl_module.load_state_dict(before_folding)
+                restore_clips()
             raise
         finally:
             observer.progress.close()

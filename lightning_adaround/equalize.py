@@ -5,13 +5,14 @@ pooling), dividing output channel ``i`` of ``layer1`` by ``s_i`` and multiplying
 channel ``i`` of ``layer2`` by ``s_i`` leaves the outputs unchanged. ``s_i = sqrt(r1_i / r2_i)``
 gives both channels the range ``sqrt(r1_i * r2_i)``: one per-tensor grid then fits every channel.
 Pairs are found like :mod:`lightning_adaround.fold` finds BatchNorms; fold those first.
+A ReLU6/Hardtanh module in between becomes a :class:`ChannelClip` whose bounds are divided too.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -34,28 +35,56 @@ MAX_SWEEPS = 100
 TOLERANCE = 1e-6  # stop when no scale moves by more than this (relative)
 
 
+class ChannelClip(nn.Module):
+    """``min(max(x, lower), upper)`` with one bound per channel: what a ReLU6 or Hardtanh becomes
+    when equalization scales the channels it clips.
+
+    ``clip(x / s, l, u) = clip(x, l s, u s) / s``, so ``clip(x, l / s, u / s)`` after a layer whose
+    channel ``i`` was divided by ``s_i`` gives the old output divided by ``s_i``: exactly what the
+    next layer, multiplied by ``s_i``, expects. ``lower`` and ``upper`` are non-persistent buffers
+    shaped to broadcast against the channel dim (``(C, 1, 1)`` after a Conv2d, ``(C,)`` after a
+    Linear): ``.to(device)`` moves them and the ``state_dict`` keys stay the model's own.
+    """
+
+    lower: Tensor
+    upper: Tensor
+
+    def __init__(self, lower: Tensor, upper: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("lower", lower, persistent=False)
+        self.register_buffer("upper", upper, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.minimum(torch.maximum(x, self.lower), self.upper)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.lower.shape[0]}"
+
+
+_CLIPPING = (nn.Hardtanh, ChannelClip)  # nn.ReLU6 is a Hardtanh(0, 6)
+
+
 @dataclass
 class _Pair:
     first: str
     second: str
     shifts: list[str] = field(default_factory=list)  # unit-scale (folded) BatchNorms in between
     flattened: bool = False  # a Flatten between a convolution and a Linear
+    clips: list[tuple[str, bool]] = field(default_factory=list)  # ReLU6/Hardtanh/ChannelClip, after a Flatten?
     blocker: Optional[str] = None  # why it cannot be equalized (from the graph)
 
 
 def _step(module: Any, name: str) -> tuple[str, Optional[str]]:
-    """How an op between two layers behaves: ``pass``, ``shift`` (a BatchNorm), ``flatten``, ``block`` or ``stop``."""
+    """How an op between two layers behaves: ``pass``, ``shift`` (a BatchNorm), ``clip`` (bounds to divide),
+    ``flatten``, ``block`` or ``stop``."""
     if isinstance(module, _COMMUTING):
         return "pass", None
     if isinstance(module, _BATCH_NORMS):
         return "shift", None
     if isinstance(module, nn.Flatten):
         return ("flatten", None) if module.start_dim == 1 and module.end_dim == -1 else ("stop", None)
-    if isinstance(module, (nn.ReLU6, nn.Hardtanh)):
-        return "block", (
-            f"the {type(module).__name__} {name!r} between them clips, so scaling a channel moves where it "
-            "clips and changes the output (replace it with nn.ReLU to equalize, as the paper does for MobileNetV2)"
-        )
+    if isinstance(module, _CLIPPING):
+        return "clip", None
     from lightning_adaround.layers import _ELEMENTWISE_ACTIVATIONS
 
     if isinstance(module, _ELEMENTWISE_ACTIVATIONS):
@@ -72,20 +101,29 @@ def _node_step(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[str,
         return "pass", None
     if node.op == "call_function" and node.target in _CLIPPING_FUNCTIONS:
         return "block", (
-            f"the {node.target.__name__} call {node.name!r} between them clips, so scaling a channel moves where "
-            "it clips and changes the output (replace it with a ReLU to equalize, as the paper does for MobileNetV2)"
+            f"the {node.target.__name__} call {node.name!r} between them clips at fixed bounds, and a function "
+            "call cannot be given per-channel ones (use an nn.ReLU6 or nn.Hardtanh module instead: equalization "
+            "replaces it by an exact per-channel clip)"
         )
-    if node.op == "call_function" and node.target in _FLATTEN_FUNCTIONS:
+    is_method = node.op == "call_method" and node.target == "flatten"  # x.flatten(1): args[0] is x
+    if is_method or (node.op == "call_function" and node.target in _FLATTEN_FUNCTIONS):
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
         end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
         return ("flatten", None) if start == 1 and end == -1 else ("stop", None)
     return "stop", None
 
 
+class _Tracer(torch.fx.Tracer):
+    """Keeps a :class:`ChannelClip` as one call, so that a second ``equalize_layers`` finds it."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, ChannelClip) or super().is_leaf_module(m, module_qualified_name)
+
+
 def _traced_pairs(model: nn.Module) -> Optional[list[_Pair]]:
     """Layer -> (ops) -> layer paths of the ``torch.fx`` graph, each op's output used once; ``None`` if untraceable."""
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _Tracer().trace(model)
     except Exception:
         return None
     modules = dict(model.named_modules())
@@ -115,6 +153,8 @@ def _traced_pairs(model: nn.Module) -> Optional[list[_Pair]]:
             kind, reason = _node_step(nxt, modules)
             if kind == "stop" or nxt.args[:1] != (current,):
                 break
+            if kind == "clip" and calls[nxt.target] != 1:
+                kind, reason = "block", _shared(modules[nxt.target], str(nxt.target))
             _record(pair, kind, reason, str(nxt.target) if nxt.op == "call_module" else nxt.name)
             current = nxt
     return pairs
@@ -125,8 +165,17 @@ def _record(pair: _Pair, kind: str, reason: Optional[str], name: str) -> None:
         pair.shifts.append(name)
     elif kind == "flatten":
         pair.flattened = True
+    elif kind == "clip":
+        pair.clips.append((name, pair.flattened))
     elif kind == "block" and pair.blocker is None:
         pair.blocker = reason
+
+
+def _shared(module: nn.Module, name: str) -> str:
+    return (
+        f"the {type(module).__name__} {name!r} between them is used in more than one place, so it cannot "
+        "be given the per-channel bounds of this pair (give each use its own module)"
+    )
 
 
 def _sequential_pairs(model: nn.Module) -> list[_Pair]:
@@ -135,7 +184,7 @@ def _sequential_pairs(model: nn.Module) -> list[_Pair]:
         if not isinstance(module, nn.Sequential):
             continue
         prefix = f"{name}." if name else ""
-        children = list(module.named_children())
+        children = [(n, c) for n, c in module._modules.items() if c is not None]  # repeats kept, unlike named_children
         for i, (a, first) in enumerate(children):
             if not isinstance(first, _LAYERS + _TRANSPOSED):
                 continue
@@ -159,10 +208,11 @@ def _find(model: nn.Module) -> list[_Pair]:
 
 def find_equalization_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """``(layer1, layer2)`` names where ``layer1``'s output reaches only ``layer2``, through ops that
-    commute with a per-channel scale (and unit-scale BatchNorms).
+    commute with a per-channel scale (and unit-scale BatchNorms), or ReLU6/Hardtanh modules.
 
     From the ``torch.fx`` graph when the model traces, else from ``nn.Sequential`` chains.
-    Pairs that a clipping or other activation in between rules out are left out.
+    Pairs that another activation, a ``relu6``/``hardtanh`` function call or a shared
+    (called or registered twice) ReLU6 module in between rules out are left out.
     """
     return [(p.first, p.second) for p in _find(model) if p.blocker is None]
 
@@ -175,10 +225,13 @@ def _channels_in(layer: nn.Module) -> int:
     return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
 
 
-def _why_not(pair: _Pair, modules: dict[str, nn.Module]) -> Optional[str]:
+def _why_not(pair: _Pair, modules: dict[str, nn.Module], uses: dict[int, int]) -> Optional[str]:
     first, second = modules[pair.first], modules[pair.second]
     if pair.blocker is not None:
         return pair.blocker
+    for name, _ in pair.clips:  # also registered under another name (or twice in one Sequential)
+        if uses[id(modules[name])] > 1:
+            return _shared(modules[name], name)
     for layer in (first, second):
         if isinstance(layer, _TRANSPOSED):
             return f"{type(layer).__name__} layers are not equalized (only Linear and Conv1d/2d/3d)"
@@ -233,7 +286,7 @@ def _first_ranges(weight: Tensor) -> Tensor:
     return weight.reshape(weight.shape[0], -1).abs().amax(dim=1)
 
 
-def _equalize(pairs: Sequence[_Pair], modules: dict[str, nn.Module]) -> None:
+def _equalize(model: nn.Module, pairs: Sequence[_Pair], modules: dict[str, nn.Module]) -> None:
     names = {n for p in pairs for n in (p.first, p.second)}
     weights = {n: modules[n].weight.detach().double() for n in names}
     totals = [torch.ones(_channels_out(modules[p.first]), dtype=torch.float64) for p in pairs]
@@ -262,6 +315,29 @@ def _equalize(pairs: Sequence[_Pair], modules: dict[str, nn.Module]) -> None:
                 bn.running_mean.copy_((bn.running_mean.double() / total).to(bn.running_mean.dtype))
                 if bn.bias is not None:
                     bn.bias.copy_((bn.bias.double() / total).to(bn.bias.dtype))
+            for clip_name, after_flatten in pair.clips:
+                _divide_clip(model, modules, clip_name, total, pair, after_flatten)
+
+
+def _divide_clip(
+    model: nn.Module, modules: dict[str, nn.Module], name: str, total: Tensor, pair: _Pair, after_flatten: bool,
+) -> None:
+    """Divide the bounds of the clip ``name`` by the pair's scales; a ReLU6/Hardtanh becomes a ChannelClip."""
+    clip = modules[name]
+    if not isinstance(clip, ChannelClip):
+        first, second = modules[pair.first], modules[pair.second]
+        channels = total.numel() * (second.in_features // total.numel() if after_flatten else 1)
+        spatial = 0 if after_flatten or isinstance(first, nn.Linear) else first.weight.dim() - 2
+        shape = (channels,) + (1,) * spatial
+        weight = first.weight
+        bound = lambda value: torch.full(shape, float(value), dtype=weight.dtype, device=weight.device)  # noqa: E731
+        replacement = ChannelClip(bound(clip.min_val), bound(clip.max_val))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, replacement)
+        modules[name] = clip = replacement
+    per_entry = total.repeat_interleave(clip.lower.shape[0] // total.numel()).reshape(clip.lower.shape)
+    for bound in (clip.lower, clip.upper):
+        bound.copy_((bound.double() / per_entry).to(bound.dtype))
 
 
 def equalize_layers(model: nn.Module, pairs: Optional[Sequence[tuple[str, str]]] = None) -> list[tuple[str, str]]:
@@ -273,19 +349,25 @@ def equalize_layers(model: nn.Module, pairs: Optional[Sequence[tuple[str, str]]]
             (``layer1``'s output must reach nothing but ``layer2``: an output that also feeds a
             residual add is left alone), or from its ``nn.Sequential`` chains when it does not trace.
             Named pairs must be connected only through ops that commute with a positive
-            per-channel scale (ReLU, LeakyReLU, pooling); unit-scale BatchNorms between them are
-            found from the graph.
+            per-channel scale (ReLU, LeakyReLU, pooling); unit-scale BatchNorms and ReLU6/Hardtanh
+            modules between them are found from the graph.
 
     Linear -> Linear and Conv1d/2d/3d -> Conv/Linear pairs are equalized, grouped and depthwise
-    convolutions included; pairs sharing a layer are swept until the scales settle. Every pair
-    found that cannot be equalized (a ReLU6 or another activation in between, an unfolded
-    BatchNorm, a transposed convolution) gets a warning naming it and the reason. The model's
-    outputs are unchanged up to float rounding, and its ``state_dict`` keys too.
+    convolutions included; pairs sharing a layer are swept until the scales settle. An
+    ``nn.ReLU6``/``nn.Hardtanh`` module between a pair is replaced in its parent by a
+    :class:`ChannelClip` whose bounds are divided by the scales (a ChannelClip left by an
+    earlier call is divided again). Every pair found that cannot be equalized (a
+    ``F.relu6`` call, a ReLU6 module used in two places, another activation in between, an
+    unfolded BatchNorm, a transposed convolution) gets a warning naming it and the reason.
+    The model's outputs are unchanged up to float rounding, and its ``state_dict`` keys too;
+    the clip bounds are not in the ``state_dict``, so a saved ``state_dict`` reproduces the
+    model only in one that was equalized the same way.
 
     Raises:
         ValueError: ``pairs`` names a module the model lacks or one that is not a Linear/convolution.
     """
-    modules = dict(model.named_modules())
+    listing = list(model.named_modules(remove_duplicate=False))  # a module registered twice: both names
+    modules = dict(listing)
     found = _find(model)
     if pairs is None:
         chosen = found
@@ -304,16 +386,41 @@ def equalize_layers(model: nn.Module, pairs: Optional[Sequence[tuple[str, str]]]
             default = _Pair(first, second, flattened=isinstance(modules[second], nn.Linear)
                             and not isinstance(modules[first], nn.Linear))
             chosen.append(known.get((first, second), default))
+    uses: dict[int, int] = {}
+    for _, module in listing:
+        uses[id(module)] = uses.get(id(module), 0) + 1
     usable = []
     for pair in chosen:
-        reason = _why_not(pair, modules)
+        reason = _why_not(pair, modules, uses)
         if reason is None:
             usable.append(pair)
         else:
             warnings.warn(f"Layers {pair.first!r} -> {pair.second!r} are not equalized: {reason}.", stacklevel=2)
     if usable:
-        _equalize(usable, modules)
+        _equalize(model, usable, modules)
     return [(p.first, p.second) for p in usable]
+
+
+def clips_restorer(model: nn.Module) -> Callable[[], None]:
+    """A function that puts back the model's ReLU6/Hardtanh/ChannelClip modules as they are now.
+
+    :func:`equalize_layers` replaces modules and divides clip bounds, which ``load_state_dict``
+    does not undo; call this before it and the returned function after ``load_state_dict``.
+    """
+    saved = [
+        (name, module, [b.clone() for b in module.buffers()] if isinstance(module, ChannelClip) else [])
+        for name, module in model.named_modules() if isinstance(module, _CLIPPING)
+    ]
+
+    def restore() -> None:
+        for name, module, bounds in saved:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+            with torch.no_grad():
+                for buffer, value in zip(module.buffers(), bounds):
+                    buffer.copy_(value)
+
+    return restore
 
 
 def channel_range_balance(weight: Tensor, axis: int = 0) -> float:
@@ -323,4 +430,4 @@ def channel_range_balance(weight: Tensor, axis: int = 0) -> float:
     return float(ranges.min()) / top if top > 0 else 1.0
 
 
-__all__ = ["channel_range_balance", "equalize_layers", "find_equalization_pairs"]
+__all__ = ["ChannelClip", "channel_range_balance", "clips_restorer", "equalize_layers", "find_equalization_pairs"]

@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_adaround.equalize import ChannelClip
+
 SUPPORTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
     nn.Conv1d,
@@ -127,7 +129,7 @@ def bits_for(name: str, default_bits: int, overrides: dict[str, int]) -> int:
 
 _ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish,
-    nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Mish,
+    nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Mish, ChannelClip,
 )
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 

