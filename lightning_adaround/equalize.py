@@ -41,9 +41,11 @@ class ChannelClip(nn.Module):
 
     ``clip(x / s, l, u) = clip(x, l s, u s) / s``, so ``clip(x, l / s, u / s)`` after a layer whose
     channel ``i`` was divided by ``s_i`` gives the old output divided by ``s_i``: exactly what the
-    next layer, multiplied by ``s_i``, expects. ``lower`` and ``upper`` are non-persistent buffers
-    shaped to broadcast against the channel dim (``(C, 1, 1)`` after a Conv2d, ``(C,)`` after a
-    Linear): ``.to(device)`` moves them and the ``state_dict`` keys stay the model's own.
+    next layer, multiplied by ``s_i``, expects. ``lower`` and ``upper`` are buffers shaped to
+    broadcast against the channel dim (``(C, 1, 1)`` after a Conv2d, ``(C,)`` after a Linear).
+    They are saved in the ``state_dict`` (as ``<activation>.lower``/``.upper``): a checkpoint of an
+    equalized model loaded into a model with the original ReLU6 fails loudly on those keys,
+    instead of silently clipping at the wrong place.
     """
 
     lower: Tensor
@@ -51,8 +53,8 @@ class ChannelClip(nn.Module):
 
     def __init__(self, lower: Tensor, upper: Tensor) -> None:
         super().__init__()
-        self.register_buffer("lower", lower, persistent=False)
-        self.register_buffer("upper", upper, persistent=False)
+        self.register_buffer("lower", lower)
+        self.register_buffer("upper", upper)
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.minimum(torch.maximum(x, self.lower), self.upper)

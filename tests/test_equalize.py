@@ -246,7 +246,12 @@ def test_relu6_modules_become_exact_per_channel_clips():
     for clip in (model.blocks[0].expand[2], model.blocks[1].depthwise[2], model.head[1]):
         assert isinstance(clip, ChannelClip) and clip.lower.shape == clip.upper.shape == (clip.lower.shape[0], 1, 1)
     assert torch.all(model.blocks[0].expand[2].lower == 0) and not torch.all(model.head[1].lower == -1)
-    assert list(model.state_dict()) == keys
+    clip_keys = [f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, ChannelClip) for b in ("lower", "upper")]
+    assert sorted(model.state_dict()) == sorted(keys + clip_keys)  # the bounds are saved: only they are new
+    fresh = _unbalanced(MobileNet())
+    fold_batchnorm(fresh)
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # loud, not silently wrong clipping
+        fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
     for name, old in balance.items():
