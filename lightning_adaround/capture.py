@@ -93,12 +93,13 @@ def float_weights(modules: dict[str, nn.Module], weights: dict[str, Tensor]) -> 
             modules[name].weight.data = w
 
 
-def _check_finite(name: str, rounded_input: Tensor, float_input: Tensor) -> None:
-    for what, t in (("input", rounded_input), ("float-model input", float_input)):
+def check_finite(subject: str, tensors: Sequence[tuple[str, Tensor]], fix: str = "exclude this layer") -> None:
+    """A clear error naming ``subject`` (``"layer 'x'"``) and which of its tensors holds a NaN/Inf."""
+    for what, t in tensors:
         if not torch.isfinite(t).all():
             raise ValueError(
-                f"the {what} of layer {name!r} contains NaN or Inf on the calibration data; "
-                "check the model and the calibration batches (or exclude this layer)."
+                f"the {what} of {subject} contains NaN or Inf on the calibration data; "
+                f"check the model and the calibration batches (or {fix})."
             )
 
 
@@ -139,7 +140,7 @@ class InputCapture:
         for _, rounded_call, float_call in self.calls(name, layer, rounded, float_weight_of, only):
             rounded_input = rounded_call[0][0].detach()
             float_input = rounded_input if float_call is rounded_call else float_call[0][0].detach()
-            _check_finite(name, rounded_input, float_input)
+            check_finite(f"layer {name!r}", [("input", rounded_input), ("float-model input", float_input)])
             yield rounded_input, float_input
 
     def calls(

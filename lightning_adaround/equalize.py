@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.fold import _BATCH_NORMS
+from lightning_adaround.fold import _BATCH_NORMS, traced_graph
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -124,15 +124,10 @@ class _Tracer(torch.fx.Tracer):
 
 def _traced_pairs(model: nn.Module) -> Optional[list[_Pair]]:
     """Layer -> (ops) -> layer paths of the ``torch.fx`` graph, each op's output used once; ``None`` if untraceable."""
-    try:
-        graph = _Tracer().trace(model)
-    except Exception:
+    traced = traced_graph(model, _Tracer())
+    if traced is None:
         return None
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    graph, modules, calls = traced
 
     def layer_at(node: torch.fx.Node) -> Optional[nn.Module]:
         if node.op != "call_module":

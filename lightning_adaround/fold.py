@@ -32,17 +32,28 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def _traced_pairs(model: nn.Module) -> Optional[list[tuple[str, str]]]:
-    """Layer -> BatchNorm edges of the model's ``torch.fx`` graph; ``None`` if it does not trace."""
+def traced_graph(
+    model: nn.Module, tracer: Optional[torch.fx.Tracer] = None,
+) -> Optional[tuple[torch.fx.Graph, dict[str, nn.Module], dict[str, int]]]:
+    """The model's ``torch.fx`` graph, its modules by name and how often each module is called;
+    ``None`` if the model does not trace."""
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = (tracer or torch.fx.Tracer()).trace(model)
     except Exception:
         return None
-    modules = dict(model.named_modules())
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+    return graph, dict(model.named_modules()), calls
+
+
+def _traced_pairs(model: nn.Module) -> Optional[list[tuple[str, str]]]:
+    """Layer -> BatchNorm edges of the model's ``torch.fx`` graph; ``None`` if it does not trace."""
+    traced = traced_graph(model)
+    if traced is None:
+        return None
+    graph, modules, calls = traced
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), _BATCH_NORMS):

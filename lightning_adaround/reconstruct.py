@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from lightning_adaround.cache import CachePlan, ChunkStore
 from lightning_adaround.blocks import Block
-from lightning_adaround.capture import Call, InputCapture, LayerData, layer_targets
+from lightning_adaround.capture import Call, InputCapture, LayerData, check_finite, layer_targets
 from lightning_adaround.capture import float_weights as float_weights_in
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.layers import OutputOps, output_channel_dim, run_with_weight
@@ -205,7 +205,10 @@ def build_block_objective(
         per_sample = arguments.per_sample(rounded_call, x.shape)
         with torch.no_grad():
             target = block.output(block.module(*float_call[0], **float_call[1])).detach()
-        _check_finite_block(block.name, x, target)
+        check_finite(
+            f"block {block.name!r}", [("input", x), ("full-precision output", target)],
+            fix="round its layers with reconstruction='layer'",
+        )
         keep, held = holdout.split(x.shape[0])
         pieces = [("train_in", x[keep]), ("train_out", target[keep])]
         pieces += [(f"train_{key}", t[keep]) for key, t in per_sample.items()]
@@ -234,15 +237,6 @@ def build_block_objective(
     objective = BlockObjective(block, train, evaluation, config.batch_size, channel_dim, generator, device)
     note = "; ".join(filter(None, [f"block {block.name} ({len(block.layers)} layers)", cache.note]))
     return LayerObjective(objective, train.num_samples, evaluation.num_samples, None, note, _Cache.nbytes(data))
-
-
-def _check_finite_block(name: str, inputs: Tensor, target: Tensor) -> None:
-    for what, t in (("input", inputs), ("full-precision output", target)):
-        if not torch.isfinite(t).all():
-            raise ValueError(
-                f"the {what} of block {name!r} contains NaN or Inf on the calibration data; "
-                "check the model and the calibration batches (or round its layers with reconstruction='layer')."
-            )
 
 
 class _BlockArguments:
