@@ -58,7 +58,7 @@ PREPARATIONS: dict[str, list[Callable[[nn.Module], Any]]] = {
 
 def quantize(
     model: nn.Module, method: str, grid: dict[str, Any], preparation: str, batches: list[Any], iterations: int,
-    batch_size: int = 32, **options: Any,
+    batch_size: int = 32, lr: float = 1e-3, **options: Any,
 ) -> float:
     """Quantize ``model`` in place; seconds spent."""
     started = time.perf_counter()
@@ -67,7 +67,7 @@ def quantize(
     if method.startswith("nearest"):
         round_to_nearest(model, AdaRoundConfig(scale_method=method.split()[1], **grid))
     else:
-        config = AdaRoundConfig(iterations=iterations, reconstruction=method, batch_size=batch_size, **grid)
+        config = AdaRoundConfig(iterations=iterations, reconstruction=method, batch_size=batch_size, lr=lr, **grid)
         adaround(model, batches, config, **options)
     return time.perf_counter() - started
 
@@ -96,7 +96,7 @@ def effnet_rows(args: argparse.Namespace) -> list[dict[str, object]]:
     for grid in args.grid:
         for method, preparation in _plan(grid, args.method, args.preparation):
             model = copy.deepcopy(float_model)
-            seconds = quantize(model, method, GRIDS[grid], preparation, batches, args.iterations, args.batch_size)
+            seconds = quantize(model, method, GRIDS[grid], preparation, batches, args.iterations, args.batch_size, args.lr)
             quantized = lite.logits(model, held_out)
             rows.append({
                 "model": "EfficientNet-Lite1", "grid": grid, "method": method, "prep": preparation,
@@ -123,7 +123,7 @@ def minilm_rows(args: argparse.Namespace) -> list[dict[str, object]]:
         for method, _ in _plan(grid, args.method, ["none"]):
             model = copy.deepcopy(float_model)
             seconds = quantize(
-                model, method, GRIDS[grid], "none", batches, args.iterations, args.batch_size, forward_fn=forward,
+                model, method, GRIDS[grid], "none", batches, args.iterations, args.batch_size, args.lr, forward_fn=forward,
             )
             rows.append({
                 "model": "MiniLM-L6", "grid": grid, "method": method, "prep": "none",
@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--preparation", nargs="+", choices=list(PREPARATIONS), default=list(PREPARATIONS),
                         help="EfficientNet only; MiniLM has no BatchNorm or ReLU pairs")
     parser.add_argument("--iterations", type=int, default=500, help="per layer (layer mode) or per block")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate on the rounding variables")
     parser.add_argument("--batch-size", type=int, default=32, help="calibration samples per AdaRound step")
     parser.add_argument("--calibration", type=int, default=128, help="calibration crops / text chunks")
     parser.add_argument("--holdout", type=int, default=256, help="held-out crops / text chunks scored")
