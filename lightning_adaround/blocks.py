@@ -110,12 +110,16 @@ def named_blocks(model: nn.Module, patterns: Sequence[str], order: Sequence[str]
                 _make_block(name, module, (name, module), [(name, module)], order)
                 for name, module in modules if name and fnmatch.fnmatchcase(name, pattern)
             ]
+            if _is_glob(pattern):  # a glob's outermost matches that hold layers: 'blocks.*' means each block
+                found = [b for b in found if b.layers]
+                found = [b for b in found if not any(_inside(b.name, o.name) and o is not b for o in found)]
             if not found:
                 raise ValueError(
-                    f"block pattern {pattern!r} matches no module of {type(model).__name__}; "
+                    f"block pattern {pattern!r} matches no module of {type(model).__name__}"
+                    f"{' that holds a layer being rounded' if _is_glob(pattern) else ''}; "
                     "check the names with model.named_modules() (a run of a Sequential is written 'name[i:j]')."
                 )
-        blocks += [b for b in found if b.layers or not _is_glob(pattern)]
+        blocks += found
     for block in blocks:
         if not block.layers:
             raise ValueError(

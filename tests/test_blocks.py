@@ -52,6 +52,9 @@ def test_blocks_found_in_residual_inverted_residual_and_transformer_models():
     assert _blocks(flat, images) == {}  # one layer per element: nothing to join
     assert _blocks(flat, images, ["[0:3]"]) == {"[0:3]": ["0", "2"]}
     assert _blocks(resnet(), images, ["3.body", "[0:2]"]) == {"3.body": ["3.body.0", "3.body.3"], "[0:2]": ["0"]}
+    # a glob keeps its outermost matches holding a layer: "blocks.*" is each block, not also its parts
+    assert list(_blocks(SmallMobileNet(), images, ["blocks.*"])) == ["blocks.0", "blocks.1"]
+    assert list(_blocks(resnet(), images, ["*.body"])) == ["3.body", "4.body", "5.body"]
 
 
 def _digits_setup(digits_cnn, digits):
