@@ -1,7 +1,6 @@
 """Cross-layer equalization: same outputs, more equal channel ranges, lower per-tensor error, named skips."""
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ from torch import nn
 
 from lightning_adaround import AdaRoundConfig, PerTensor, equalize_layers, fold_batchnorm, round_to_nearest
 from lightning_adaround.equalize import ChannelClip, channel_range_balance, find_equalization_pairs
+from test_fold import _module as _folding_module, _no_warning, _trainer
 
 
 class InvertedResidual(nn.Module):
@@ -61,16 +61,6 @@ def _unbalanced(model, seed=0):
 
 def _images(shape, seed=1):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-class _no_warning:
-    def __enter__(self):
-        self._catch = warnings.catch_warnings()
-        self._catch.__enter__()
-        warnings.simplefilter("error")
-
-    def __exit__(self, *exc):
-        self._catch.__exit__(*exc)
 
 
 def _balance(model, names):
@@ -444,29 +434,12 @@ def test_untraceable_model_falls_back_to_sequentials_and_pairs_can_be_named():
         assert equalize_layers(linear, pairs=[("0", "0")]) == []
 
 
-def _trainer(callback):
-    import lightning.pytorch as pl
-
-    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, callbacks=[callback])
-
-
 def _module():
-    import lightning.pytorch as pl
+    def make_net():
+        torch.manual_seed(0)
+        return _unbalanced(ResidualNet(batchnorm=True))
 
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = _unbalanced(ResidualNet(batchnorm=True))
-
-        def forward(self, x):
-            return self.net(x)
-
-        def validation_step(self, batch, batch_idx):
-            self.log("out", self(batch[0]).abs().mean())
-
-    return Module()
+    return _folding_module(make_net)
 
 
 def test_callback_equalizes_for_per_tensor_only_and_restores_on_failure():

@@ -169,13 +169,14 @@ def _trainer(callback):
                       enable_model_summary=False, callbacks=[callback])
 
 
-def _module():
+def _module(make_net=lambda: _randomize_statistics(SmallMobileNet())):
+    """A LightningModule around ``make_net()`` whose validation logs its mean output."""
     import lightning.pytorch as pl
 
     class Module(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = _randomize_statistics(SmallMobileNet())
+            self.net = make_net()
 
         def forward(self, x):
             return self.net(x)
