@@ -290,8 +290,7 @@ class BlockObjective:
         return self.block.output(torch.func.functional_call(self.block.module, params, (x, *args), kwargs))
 
     def _rows(self, data: BlockData, idx: Tensor, dtype: torch.dtype, prefix: str) -> tuple[Tensor, tuple, dict]:
-        gather = self._gather if prefix == "train" else _plain_gather(self.device)
-        pick = lambda t, key: gather(t, idx, f"{prefix}{key}", t.dtype if not t.is_floating_point() else dtype)  # noqa: E731
+        pick = lambda t, key: self._gather(t, idx, f"{prefix}{key}", t.dtype if not t.is_floating_point() else dtype)  # noqa: E731
         args = tuple(pick(a, f"a{i}") if isinstance(a, Tensor) else a for i, a in enumerate(data.args))
         kwargs = {k: pick(v, f"k{k}") if isinstance(v, Tensor) else v for k, v in data.kwargs.items()}
         x = pick(data.inputs, "x")
@@ -324,7 +323,3 @@ class BlockObjective:
             total += float(err.double().pow(2).sum())
             count += err.numel()
         return total / max(count, 1)
-
-
-def _plain_gather(device: torch.device) -> Callable[[Tensor, Tensor, str, torch.dtype], Tensor]:
-    return lambda source, idx, _key, dtype: source[idx.to(source.device)].to(device, dtype)
