@@ -36,6 +36,7 @@ from bench import print_table  # noqa: E402  (same folder)
 from lightning_adaround import AdaRoundConfig, PerChannel, PerTensor, adaround, fold_batchnorm, round_to_nearest  # noqa: E402
 
 GRIDS = {
+    "w8pc": dict(bits=8, granularity=PerChannel()),  # a reference: how far agreement goes on these crops
     "w4pc": dict(bits=4, granularity=PerChannel()),
     "w4pt": dict(bits=4, granularity=PerTensor()),
     "w3pc": dict(bits=3, granularity=PerChannel()),
@@ -58,7 +59,7 @@ PREPARATIONS: dict[str, list[Callable[[nn.Module], Any]]] = {
 
 def quantize(
     model: nn.Module, method: str, grid: dict[str, Any], preparation: str, batches: list[Any], iterations: int,
-    batch_size: int = 32, lr: float = 1e-3, **options: Any,
+    batch_size: int = 32, lr: float = 1e-3, scale_method: str = "mse", **options: Any,
 ) -> float:
     """Quantize ``model`` in place; seconds spent."""
     started = time.perf_counter()
@@ -67,9 +68,15 @@ def quantize(
     if method.startswith("nearest"):
         round_to_nearest(model, AdaRoundConfig(scale_method=method.split()[1], **grid))
     else:
-        config = AdaRoundConfig(iterations=iterations, reconstruction=method, batch_size=batch_size, lr=lr, **grid)
+        config = AdaRoundConfig(
+            iterations=iterations, reconstruction=method, batch_size=batch_size, lr=lr, scale_method=scale_method, **grid,
+        )
         adaround(model, batches, config, **options)
     return time.perf_counter() - started
+
+
+def _scale_of(method: str, scale_method: str) -> str:
+    return method.split()[1] if method.startswith("nearest") else scale_method
 
 
 def _plan(grid: str, methods: list[str], preparations: list[str]) -> list[tuple[str, str]]:
@@ -96,10 +103,14 @@ def effnet_rows(args: argparse.Namespace) -> list[dict[str, object]]:
     for grid in args.grid:
         for method, preparation in _plan(grid, args.method, args.preparation):
             model = copy.deepcopy(float_model)
-            seconds = quantize(model, method, GRIDS[grid], preparation, batches, args.iterations, args.batch_size, args.lr)
+            seconds = quantize(
+                model, method, GRIDS[grid], preparation, batches, args.iterations, args.batch_size, args.lr,
+                args.scale_method,
+            )
             quantized = lite.logits(model, held_out)
             rows.append({
                 "model": "EfficientNet-Lite1", "grid": grid, "method": method, "prep": preparation,
+                "lr": args.lr, "scale": _scale_of(method, args.scale_method),
                 "top-1 agreement": lite.top1_agreement(reference, quantized),
                 f"agreement, FP p>=0.5 ({int(confident.sum())})": lite.top1_agreement(reference[confident], quantized[confident]),
                 "KL": lite.mean_kl(reference, quantized), "seconds": seconds,
@@ -123,10 +134,12 @@ def minilm_rows(args: argparse.Namespace) -> list[dict[str, object]]:
         for method, _ in _plan(grid, args.method, ["none"]):
             model = copy.deepcopy(float_model)
             seconds = quantize(
-                model, method, GRIDS[grid], "none", batches, args.iterations, args.batch_size, args.lr, forward_fn=forward,
+                model, method, GRIDS[grid], "none", batches, args.iterations, args.batch_size, args.lr,
+                args.scale_method, forward_fn=forward,
             )
             rows.append({
                 "model": "MiniLM-L6", "grid": grid, "method": method, "prep": "none",
+                "lr": args.lr, "scale": _scale_of(method, args.scale_method),
                 "cosine": minilm.held_out_cosine(model, dm, reference), "seconds": seconds,
             })
             print_table("so far", rows[-1:])
@@ -136,12 +149,14 @@ def minilm_rows(args: argparse.Namespace) -> list[dict[str, object]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", nargs="+", choices=["effnet", "minilm"], default=["effnet", "minilm"])
-    parser.add_argument("--grid", nargs="+", choices=list(GRIDS), default=list(GRIDS))
+    parser.add_argument("--grid", nargs="+", choices=list(GRIDS), default=[g for g in GRIDS if g != "w8pc"])
     parser.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--preparation", nargs="+", choices=list(PREPARATIONS), default=list(PREPARATIONS),
                         help="EfficientNet only; MiniLM has no BatchNorm or ReLU pairs")
     parser.add_argument("--iterations", type=int, default=500, help="per layer (layer mode) or per block")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate on the rounding variables")
+    parser.add_argument("--scale-method", choices=["mse", "minmax", "output"], default="mse",
+                        help="grid scale search for the AdaRound rows (nearest rows name their own)")
     parser.add_argument("--batch-size", type=int, default=32, help="calibration samples per AdaRound step")
     parser.add_argument("--calibration", type=int, default=128, help="calibration crops / text chunks")
     parser.add_argument("--holdout", type=int, default=256, help="held-out crops / text chunks scored")

@@ -32,7 +32,7 @@ from lightning_adaround.loss import BetaSchedule
 from lightning_adaround.observer import AdaRoundObserver
 from lightning_adaround.optimize import GradReduce, optimize_rounding
 from lightning_adaround.reconstruct import TaskLoss, build_block_objective, build_layer_objective
-from lightning_adaround.quant import PerChannel, QuantGrid, choose_grid, weight_problem
+from lightning_adaround.quant import ChannelError, PerChannel, PerTensor, QuantGrid, choose_grid, weight_problem
 from lightning_adaround.result import AdaRoundResult, LayerResult, compact_integer
 from lightning_adaround.rounding import RoundingVariable
 
@@ -330,7 +330,9 @@ def _round_layers(
         capture_seconds = time.perf_counter() - started
         objective = prepared.objective
         weights = [float_weights[n].float() for n in names]
-        grids = [layer_grid(n, modules[n], w, config) for n, w in zip(names, weights)]
+        # a block's objective has no single layer's output error: its layers' scales minimise weight error
+        channel_error = None if is_block else getattr(objective, "channel_errors", None)
+        grids = [layer_grid(n, modules[n], w, config, channel_error) for n, w in zip(names, weights)]
         pack = list if is_block else (lambda ws: ws[0])  # a block's objective takes all its weights
         nearest_mse = objective.mse(pack([g.fake_quantize(w) for g, w in zip(grids, weights)]))
         if not math.isfinite(nearest_mse):
@@ -357,6 +359,11 @@ def _round_layers(
             roundings if is_block else roundings[0], objective, config.iterations, config.lr, config.reg_lambda,
             schedule, grad_reduce=grad_reduce, on_log=on_log, log_every_n_steps=config.log_every_n_steps,
         )
+        note = prepared.note
+        if channel_error is not None:
+            kept = _keep_nearest_where_better(channel_error, roundings[0], weights[0], grids[0])
+            if kept:
+                note = "; ".join(filter(None, [note, f"nearest kept on {kept}/{weights[0].shape[0]} channels"]))
         hards = [r.hard_weight() for r in roundings]
         for name, hard in zip(names, hards):
             _write_back(modules[name], hard)
@@ -373,7 +380,7 @@ def _round_layers(
                 num_samples=prepared.num_samples, eval_samples=prepared.eval_samples,
                 loss_form=objective.form,
                 with_activation=prepared.ops is not None and prepared.ops.activation is not None,
-                note=prepared.note, history=history, capture_seconds=capture_seconds / len(names),
+                note=note, history=history, capture_seconds=capture_seconds / len(names),
                 cache_bytes=prepared.cache_bytes if name == names[0] else 0,
                 float_weight=float_weights[name].detach().cpu().clone() if config.keep_float_weights else None,
                 block=label if is_block else "",
@@ -390,6 +397,20 @@ def _round_layers(
             observer.on_layer_end(finished[0])
         del prepared, objective, roundings  # free this layer's cache before the next one is built
     return result
+
+
+def _keep_nearest_where_better(
+    channel_error: ChannelError, rounding: RoundingVariable, weight: Tensor, grid: QuantGrid,
+) -> int:
+    """Round to nearest the output channels whose training error AdaRound did not beat; how many.
+
+    Exact per channel in the moments form (channels do not interact in a layer's output), so the
+    result is never worse than round-to-nearest on the calibration data, however few iterations ran.
+    """
+    nearest_better = channel_error(grid.fake_quantize(weight)) < channel_error(rounding.hard_weight())
+    if bool(nearest_better.any()):
+        rounding.use_nearest(weight, nearest_better)
+    return int(nearest_better.sum())
 
 
 def _restore(checkpoint: RoundingCheckpoint, positions: list[int], names: list[str]) -> Optional[list[Restored]]:
@@ -418,18 +439,28 @@ def _loss_ops(
     return following_ops(model, name) if config.include_activation else None
 
 
-def layer_grid(name: str, layer: nn.Module, weight: Tensor, config: AdaRoundConfig) -> QuantGrid:
+def layer_grid(
+    name: str, layer: nn.Module, weight: Tensor, config: AdaRoundConfig, channel_error: Optional[ChannelError] = None,
+) -> QuantGrid:
     """The grid ``config`` asks for this layer: its bits override, granularity and scale method.
 
     Per-channel scales are searched with output channels first, then laid out to broadcast
-    against the weight (this matters for grouped transposed convolutions).
+    against the weight (this matters for grouped transposed convolutions). ``scale_method="output"``
+    judges candidates by ``channel_error`` (the layer objective's output error per channel); where
+    there is none (a block's layers, a transposed convolution, a per-channel axis other than the
+    output channels) the weight-error search stands in.
     """
     bits = bits_for(name, config.bits, dict(config.layer_bits))
     granularity = config.granularity
+    method = config.scale_method
+    output_layout = isinstance(granularity, PerTensor) or granularity.axis in (None, 0)
+    if method == "output" and (channel_error is None or getattr(layer, "transposed", False) or not output_layout):
+        method = "mse"
     if not (isinstance(granularity, PerChannel) and granularity.axis is None):
-        return choose_grid(weight, bits, config.symmetric, granularity, config.scale_method)
+        return choose_grid(weight, bits, config.symmetric, granularity, method, channel_error=channel_error)
     grid = choose_grid(
-        output_major(layer, weight), bits, config.symmetric, granularity, config.scale_method, channel_axis=0,
+        output_major(layer, weight), bits, config.symmetric, granularity, method, channel_axis=0,
+        channel_error=channel_error,
     )
     return dataclasses.replace(
         grid,
@@ -446,6 +477,11 @@ def round_to_nearest(model: nn.Module, config: Optional[AdaRoundConfig] = None) 
     Mutates ``model`` in place; returns layer name -> bits.
     """
     config = config if config is not None else AdaRoundConfig()
+    if config.scale_method == "output":
+        raise ValueError(
+            "round_to_nearest has no calibration data, so scale_method='output' (scales judged by the layer's "
+            "output error) cannot work here; use scale_method='mse', or adaround(), which measures it."
+        )
     rounded = {}
     layers = _selected_layers(model, config)
     _check_weights(layers)

@@ -46,7 +46,8 @@ class _AdaRoundCallbackBase:
             that validation reports the rounded model.
         granularity: ``"per_channel"`` or ``"per_tensor"`` scales.
         symmetric: Signed grid with zero point 0, or an unsigned affine grid.
-        scale_method: ``"mse"`` (clipping search) or ``"minmax"``.
+        scale_method: ``"mse"`` (clipping search on the weights), ``"minmax"`` or ``"output"``
+            (clipping search on each layer's output error over the calibration data).
         loss_form: ``"auto"``, ``"minibatch"`` or ``"moments"`` (see ``AdaRoundConfig``).
         iterations: Optimisation steps per layer.
         batch_size: Calibration samples per optimisation step.

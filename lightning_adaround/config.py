@@ -29,7 +29,11 @@ class AdaRoundConfig:
         symmetric: Signed grid with zero point 0 (``True``) or an unsigned affine grid.
         granularity: ``PerChannel()`` (one scale per output channel) or ``PerTensor()``.
         scale_method: ``"mse"`` searches the clipping range that minimises rounding error;
-            ``"minmax"`` covers the full weight range.
+            ``"minmax"`` covers the full weight range; ``"output"`` searches the same ranges but
+            judges them by the layer's output error on the calibration data (per output channel,
+            round-to-nearest), which matters for layers with few weights per channel (depthwise
+            convolutions). Where no single layer's output is measured (a block's layers, transposed
+            convolutions) ``"output"`` falls back to ``"mse"``.
         loss_form: ``"minibatch"`` (the paper: a random minibatch of cached activations per
             step), ``"moments"`` (the exact loss over every calibration row from second
             moments; no activation in the loss) or ``"auto"`` (moments where it is cheaper and

@@ -519,6 +519,9 @@ class _SharedMoments:
         self.sync.record_loss(value)
         return value, grad
 
+    def channel_errors(self, weight: Tensor) -> Tensor:
+        return self.inner.channel_errors(weight)  # the moments are summed already: no collective
+
     def mse(self, weight: Tensor) -> float:
         if self.global_eval:
             total, count = _squared_error(self.layer, self.evaluation, weight, self.ops, self.device)

@@ -30,6 +30,10 @@ class ReconstructionObjective(Protocol):
         """Mean squared error per output element on the evaluation samples."""
         ...
 
+    # Optional (the moments form, exact over every training row): ``channel_errors(weight)`` gives,
+    # per output channel, the reconstruction error of ``weight`` up to a constant per channel. It
+    # drives ``scale_method="output"`` and keeps round-to-nearest where it beats AdaRound.
+
 
 class MinibatchSampler:
     """Minibatch indices over ``total`` samples, a fresh permutation per pass.
@@ -133,20 +137,34 @@ class MinibatchObjective:
 
 
 @torch.no_grad()
+def forward_channel_errors(
+    layer: nn.Module, data: LayerData, weight: Tensor, ops: Optional[Callable[[Tensor], Tensor]],
+    device: torch.device, chunk: int = 256,
+) -> tuple[Tensor, int]:
+    """``(squared error summed per output channel, number of output elements)`` of ``ops(layer(x; weight))``."""
+    channel_dim = output_channel_dim(layer)
+    total: Optional[Tensor] = None
+    count = 0
+    for start in range(0, data.num_samples, chunk):
+        x = data.inputs[start:start + chunk].to(device, weight.dtype)
+        y = data.targets[start:start + chunk].to(device, weight.dtype)
+        out = run_with_weight(layer, x, weight)
+        err = ((ops(out) if ops is not None else out) - y).double().pow(2)
+        sums = err.transpose(0, channel_dim).reshape(err.shape[channel_dim], -1).sum(1)
+        total = sums if total is None else total + sums
+        count += err.numel()
+    if total is None:
+        total = torch.zeros(weight.shape[0], dtype=torch.float64, device=device)
+    return total, count
+
+
 def forward_mse(
     layer: nn.Module, data: LayerData, weight: Tensor, ops: Optional[Callable[[Tensor], Tensor]],
     device: torch.device, chunk: int = 256,
 ) -> float:
     """Mean squared error per output element of ``ops(layer(x; weight))`` against the targets."""
-    total, count = 0.0, 0
-    for start in range(0, data.num_samples, chunk):
-        x = data.inputs[start:start + chunk].to(device, weight.dtype)
-        y = data.targets[start:start + chunk].to(device, weight.dtype)
-        out = run_with_weight(layer, x, weight)
-        err = (ops(out) if ops is not None else out) - y
-        total += float(err.double().pow(2).sum())
-        count += err.numel()
-    return total / max(count, 1)
+    total, count = forward_channel_errors(layer, data, weight, ops, device, chunk)
+    return float(total.sum()) / max(count, 1)
 
 
 class _AnalyticLoss(torch.autograd.Function):
@@ -235,6 +253,13 @@ class MomentsObjective:
         if self.evaluation is not None and self.evaluation.num_samples:
             return forward_mse(self.layer, self.evaluation, weight, self.ops, self.device)
         return self.exact_loss(weight) / weight.shape[0]
+
+    @torch.no_grad()
+    def channel_errors(self, weight: Tensor) -> Tensor:
+        """Per output channel, the reconstruction term less the part no weight changes."""
+        delta = weight_as_groups(self.layer, weight.to(self.device, self.float_weight.dtype)) - self.float_weight
+        per_element = torch.baddbmm(self.wm, delta, self.a).add_(self.wm).mul_(delta).mul_(self.channel_weight)
+        return per_element.sum(-1).reshape(-1)
 
 
 @dataclass

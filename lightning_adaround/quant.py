@@ -7,13 +7,15 @@ all share one definition of the grid.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 import torch
 from torch import Tensor
 
-ScaleMethod = Literal["mse", "minmax"]
-SCALE_METHODS = ("mse", "minmax")
+ScaleMethod = Literal["mse", "minmax", "output"]
+SCALE_METHODS = ("mse", "minmax", "output")
+# Round-to-nearest error per output channel for a candidate fake-quantized weight (output-major).
+ChannelError = Callable[[Tensor], Tensor]
 MIN_BITS, MAX_BITS = 2, 8
 # Beyond this magnitude a float32 grid's ends (up to twice the largest weight at 2 bits) overflow.
 LARGEST_WEIGHT = torch.finfo(torch.float32).max / 4
@@ -140,6 +142,7 @@ def choose_grid(
     method: ScaleMethod = "mse",
     channel_axis: int = 0,
     num_candidates: int = 100,
+    channel_error: Optional[ChannelError] = None,
 ) -> QuantGrid:
     """Pick scale (and zero point) for ``weight``.
 
@@ -147,6 +150,10 @@ def choose_grid(
     since its zero point is rounded to an integer); ``"mse"`` shrinks the range by the factor (out of
     ``num_candidates`` in (0.2, 1]) that minimises the round-to-nearest squared error,
     separately per channel: at 4 bits and below, clipping outliers beats covering them.
+    ``"output"`` searches the same factors but minimises ``channel_error(fake_quantized)``, the
+    layer's output error per output channel on calibration data (needs ``channel_axis=0`` and the
+    per-channel axis 0 or a per-tensor grid): a channel of nine depthwise weights is judged by
+    what its rounding does to the output, not to the weights.
     """
     if method not in SCALE_METHODS:
         raise ValueError(f"scale method {method!r} is not one of {SCALE_METHODS}.")
@@ -174,15 +181,18 @@ def choose_grid(
     w_max = w.amax(dim=dims, keepdim=True)
     if method == "minmax":
         return _grid_from_range(w_min, w_max, bits, symmetric, axis)
+    if method == "output" and (channel_error is None or axis not in (None, 0) or channel_axis != 0):
+        raise ValueError(
+            "scale_method='output' needs the layer's output error per output channel (channel_error=) and a "
+            f"per-tensor or output-channel grid (got axis {axis}); use scale_method='mse' here."
+        )
+    errors = _weight_error if method == "mse" else _output_error(channel_error, weight.dim(), axis)
 
     best: Optional[QuantGrid] = None
     best_err: Optional[Tensor] = None
     for ratio in torch.linspace(1.0, 0.2, num_candidates).tolist():
         grid = _grid_from_range(w_min * ratio, w_max * ratio, bits, symmetric, axis)
-        err = (grid.fake_quantize(w) - w).pow(2).sum(dim=dims, keepdim=True)
-        if not bool(torch.isfinite(err).all()):  # huge weights: the squares overflow float32
-            err = (grid.fake_quantize(w).double() - w.double()).pow(2).sum(dim=dims, keepdim=True)
-        err = err.double()
+        err = errors(grid.fake_quantize(w), w, dims)
         if best is None:
             best, best_err = grid, err
             continue
@@ -195,3 +205,22 @@ def choose_grid(
         best_err = torch.where(better, err, best_err)
     assert best is not None
     return best
+
+
+def _weight_error(quantized: Tensor, w: Tensor, dims: list[int]) -> Tensor:
+    err = (quantized - w).pow(2).sum(dim=dims, keepdim=True)
+    if not bool(torch.isfinite(err).all()):  # huge weights: the squares overflow float32
+        err = (quantized.double() - w.double()).pow(2).sum(dim=dims, keepdim=True)
+    return err.double()
+
+
+def _output_error(channel_error: ChannelError, rank: int, axis: Optional[int]) -> Callable[..., Tensor]:
+    """Per-channel output errors laid out like the weight-error ones: ``(out, 1, ...)`` or all-ones shape."""
+
+    def errors(quantized: Tensor, w: Tensor, dims: list[int]) -> Tensor:
+        per_channel = channel_error(quantized).double()
+        if axis is None:
+            return per_channel.sum().reshape((1,) * rank)
+        return per_channel.reshape(-1, *((1,) * (rank - 1)))
+
+    return errors

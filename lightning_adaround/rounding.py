@@ -114,6 +114,13 @@ class RoundingVariable:
         return soft_forward(self.v, self.weight_floor, self.low, self.high, self.grid.scale, beta)
 
     @torch.no_grad()
+    def use_nearest(self, weight: Tensor, channels: Tensor) -> None:
+        """Set V so that the output channels where ``channels`` (bool, weight dim 0) is true round to nearest."""
+        up = (self.grid.quantize(weight.float()) - self.grid.zero_point - self.weight_floor).clamp(0.0, 1.0)
+        mask = channels.to(self.v.device).reshape(-1, *((1,) * (self.v.dim() - 1)))
+        self.v.copy_(torch.where(mask, up * 2.0 - 1.0, self.v))
+
+    @torch.no_grad()
     def integer_weight(self) -> Tensor:
         """Hard rounding, ``h = (V >= 0)``: the integer weight in ``[qmin, qmax]``."""
         up = (self.v >= 0).to(self.weight_floor.dtype)

@@ -279,7 +279,7 @@ def _bad_weight_cases() -> dict[str, Callable[[], Any]]:
 
 
 def _error_cases() -> list[Any]:
-    from lightning_adaround import AdaRoundCallback, AdaRoundConfig, PerChannel, adaround
+    from lightning_adaround import AdaRoundCallback, AdaRoundConfig, PerChannel, adaround, round_to_nearest
 
     fast = dict(iterations=2)
     x = [torch.randn(4, 8)]
@@ -315,6 +315,7 @@ def _error_cases() -> list[Any]:
         "bits range": lambda: AdaRoundConfig(bits=9),
         "layer_bits range": lambda: AdaRoundConfig(layer_bits={"fc": 16}),
         "scale_method": lambda: AdaRoundConfig(scale_method="max"),
+        "output scale without data": lambda: round_to_nearest(_tiny(), AdaRoundConfig(scale_method="output")),
         "loss_form": lambda: AdaRoundConfig(loss_form="exact"),
         "granularity str": lambda: AdaRoundConfig(granularity="per_channel"),
         "iterations": lambda: AdaRoundConfig(iterations=0),

@@ -1,0 +1,128 @@
+"""``scale_method="output"``: scales chosen by the layer's output error on calibration data."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_adaround import AdaRoundConfig, PerChannel, PerTensor, adaround, round_to_nearest
+from lightning_adaround.capture import LayerData
+from lightning_adaround.layers import run_with_weight
+from lightning_adaround.moments import LayerMoments
+from lightning_adaround.objective import MomentsObjective, forward_channel_errors
+from lightning_adaround.quant import choose_grid
+
+
+def _correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Inputs with a large shared mean and correlated features, as after a ReLU: what the weight error ignores."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 1, generator=g)
+    return 2.0 + base + 0.3 * torch.randn(n, d, generator=g)
+
+
+def _output_error(layer: nn.Linear, x: torch.Tensor):
+    target = x @ layer.weight.detach().T
+    return lambda w: (x @ w.T - target).pow(2).sum(0).double()
+
+
+@pytest.mark.parametrize("granularity", [PerChannel(), PerTensor()])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_output_scale_is_never_worse_on_the_output_and_better_somewhere(bits, granularity):
+    torch.manual_seed(1)
+    layer = nn.Linear(9, 16)
+    x = _correlated_inputs(256, 9)
+    error = _output_error(layer, x)
+    w = layer.weight.detach()
+    by_weight = choose_grid(w, bits, granularity=granularity, method="mse")
+    by_output = choose_grid(w, bits, granularity=granularity, method="output", channel_error=error)
+    e_weight, e_output = error(by_weight.fake_quantize(w)), error(by_output.fake_quantize(w))
+    if isinstance(granularity, PerChannel):
+        assert bool((e_output <= e_weight * (1 + 1e-9)).all())
+    assert e_output.sum() < 0.95 * e_weight.sum()  # the weight error is the wrong yardstick for these inputs
+    assert by_output.fake_quantize(w).unique().numel() <= 2**bits * (16 if isinstance(granularity, PerChannel) else 1)
+
+
+def test_output_scale_needs_an_error_and_output_channels():
+    w = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="channel_error="):
+        choose_grid(w, 4, method="output")
+    with pytest.raises(ValueError, match="axis 1"):
+        choose_grid(w, 4, granularity=PerChannel(axis=1), method="output", channel_error=lambda q: q.sum(1))
+
+
+def test_round_to_nearest_refuses_output_scale_with_the_fix():
+    with pytest.raises(ValueError, match="scale_method='mse'"):
+        round_to_nearest(nn.Linear(3, 2), AdaRoundConfig(scale_method="output"))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Linear(6, 5),
+    lambda: nn.Conv2d(4, 4, 3, groups=4, padding=1),
+    lambda: nn.Conv2d(3, 6, 3, groups=3, stride=2),
+])
+def test_moments_channel_errors_rank_candidates_as_a_forward_pass_does(make):
+    """Both forms give each channel's error up to a per-channel constant: differences between two weights agree."""
+    torch.manual_seed(0)
+    layer = make().eval()
+    shape = (8, 6) if isinstance(layer, nn.Linear) else (8, layer.in_channels, 7, 7)
+    x_float = torch.randn(shape)
+    x_rounded = x_float + 0.1 * torch.randn(shape)
+    w = layer.weight.detach()
+    moments = LayerMoments(layer, torch.device("cpu"))
+    moments.add(x_rounded, x_float)
+    by_moments = MomentsObjective(layer, moments, w, None, None, torch.device("cpu"), dtype=torch.float64)
+    train = LayerData(x_rounded, run_with_weight(layer, x_float, w).detach())
+    by_forward = lambda weight: forward_channel_errors(layer, train, weight, None, torch.device("cpu"))[0]  # noqa: E731
+    w1, w2 = w + 0.05 * torch.randn_like(w), w + 0.05 * torch.randn_like(w)
+    rows = moments.rows
+    moments_diff = (by_moments.channel_errors(w1) - by_moments.channel_errors(w2)) * rows
+    forward_diff = by_forward(w1) - by_forward(w2)
+    assert moments_diff.shape == (w.shape[0],)
+    torch.testing.assert_close(moments_diff, forward_diff, rtol=1e-4, atol=1e-6)
+
+
+def test_adaround_output_scale_lowers_the_first_layers_nearest_error(digits_cnn, digits):
+    """On the trained digits CNN the first layer sees the same input either way: its training-row error must drop."""
+    x = digits["train"].tensors[0][:256]
+    batches = list(x.split(64))
+    errors = {}
+    for method in ("mse", "output"):
+        model = copy.deepcopy(digits_cnn)
+        config = AdaRoundConfig(bits=2, iterations=20, scale_method=method, holdout_fraction=0.0)
+        result = adaround(model, batches, config)
+        errors[method] = result.layers[next(iter(result.layers))].nearest_mse
+    assert errors["output"] < errors["mse"]
+
+
+def test_use_nearest_rounds_the_chosen_channels_to_nearest_and_leaves_the_rest():
+    from lightning_adaround.rounding import RoundingVariable
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3)
+    grid = choose_grid(w, 3, method="minmax")
+    rounding = RoundingVariable(w, grid)
+    with torch.no_grad():
+        rounding.v.copy_(torch.randn_like(rounding.v) * 3)  # as if optimised: far from nearest
+    before = rounding.integer_weight()
+    chosen = torch.tensor([True, False, True, False, False, True])
+    rounding.use_nearest(w, chosen)
+    after = rounding.integer_weight()
+    assert torch.equal(after[chosen], grid.quantize(w)[chosen])
+    assert torch.equal(after[~chosen], before[~chosen])
+    assert not torch.equal(before[chosen], grid.quantize(w)[chosen])  # the test changed something
+
+
+@pytest.mark.parametrize("scale_method", ["mse", "output"])
+def test_moments_layers_never_end_worse_than_nearest_on_the_training_rows(digits_cnn, digits, scale_method):
+    """Five iterations cannot converge; each channel keeps whichever of AdaRound and nearest fits better."""
+    x = digits["train"].tensors[0][:256]
+    config = AdaRoundConfig(bits=2, iterations=5, lr=0.5, scale_method=scale_method, holdout_fraction=0.0)
+    result = adaround(copy.deepcopy(digits_cnn), list(x.split(64)), config)
+    moments_layers = [r for r in result.layers.values() if r.loss_form == "moments"]
+    assert moments_layers
+    for layer in moments_layers:
+        assert layer.adaround_mse <= layer.nearest_mse * (1 + 1e-6) + 1e-12, layer.name
+    assert any("nearest kept on" in r.note for r in moments_layers)  # the big lr made some channels worse
