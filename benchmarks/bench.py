@@ -10,6 +10,7 @@ absolute times, are what to compare across machines.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import os
 import time
@@ -217,6 +218,42 @@ def forms_rows(quick: bool, iterations: int) -> list[dict[str, object]]:
     return rows
 
 
+def block_rows(quick: bool) -> list[dict[str, object]]:
+    """Block vs layer mode at the same iterations, on EfficientNet-Lite1's first inverted-residual blocks.
+
+    Needs the ``bench`` extra (the pretrained network and scikit-image's photos); without it, no rows.
+    """
+    try:
+        import efficientnet_lite as lite
+    except ImportError:
+        return []
+    from lightning_adaround import fold_batchnorm
+
+    size, crops, iterations = (96, 16, 10) if quick else (240, 64, 100)
+    chosen = [f"blocks.{i}.*" for i in range(1, 3 if quick else 7)]
+    calibration, _ = lite.photo_crops(num_calibration=crops, num_holdout=1, size=size)
+    model = lite.build_efficientnet_lite1(size)
+    fold_batchnorm(model)
+    modes = [
+        ("layer, auto (moments here)", dict(reconstruction="layer")),
+        ("layer, minibatch (the paper's form)", dict(reconstruction="layer", loss_form="minibatch")),
+        ("block", dict(reconstruction="block")),
+    ]
+    seconds = {}
+    for label, options in modes:
+        config = AdaRoundConfig(bits=4, iterations=iterations, layers=chosen, **options)
+        start = time.perf_counter()
+        adaround(copy.deepcopy(model), list(calibration.split(32)), config)
+        seconds[label] = time.perf_counter() - start
+    block = seconds["block"]
+    return [
+        {"model": f"EfficientNet-Lite1 {chosen[0]}..{chosen[-1]} ({size}px)", "mode": label, "iterations": iterations,
+         "samples": crops, "seconds (capture incl.)": s, "block / this": block / s,
+         "target": "<= 1.5" if label != "block" else "-"}
+        for label, s in seconds.items()
+    ]
+
+
 def _memory_case(case: str, quick: bool, form: str, carry: bool, repeat: int) -> dict[str, object]:
     """Runs in a child process: peak resident memory added by ``adaround`` vs model + largest layer cache."""
     name, make, batches = {c[0]: c for c in model_cases(quick)}[case]
@@ -316,6 +353,7 @@ def main() -> None:
     print_table("Capture: full passes vs carried block inputs (calibration: 64 samples quick, 256 full)",
                 capture_rows(args.quick, iterations=20 if args.quick else 200))
     print_table("Peak memory vs model + largest layer cache (target: <= 1.25)", memory_rows(args.quick))
+    print_table("Block vs layer mode, same iterations (target: block <= 1.5x layer)", block_rows(args.quick))
 
 
 if __name__ == "__main__":
