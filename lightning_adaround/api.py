@@ -360,6 +360,8 @@ def _round_layers(
             schedule, grad_reduce=grad_reduce, on_log=on_log, log_every_n_steps=config.log_every_n_steps,
         )
         note = prepared.note
+        if config.scale_method == "output" and channel_error is None:
+            note = "; ".join(filter(None, [note, f"'mse' scales ({objective.form} form has no per-channel output error)"]))
         if channel_error is not None:
             kept = _keep_nearest_where_better(channel_error, roundings[0], weights[0], grids[0])
             if kept:
@@ -400,14 +402,14 @@ def _round_layers(
 
 
 def _keep_nearest_where_better(
-    channel_error: ChannelError, rounding: RoundingVariable, weight: Tensor, grid: QuantGrid,
+    channel_error: Callable[..., Tensor], rounding: RoundingVariable, weight: Tensor, grid: QuantGrid,
 ) -> int:
     """Round to nearest the output channels whose training error AdaRound did not beat; how many.
 
     Exact per channel in the moments form (channels do not interact in a layer's output), so the
-    result is never worse than round-to-nearest on the calibration data, however few iterations ran.
+    result is never worse than round-to-nearest on the training rows, however few iterations ran.
     """
-    nearest_better = channel_error(grid.fake_quantize(weight)) < channel_error(rounding.hard_weight())
+    nearest_better = channel_error(grid.fake_quantize(weight), exact=True) < channel_error(rounding.hard_weight(), exact=True)
     if bool(nearest_better.any()):
         rounding.use_nearest(weight, nearest_better)
     return int(nearest_better.sum())
@@ -453,7 +455,7 @@ def layer_grid(
     bits = bits_for(name, config.bits, dict(config.layer_bits))
     granularity = config.granularity
     method = config.scale_method
-    output_layout = isinstance(granularity, PerTensor) or granularity.axis in (None, 0)
+    output_layout = isinstance(granularity, PerTensor) or granularity.axis is None or granularity.axis % weight.dim() == 0
     if method == "output" and (channel_error is None or getattr(layer, "transposed", False) or not output_layout):
         method = "mse"
     if not (isinstance(granularity, PerChannel) and granularity.axis is None):

@@ -29,7 +29,8 @@ from lightning_adaround.result import LayerResult
 
 PathLike = Union[str, "os.PathLike[str]"]
 FORMAT = "lightning-adaround checkpoint"
-VERSION = 1
+# 2: moments-form layers keep round-to-nearest on channels where it fits better (other integer weights)
+VERSION = 2
 MANIFEST = "manifest.json"
 # Settings that change no integer weight: a resumed run may change them.
 NOT_FINGERPRINTED = (

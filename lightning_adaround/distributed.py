@@ -58,7 +58,7 @@ from lightning_adaround.capture import InputCapture, LayerData, layer_targets
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.layers import ForwardFn, OutputOps, output_channel_dim, run_with_weight
 from lightning_adaround.moments import LayerMoments
-from lightning_adaround.objective import MinibatchSampler, MomentsObjective
+from lightning_adaround.objective import MinibatchSampler, MomentsObjective, forward_channel_errors
 from lightning_adaround.observer import AdaRoundObserver
 from lightning_adaround.reconstruct import LayerObjective, _Holdout, choose_form
 from lightning_adaround.result import AdaRoundResult, LayerResult
@@ -519,8 +519,8 @@ class _SharedMoments:
         self.sync.record_loss(value)
         return value, grad
 
-    def channel_errors(self, weight: Tensor) -> Tensor:
-        return self.inner.channel_errors(weight)  # the moments are summed already: no collective
+    def channel_errors(self, weight: Tensor, exact: bool = False) -> Tensor:
+        return self.inner.channel_errors(weight, exact)  # the moments are summed already: no collective
 
     def mse(self, weight: Tensor) -> float:
         if self.global_eval:
@@ -537,17 +537,10 @@ def _squared_error(
     device: torch.device, chunk: int = 256,
 ) -> tuple[float, int]:
     """This rank's sum of squared output errors and element count (the parts of ``forward_mse``)."""
-    total, count = 0.0, 0
     if data is None:
-        return total, count
-    for start in range(0, data.num_samples, chunk):
-        x = data.inputs[start:start + chunk].to(device)
-        y = data.targets[start:start + chunk].to(device)
-        out = run_with_weight(layer, x, weight)
-        err = (ops(out) if ops is not None else out) - y
-        total += float(err.double().pow(2).sum())
-        count += err.numel()
-    return total, count
+        return 0.0, 0
+    total, count = forward_channel_errors(layer, data, weight, ops, device, chunk)
+    return float(total.sum()), count
 
 
 # ------------------------------------------------------------------------------ per layer

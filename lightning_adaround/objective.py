@@ -255,10 +255,15 @@ class MomentsObjective:
         return self.exact_loss(weight) / weight.shape[0]
 
     @torch.no_grad()
-    def channel_errors(self, weight: Tensor) -> Tensor:
-        """Per output channel, the reconstruction term less the part no weight changes."""
-        delta = weight_as_groups(self.layer, weight.to(self.device, self.float_weight.dtype)) - self.float_weight
-        per_element = torch.baddbmm(self.wm, delta, self.a).add_(self.wm).mul_(delta).mul_(self.channel_weight)
+    def channel_errors(self, weight: Tensor, exact: bool = False) -> Tensor:
+        """Per output channel, the reconstruction term less the part no weight changes.
+
+        In the step dtype for the grid search (100 candidates); ``exact``: in float64.
+        """
+        e = self.exact if exact else dict(a=self.a, wm=self.wm, channel_weight=self.channel_weight,
+                                          float_weight=self.float_weight)
+        delta = weight_as_groups(self.layer, weight.to(self.device, e["float_weight"].dtype)) - e["float_weight"]
+        per_element = torch.baddbmm(e["wm"], delta, e["a"]).add_(e["wm"]).mul_(delta).mul_(e["channel_weight"])
         return per_element.sum(-1).reshape(-1)
 
 

@@ -218,7 +218,7 @@ def _output_error(channel_error: ChannelError, rank: int, axis: Optional[int]) -
     """Per-channel output errors laid out like the weight-error ones: ``(out, 1, ...)`` or all-ones shape."""
 
     def errors(quantized: Tensor, w: Tensor, dims: list[int]) -> Tensor:
-        per_channel = channel_error(quantized).double()
+        per_channel = channel_error(quantized).to(w.device, torch.float64)
         if axis is None:
             return per_channel.sum().reshape((1,) * rank)
         return per_channel.reshape(-1, *((1,) * (rank - 1)))

@@ -126,3 +126,33 @@ def test_moments_layers_never_end_worse_than_nearest_on_the_training_rows(digits
     for layer in moments_layers:
         assert layer.adaround_mse <= layer.nearest_mse * (1 + 1e-6) + 1e-12, layer.name
     assert any("nearest kept on" in r.note for r in moments_layers)  # the big lr made some channels worse
+
+
+@pytest.mark.parametrize("options", [
+    dict(loss_form="minibatch"),
+    dict(reconstruction="block", blocks=["[0:3]"]),
+])
+def test_output_scale_falls_back_to_weight_error_where_no_channel_error_exists(options):
+    """Minibatch-form layers and a block's layers have no per-channel output error: 'mse' scales, said in the note."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    batches = [torch.randn(16, 3, 8, 8) for _ in range(2)]
+    by_output = adaround(copy.deepcopy(model), batches, AdaRoundConfig(bits=3, iterations=10, scale_method="output", **options))
+    by_mse = adaround(copy.deepcopy(model), batches, AdaRoundConfig(bits=3, iterations=10, scale_method="mse", **options))
+    for name in ("0", "2"):
+        assert torch.equal(by_output.layers[name].scale, by_mse.layers[name].scale), name
+        assert "'mse' scales" in by_output.layers[name].note
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_use_nearest_matches_the_grid_with_clipping_and_zero_points(symmetric):
+    from lightning_adaround.rounding import RoundingVariable
+
+    torch.manual_seed(3)
+    w = torch.randn(5, 7) * torch.linspace(0.1, 3.0, 5)[:, None]
+    full = choose_grid(w, 3, symmetric=symmetric, method="minmax")
+    grid = type(full)(full.scale * 0.5, full.zero_point, full.qmin, full.qmax, full.bits, full.symmetric, full.axis)
+    rounding = RoundingVariable(w, grid)  # half the range: many weights lie beyond the grid's ends
+    rounding.use_nearest(w, torch.ones(5, dtype=torch.bool))
+    assert torch.equal(rounding.integer_weight(), grid.quantize(w))
+    assert bool((grid.quantize(w) == grid.qmax).any())  # clipping was exercised
