@@ -1,6 +1,6 @@
 """Performance benchmark: per-step overhead, capture share, cache size, end to end.
 
-    python benchmarks/bench.py            # full table (about 10 minutes on 2 CPU cores)
+    python benchmarks/bench.py            # full tables (about 17 minutes on 2 CPU cores)
     python benchmarks/bench.py --quick    # small shapes, a smoke run for CI (about a minute)
 
 Every number is measured side by side in this one run, on this machine; ratios, not

@@ -41,6 +41,7 @@ GRIDS = {
     "w4pt": dict(bits=4, granularity=PerTensor()),
     "w3pc": dict(bits=3, granularity=PerChannel()),
 }
+SHOW_SUMMARY = False  # --summary: print each AdaRound run's per-layer table
 METHODS = ("nearest minmax", "nearest mse", "layer", "block")
 
 
@@ -71,7 +72,9 @@ def quantize(
         config = AdaRoundConfig(
             iterations=iterations, reconstruction=method, batch_size=batch_size, lr=lr, scale_method=scale_method, **grid,
         )
-        adaround(model, batches, config, **options)
+        result = adaround(model, batches, config, **options)
+        if SHOW_SUMMARY:
+            print(result.summary_table())
     return time.perf_counter() - started
 
 
@@ -162,7 +165,10 @@ def main() -> None:
     parser.add_argument("--holdout", type=int, default=256, help="held-out crops / text chunks scored")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--summary", action="store_true", help="print each AdaRound run's per-layer summary")
     args = parser.parse_args()
+    global SHOW_SUMMARY
+    SHOW_SUMMARY = args.summary
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.iterations} iterations, "
           f"{args.calibration} calibration / {args.holdout} held-out samples")
     rows = []
