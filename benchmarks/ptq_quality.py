@@ -60,7 +60,7 @@ PREPARATIONS: dict[str, list[Callable[[nn.Module], Any]]] = {
 
 def quantize(
     model: nn.Module, method: str, grid: dict[str, Any], preparation: str, batches: list[Any], iterations: int,
-    batch_size: int = 32, lr: float = 1e-3, scale_method: str = "mse", **options: Any,
+    batch_size: int = 32, lr: float = 1e-3, scale_method: str = "mse", bias_correction: bool = False, **options: Any,
 ) -> float:
     """Quantize ``model`` in place; seconds spent."""
     started = time.perf_counter()
@@ -70,7 +70,8 @@ def quantize(
         round_to_nearest(model, AdaRoundConfig(scale_method=method.split()[1], **grid))
     else:
         config = AdaRoundConfig(
-            iterations=iterations, reconstruction=method, batch_size=batch_size, lr=lr, scale_method=scale_method, **grid,
+            iterations=iterations, reconstruction=method, batch_size=batch_size, lr=lr, scale_method=scale_method,
+            bias_correction=bias_correction, **grid,
         )
         result = adaround(model, batches, config, **options)
         if SHOW_SUMMARY:
@@ -108,12 +109,13 @@ def effnet_rows(args: argparse.Namespace) -> list[dict[str, object]]:
             model = copy.deepcopy(float_model)
             seconds = quantize(
                 model, method, GRIDS[grid], preparation, batches, args.iterations, args.batch_size, args.lr,
-                args.scale_method,
+                args.scale_method, args.bias_correction,
             )
             quantized = lite.logits(model, held_out)
             rows.append({
                 "model": "EfficientNet-Lite1", "grid": grid, "method": method, "prep": preparation,
                 "lr": args.lr, "scale": _scale_of(method, args.scale_method),
+                "bias corr.": args.bias_correction and not method.startswith("nearest"),
                 "top-1 agreement": lite.top1_agreement(reference, quantized),
                 f"agreement, FP p>=0.5 ({int(confident.sum())})": lite.top1_agreement(reference[confident], quantized[confident]),
                 "KL": lite.mean_kl(reference, quantized), "seconds": seconds,
@@ -138,11 +140,12 @@ def minilm_rows(args: argparse.Namespace) -> list[dict[str, object]]:
             model = copy.deepcopy(float_model)
             seconds = quantize(
                 model, method, GRIDS[grid], "none", batches, args.iterations, args.batch_size, args.lr,
-                args.scale_method, forward_fn=forward,
+                args.scale_method, args.bias_correction, forward_fn=forward,
             )
             rows.append({
                 "model": "MiniLM-L6", "grid": grid, "method": method, "prep": "none",
                 "lr": args.lr, "scale": _scale_of(method, args.scale_method),
+                "bias corr.": args.bias_correction and not method.startswith("nearest"),
                 "cosine": minilm.held_out_cosine(model, dm, reference), "seconds": seconds,
             })
             print_table("so far", rows[-1:])
@@ -160,6 +163,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate on the rounding variables")
     parser.add_argument("--scale-method", choices=["mse", "minmax", "output"], default="mse",
                         help="grid scale search for the AdaRound rows (nearest rows name their own)")
+    parser.add_argument("--bias-correction", action="store_true", help="bias correction after AdaRound")
     parser.add_argument("--batch-size", type=int, default=32, help="calibration samples per AdaRound step")
     parser.add_argument("--calibration", type=int, default=128, help="calibration crops / text chunks")
     parser.add_argument("--holdout", type=int, default=256, help="held-out crops / text chunks scored")

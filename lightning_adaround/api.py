@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.bias_correction import SumReduce, correct_biases
+from lightning_adaround.bias_correction import SumReduce, correct_biases, following_batchnorm
 from lightning_adaround.capture import ForwardFn, InputCapture, default_forward, execution_order
 from lightning_adaround.blocks import Block, find_blocks
 from lightning_adaround.chain import find_block_chains
@@ -139,6 +139,11 @@ def adaround(
     with torch.inference_mode(False), torch.enable_grad():
         float_weights = {name: module.weight.detach().clone() for name, module in layers}
         float_biases = {name: m.bias.detach().clone() for name, m in layers if m.bias is not None}
+        # bias correction may move a bias-less layer's shift into the BatchNorm after it
+        running_means = {
+            name: bn.running_mean.clone() for name, _ in layers
+            if config.bias_correction and (bn := following_batchnorm(model, name)) is not None
+        }
         try:
             checkpoint = None
             if checkpoint_dir is not None:
@@ -172,6 +177,8 @@ def adaround(
                     module.weight.copy_(float_weights[name].to(module.weight.device))
                     if name in float_biases:
                         module.bias.copy_(float_biases[name].to(module.bias.device))
+                    if name in running_means:
+                        following_batchnorm(model, name).running_mean.copy_(running_means[name])
             raise
         finally:
             model.to(home)

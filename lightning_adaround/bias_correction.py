@@ -14,12 +14,22 @@ import torch
 from torch import Tensor, nn
 
 from lightning_adaround.capture import InputCapture, float_weights
+from lightning_adaround.layers import following_ops
 from lightning_adaround.result import AdaRoundResult
 
 # ``reduce(layer name, numel, compute)``: ``compute()`` gives this process's float64 sums; the
 # result is their sum over every process (``distributed_adaround`` passes one that all-reduces).
 SumReduce = Callable[[str, int, Callable[[], Tensor]], Tensor]
 MakeCapture = Callable[[], InputCapture]
+
+
+def following_batchnorm(model: nn.Module, name: str) -> Optional[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm with running statistics right after layer ``name`` in an ``nn.Sequential``, if any."""
+    ops = following_ops(model, name)
+    batchnorm = ops.batchnorm if ops is not None else None
+    if batchnorm is None or getattr(batchnorm, "running_mean", None) is None:
+        return None
+    return batchnorm
 
 
 def _local(name: str, numel: int, compute: Callable[[], Tensor]) -> Tensor:
@@ -70,7 +80,10 @@ def correct_biases(
     Two passes over the calibration data, each with a fresh capture from ``make_capture``: the
     float model's mean outputs (the float weights put back for the pass), then, layer after
     layer, the rounded model's, each layer corrected before the next one is measured. A layer
-    without a bias gets no new parameter: its shift is only recorded (``bias_corrected`` False).
+    without a bias gets no new parameter: when a BatchNorm with running statistics follows it
+    (as after every ``bias=False`` convolution of a folded network), the shift goes into that
+    BatchNorm's ``running_mean``, which is exact in eval mode; otherwise it is only recorded
+    (``bias_corrected`` False).
 
     Why the float model's output and not the float weight on the rounded model's input:
     AdaRound fits each rounded layer to the float model's output (asymmetric reconstruction),
@@ -89,9 +102,12 @@ def correct_biases(
         if mean is None or target is None:
             return
         shift = target - mean
+        batchnorm = following_batchnorm(model, name)
         if layer.bias is not None:
             layer.bias.add_(shift.to(device=layer.bias.device, dtype=layer.bias.dtype))
+        elif batchnorm is not None:  # eval-mode BN(y + shift) == BN(y) with running_mean - shift
+            batchnorm.running_mean.sub_(shift.to(device=batchnorm.running_mean.device, dtype=batchnorm.running_mean.dtype))
         result.layers[name].bias_shift = shift.float().cpu()
-        result.layers[name].bias_corrected = layer.bias is not None
+        result.layers[name].bias_corrected = layer.bias is not None or batchnorm is not None
 
     _means(model, names, make_capture(), device, reduce, on_layer=correct)

@@ -75,8 +75,8 @@ class _AdaRoundCallbackBase:
             outputs unchanged. ``None`` (default): on for ``granularity="per_tensor"``, off for
             ``"per_channel"`` (per-channel scales already fit each channel). Restored if rounding fails.
         bias_correction: After rounding, move each rounded layer's mean output error on the
-            calibration data into its bias (a layer without a bias only reports it; see
-            ``AdaRoundConfig``). Under DDP the means are taken over every rank's samples.
+            calibration data into its bias (a layer without a bias: into the BatchNorm after it,
+            or only reported; see ``AdaRoundConfig``). Under DDP the means are taken over every rank's samples.
         seed: Seed of the minibatch sampler and of the calibration read (a shuffling loader
             gives the same samples on every run; the global random state is left alone).
         log_every_n_steps: Per-step loss logging interval (default: the Trainer's).

@@ -88,7 +88,9 @@ class AdaRoundConfig:
         bias_correction: After rounding, add each rounded layer's mean output error on the
             calibration data to its bias: per output channel, its mean output in the float model
             minus its mean output in the model whose earlier layers are rounded and corrected. A
-            layer without a bias keeps none; its shift is only reported (``LayerResult.bias_shift``).
+            layer without a bias keeps none: the shift goes into the ``running_mean`` of a
+            BatchNorm right after it in an ``nn.Sequential`` (exact in eval mode), or is only
+            reported (``LayerResult.bias_shift``).
     """
 
     bits: int = 4

@@ -39,7 +39,7 @@ class LayerResult:
     block: str = ""  # the block it was rounded with (its MSEs are the block output's), or "" alone
     # bias_correction=True: the mean output error per output channel (float model minus rounded model)...
     bias_shift: Optional[Tensor] = None
-    bias_corrected: bool = False  # ...added to the bias (False: the layer has no bias; only reported)
+    bias_corrected: bool = False  # ...applied: to the bias, or the following BatchNorm's running_mean (False: only reported)
 
     @property
     def bias_shift_max(self) -> Optional[float]:

@@ -165,3 +165,58 @@ def test_through_the_lightning_callback(tmp_path):
     fresh = AdaRoundCallback()
     fresh.load_state_dict(state)
     assert torch.equal(fresh.result.layers["net.0"].bias_shift, result.layers["net.0"].bias_shift)
+
+
+def _bn_model():
+    """Bias-less convolutions each followed by a BatchNorm (as in ResNets and EfficientNets), not folded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 36, 10),
+    )
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_a_bias_less_layer_followed_by_a_batchnorm_is_corrected_through_its_running_mean():
+    batches = _batches()
+    model = _bn_model()
+    keys = list(model.state_dict())
+    result = adaround(model, batches, AdaRoundConfig(bias_correction=True, loss_form="minibatch", **FAST))
+    assert list(model.state_dict()) == keys and model[0].bias is None  # no new parameter
+    assert result.layers["0"].bias_corrected and result.layers["3"].bias_corrected
+    shift = result.layers["0"].bias_shift
+    assert torch.allclose(model[1].running_mean, _bn_model()[1].running_mean - shift, atol=1e-6)
+    # the first layer sees the same input in both models: after correction its BatchNorm's mean output matches
+    float_means = _layer_means(_bn_model(), ["1"], batches)["1"]
+    plain = _bn_model()
+    adaround(plain, batches, AdaRoundConfig(loss_form="minibatch", **FAST))
+    error_before = float((float_means - _layer_means(plain, ["1"], batches)["1"]).abs().max())
+    error_after = float((float_means - _layer_means(model, ["1"], batches)["1"]).abs().max())
+    assert error_before > 1e-3 and error_after < 1e-5 * max(1.0, error_before * 100)
+
+
+def test_failure_during_correction_restores_the_batchnorm_running_means(monkeypatch):
+    import lightning_adaround.bias_correction as correction
+
+    model = _bn_model()
+    original = copy.deepcopy(model.state_dict())
+    real = correction._output_sums
+    calls = []
+
+    def fails_late(layer, *args):
+        calls.append(layer)
+        if len(calls) == 5:  # float pass done (3 layers), the first layer's BatchNorm already moved
+            raise RuntimeError("stop in the middle of bias correction")
+        return real(layer, *args)
+
+    monkeypatch.setattr(correction, "_output_sums", fails_late)
+    with pytest.raises(RuntimeError, match="stop in the middle"):
+        adaround(model, _batches(), AdaRoundConfig(bias_correction=True, **FAST))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, original[key]), key
