@@ -84,21 +84,26 @@ def test_off_leaves_biases_bit_identical_and_records_nothing():
     assert all(r.bias_shift is None and not r.bias_corrected for r in result.layers.values())
 
 
-def test_failure_during_correction_restores_weights_and_biases(monkeypatch):
+def _fail_on_fifth_layer_pass(monkeypatch):
+    """Make bias correction's fifth per-layer statistics pass raise."""
     import lightning_adaround.bias_correction as correction
 
-    model = _model()
-    original = copy.deepcopy(model.state_dict())
     real = correction._output_sums
     calls = []
 
-    def second_fails(layer, *args):
+    def fails(layer, *args):
         calls.append(layer)
-        if len(calls) == 5:  # after the float pass (3 layers); the first layer's bias is corrected by now
+        if len(calls) == 5:
             raise RuntimeError("stop in the middle of bias correction")
         return real(layer, *args)
 
-    monkeypatch.setattr(correction, "_output_sums", second_fails)
+    monkeypatch.setattr(correction, "_output_sums", fails)
+
+
+def test_failure_during_correction_restores_weights_and_biases(monkeypatch):
+    model = _model()
+    original = copy.deepcopy(model.state_dict())
+    _fail_on_fifth_layer_pass(monkeypatch)  # after the float pass (3 layers); the first layer's bias is corrected by now
     with pytest.raises(RuntimeError, match="stop in the middle"):
         adaround(model, _batches(), AdaRoundConfig(bias_correction=True, **FAST))
     for key, value in model.state_dict().items():
@@ -202,20 +207,9 @@ def test_a_bias_less_layer_followed_by_a_batchnorm_is_corrected_through_its_runn
 
 
 def test_failure_during_correction_restores_the_batchnorm_running_means(monkeypatch):
-    import lightning_adaround.bias_correction as correction
-
     model = _bn_model()
     original = copy.deepcopy(model.state_dict())
-    real = correction._output_sums
-    calls = []
-
-    def fails_late(layer, *args):
-        calls.append(layer)
-        if len(calls) == 5:  # float pass done (3 layers), the first layer's BatchNorm already moved
-            raise RuntimeError("stop in the middle of bias correction")
-        return real(layer, *args)
-
-    monkeypatch.setattr(correction, "_output_sums", fails_late)
+    _fail_on_fifth_layer_pass(monkeypatch)  # float pass done (3 layers), the first layer's BatchNorm already moved
     with pytest.raises(RuntimeError, match="stop in the middle"):
         adaround(model, _batches(), AdaRoundConfig(bias_correction=True, **FAST))
     for key, value in model.state_dict().items():
