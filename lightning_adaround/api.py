@@ -140,10 +140,10 @@ def adaround(
         float_weights = {name: module.weight.detach().clone() for name, module in layers}
         float_biases = {name: m.bias.detach().clone() for name, m in layers if m.bias is not None}
         # bias correction may move a bias-less layer's shift into the BatchNorm after it
-        running_means = {
-            name: bn.running_mean.clone() for name, _ in layers
+        running_means = [
+            (bn, bn.running_mean.clone()) for name, _ in layers
             if config.bias_correction and (bn := following_batchnorm(model, name)) is not None
-        }
+        ]
         try:
             checkpoint = None
             if checkpoint_dir is not None:
@@ -177,8 +177,8 @@ def adaround(
                     module.weight.copy_(float_weights[name].to(module.weight.device))
                     if name in float_biases:
                         module.bias.copy_(float_biases[name].to(module.bias.device))
-                    if name in running_means:
-                        following_batchnorm(model, name).running_mean.copy_(running_means[name])
+                for batchnorm, running_mean in running_means:
+                    batchnorm.running_mean.copy_(running_mean)
             raise
         finally:
             model.to(home)
@@ -366,13 +366,13 @@ def _round_layers(
             roundings if is_block else roundings[0], objective, config.iterations, config.lr, config.reg_lambda,
             schedule, grad_reduce=grad_reduce, on_log=on_log, log_every_n_steps=config.log_every_n_steps,
         )
-        note = prepared.note
+        notes = [prepared.note]
         if config.scale_method == "output" and channel_error is None:
-            note = "; ".join(filter(None, [note, f"'mse' scales ({objective.form} form has no per-channel output error)"]))
+            notes.append(f"'mse' scales ({objective.form} form has no per-channel output error)")
         if channel_error is not None:
             kept = _keep_nearest_where_better(channel_error, roundings[0], weights[0], grids[0])
-            if kept:
-                note = "; ".join(filter(None, [note, f"nearest kept on {kept}/{weights[0].shape[0]} channels"]))
+            notes.append(f"nearest kept on {kept}/{weights[0].shape[0]} channels" if kept else "")
+        note = "; ".join(filter(None, notes))
         hards = [r.hard_weight() for r in roundings]
         for name, hard in zip(names, hards):
             _write_back(modules[name], hard)
