@@ -1,9 +1,9 @@
 """Where one layer's cached calibration tensors live: the compute device, host memory, or disk.
 
 The minibatch form keeps every training sample's layer input and target for thousands of
-steps. A layer whose cache does not fit the device budget is cached in host memory (pinned,
-when the device is a GPU, so copies overlap), and one that does not fit the host budget in
-a memory-mapped file. The values are the same wherever they live, so the rounding is too.
+steps. A layer whose cache does not fit the device budget is cached in host memory, and one
+that does not fit the host budget in a memory-mapped file; each step's rows are gathered from
+there into a small pinned buffer, so the copy to a GPU overlaps the compute. The values are the same wherever they live, so the rounding is too.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ class CachePlan:
             if self.device_bytes is not None:
                 return self.device_bytes
             if self.device.type == "cuda":
-                return int(_AUTO_SHARE * torch.cuda.mem_get_info(self.device)[0])
+                # free on the device plus what the caching allocator holds free for reuse
+                held = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+                return int(_AUTO_SHARE * (torch.cuda.mem_get_info(self.device)[0] + held))
             # no free-memory query for other accelerators: the host budget below applies
         if self.host_bytes is not None:
             return self.host_bytes
@@ -139,8 +141,6 @@ class ChunkStore:
         if self.tier != "disk" and self._buffer is not None:
             out = self._buffer[:self._used].reshape(shape)
             self._buffer = None
-            if self.tier == "host" and self.device.type == "cuda":
-                out = out.pin_memory()
             return out
         if self.tier != "disk":
             if all(c.shape[1:] == shape[1:] for c in self.chunks):
@@ -148,8 +148,6 @@ class ChunkStore:
             else:
                 out = torch.cat([c.reshape(-1, shape[-1]) for c in self.chunks], dim=0)
             self.chunks = []
-            if self.tier == "host" and self.device.type == "cuda":
-                out = out.pin_memory()
             return out
         self._file.close()
         mapped = torch.from_file(self._path, shared=False, size=math.prod(shape), dtype=self._dtype_on_disk)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_adaround.chain import BlockChain
-from lightning_adaround.layers import ForwardFn, forward_with_hooks, run_with_weight
+from lightning_adaround.layers import ForwardFn, compute_dtype, forward_with_hooks, run_with_weight
 
 Call = tuple[tuple, dict]  # a module call's (args, kwargs)
 
@@ -291,8 +291,12 @@ def layer_targets(
     layer: nn.Module, inputs: Tensor, weight: Tensor, activation: Optional[Callable[[Tensor], Tensor]],
     chunk: int = 256,
 ) -> Tensor:
-    """``activation(layer(inputs))`` computed in chunks, stored where ``inputs`` live."""
+    """``activation(layer(inputs))`` computed in chunks, stored where ``inputs`` live.
+
+    In float32 for a half-precision model (the reference the rounding is fitted to).
+    """
     device = weight.device
+    weight = weight.to(compute_dtype(weight.dtype))
     outs = []
     for start in range(0, inputs.shape[0], chunk):
         x = inputs[start:start + chunk].to(device)

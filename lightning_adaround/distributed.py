@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import zlib
 from collections import defaultdict
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -138,6 +139,12 @@ def is_sharded_loader(loader: Any) -> bool:
     return isinstance(sampler, DistributedSampler) or isinstance(
         getattr(batch_sampler, "sampler", None), DistributedSampler
     )
+
+
+def _object_collective_device(device: torch.device) -> Any:
+    """Object collectives under NCCL stage through ``torch.cuda.current_device()``, not the rank's
+    device: without this, a script that never calls ``torch.cuda.set_device`` hangs on cuda:0."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _samples_in(batch: Any) -> int:
@@ -288,7 +295,8 @@ class _Sync:
     def _fail_together(self, flags: Sequence[float], own_message: Optional[str]) -> None:
         messages: list[Optional[str]] = [None] * self.world_size
         try:
-            dist.all_gather_object(messages, own_message, group=self.group)
+            with _object_collective_device(self.device):
+                dist.all_gather_object(messages, own_message, group=self.group)
         except Exception:
             self.broken = True
             messages = [own_message if q == self.rank else None for q in range(self.world_size)]
@@ -881,7 +889,8 @@ def _start(sync: _Sync, batches: list[Any], shard: Optional[CalibrationShard], c
     if shard is not None:
         return _Layout(list(shard.global_sizes), list(shard.pieces))
     sizes: list[Optional[list[int]]] = [None] * w
-    dist.all_gather_object(sizes, [_samples_in(b) for b in batches], group=sync.group)
+    with _object_collective_device(sync.device):
+        dist.all_gather_object(sizes, [_samples_in(b) for b in batches], group=sync.group)
     base = sum(len(s) for s in sizes[:sync.rank])
     return _Layout(
         [n for s in sizes for n in s],

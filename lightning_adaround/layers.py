@@ -80,9 +80,42 @@ def forward_with_hooks(model: nn.Module, batch: Any, forward_fn: ForwardFn, hand
             handle.remove()
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype rounding computes in: float32, or float64 for a float64 model, never half precision."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != dtype:
+        return value.to(dtype)
+    return value
+
+
+def call_in_dtype(
+    module: nn.Module, args: tuple, kwargs: dict, overrides: dict[str, Tensor], dtype: torch.dtype,
+) -> Any:
+    """``module``'s own forward with ``overrides`` in place and every float tensor it uses in ``dtype``.
+
+    A bfloat16/float16 model is optimised in float32: its other parameters and buffers (bias,
+    BatchNorm statistics, clip bounds) and the float arguments are cast for the call, so one
+    dtype runs through the forward. A model already in ``dtype`` costs nothing extra.
+    """
+    params = {
+        name: t.to(dtype)
+        for name, t in [*module.named_parameters(), *module.named_buffers()]
+        if t.is_floating_point() and t.dtype != dtype and name not in overrides
+    }
+    params.update(overrides)
+    args = tuple(_cast(a, dtype) for a in args)
+    kwargs = {k: _cast(v, dtype) for k, v in kwargs.items()}
+    if not params:
+        return module(*args, **kwargs)
+    return torch.func.functional_call(module, params, args, kwargs)
+
+
 def run_with_weight(module: nn.Module, inputs: Tensor, weight: Tensor) -> Tensor:
-    """The module's own forward with ``weight`` in place of its weight parameter."""
-    return torch.func.functional_call(module, {"weight": weight}, (inputs,))
+    """The module's own forward with ``weight`` in place of its weight, computed in ``weight.dtype``."""
+    return call_in_dtype(module, (inputs,), {}, {"weight": weight}, weight.dtype)
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -146,10 +179,12 @@ class OutputOps:
     detected: bool = False
 
     def __call__(self, output: Tensor) -> Tensor:
-        if self.batchnorm is not None:
-            output = self.batchnorm(output)
-        if self.activation is not None:
-            output = self.activation(output)
+        """In ``output``'s dtype: a half-precision model's BatchNorm runs in float32 with the float32 output."""
+        for op in (self.batchnorm, self.activation):
+            if isinstance(op, nn.Module):
+                output = call_in_dtype(op, (output,), {}, {}, output.dtype)
+            elif op is not None:
+                output = op(output)
         return output
 
     def channel_scale(self) -> Optional[Tensor]:

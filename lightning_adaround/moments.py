@@ -50,6 +50,7 @@ def patch_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
         return inputs.reshape(1, -1, inputs.shape[-1])
     g, d = layer.groups, patch_dim(layer)
     kernel = layer.kernel_size
+    inputs = inputs.to(torch.promote_types(inputs.dtype, torch.float32))  # half-precision models: exact patches
     eye = torch.eye(d, dtype=inputs.dtype, device=inputs.device)
     eye = eye.reshape(d, layer.in_channels // g, *kernel).repeat(g, *([1] * (len(kernel) + 1)))
     patches = torch.func.functional_call(layer, {"weight": eye, "bias": None}, (inputs,))

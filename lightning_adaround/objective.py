@@ -8,14 +8,14 @@ loop does not care how the term is computed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lightning_adaround.blocks import Block
 from lightning_adaround.capture import LayerData
-from lightning_adaround.layers import OutputOps, output_channel_dim, run_with_weight
+from lightning_adaround.layers import OutputOps, call_in_dtype, output_channel_dim, run_with_weight
 from lightning_adaround.moments import LayerMoments, weight_as_groups
 
 
@@ -72,21 +72,44 @@ class RowGather:
     """Rows ``idx`` of cached tensors on the compute device, into buffers reused every step.
 
     A fresh 10-100 MB tensor per step costs page faults; a buffer is free to reuse because
-    the previous step's backward has finished with it.
+    the previous step's backward has finished with it. Rows of a host or disk cache bound for
+    a GPU are gathered into one of two pinned staging buffers and copied without blocking (a
+    copy from pageable memory cannot overlap); a staging buffer is refilled only once the copy
+    that read it two steps ago has finished.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._buffers: dict[str, Tensor] = {}
+        self._staging: dict[str, list[tuple[Tensor, Any]]] = {}
 
     def __call__(self, source: Tensor, idx: Tensor, key: str, dtype: torch.dtype) -> Tensor:
         idx = idx.to(source.device)
-        if source.device != self.device or source.dtype != dtype:  # host/disk cache, compact dtype
+        if source.device != self.device and self.device.type == "cuda" and source.device.type == "cpu":
+            return self._staged_copy(source, idx, key).to(dtype)
+        if source.device != self.device or source.dtype != dtype:  # compact dtype
             return source[idx].to(self.device, dtype, non_blocking=True)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.shape[0] != idx.numel():
             buffer = self._buffers[key] = source.new_empty((idx.numel(), *source.shape[1:]))
         return torch.index_select(source, 0, idx, out=buffer)
+
+    def _staged_copy(self, source: Tensor, idx: Tensor, key: str) -> Tensor:
+        shape = (idx.numel(), *source.shape[1:])
+        slots = self._staging.get(key)
+        if slots is None or slots[0][0].shape != shape:
+            slots = self._staging[key] = [
+                (torch.empty(shape, dtype=source.dtype).pin_memory(), None) for _ in range(2)
+            ]
+        staged, copied = slots.pop(0)
+        if copied is not None:
+            copied.synchronize()
+        torch.index_select(source, 0, idx, out=staged)
+        out = staged.to(self.device, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        slots.append((staged, done))
+        return out
 
 
 class MinibatchObjective:
@@ -290,7 +313,7 @@ class BlockObjective:
     """Block reconstruction: the block's output with every rounded layer's soft weight at once.
 
     ``step_loss`` takes the layers' weights in ``weight_paths`` order and runs the block with
-    them through ``torch.func.functional_call``, so any block (attention, residuals) works.
+    them through ``torch.func.functional_call`` (in the weights' dtype), so any block (attention, residuals) works.
     With Fisher weights, each output element's squared error is weighted by its weight.
     """
 
@@ -317,7 +340,7 @@ class BlockObjective:
 
     def _output(self, weights: Sequence[Tensor], x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         params = dict(zip(self.paths, weights))
-        return self.block.output(torch.func.functional_call(self.block.module, params, (x, *args), kwargs))
+        return self.block.output(call_in_dtype(self.block.module, (x, *args), kwargs, params, weights[0].dtype))
 
     def _rows(self, data: BlockData, idx: Tensor, dtype: torch.dtype, prefix: str) -> tuple[Tensor, tuple, dict]:
         pick = lambda t, key: self._gather(t, idx, f"{prefix}{key}", t.dtype if not t.is_floating_point() else dtype)  # noqa: E731

@@ -19,7 +19,7 @@ from lightning_adaround.blocks import Block
 from lightning_adaround.capture import Call, InputCapture, LayerData, check_finite, layer_targets
 from lightning_adaround.capture import float_weights as float_weights_in
 from lightning_adaround.config import AdaRoundConfig
-from lightning_adaround.layers import OutputOps, output_channel_dim, run_with_weight
+from lightning_adaround.layers import OutputOps, call_in_dtype, compute_dtype, output_channel_dim, run_with_weight
 from lightning_adaround.moments import LayerMoments, moments_supported, patch_dim
 from lightning_adaround.objective import (
     BlockData, BlockObjective, MinibatchObjective, MomentsObjective, ReconstructionObjective,
@@ -56,7 +56,7 @@ def _rows_per_sample(layer: nn.Module, sample: Tensor) -> int:
     if isinstance(layer, nn.Linear):
         return max(1, sample[:1].numel() // layer.in_features)
     with torch.no_grad():
-        out = run_with_weight(layer, sample[:1], layer.weight)
+        out = run_with_weight(layer, sample[:1], layer.weight.to(compute_dtype(layer.weight.dtype)))
     return max(1, out.numel() // out.shape[1])
 
 
@@ -204,7 +204,7 @@ def build_block_objective(
             arguments = _BlockArguments(block.name, rounded_call, x.shape)
         per_sample = arguments.per_sample(rounded_call, x.shape)
         with torch.no_grad():
-            target = block.output(block.module(*float_call[0], **float_call[1])).detach()
+            target = block.output(call_in_dtype(block.module, *float_call, {}, compute_dtype(x.dtype))).detach()
         check_finite(
             f"block {block.name!r}", [("input", x), ("full-precision output", target)],
             fix="round its layers with reconstruction='layer'",

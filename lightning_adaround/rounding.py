@@ -56,10 +56,14 @@ def soft_forward(
 def soft_backward(saved: tuple[Tensor, ...], grad_weight: Tensor, grad_reg: Optional[Tensor | float]) -> Tensor:
     """The gradient on V from the gradients on the soft weight and on the regularizer."""
     dh_dv, dw_dh = saved[0], saved[1]
+    grad = grad_weight * dw_dh
     if len(saved) == 3 and grad_reg is not None:
-        grad = torch.addcmul(grad_weight * dw_dh, saved[2], torch.as_tensor(grad_reg, dtype=dw_dh.dtype))
-    else:
-        grad = grad_weight * dw_dh
+        # a Python number, or autograd's 0-dim gradient on the same device: CUDA's ternary ops
+        # (addcmul) reject a CPU 0-dim tensor beside device tensors, so none is made here
+        if isinstance(grad_reg, Tensor):
+            grad.addcmul_(saved[2], grad_reg.to(grad.dtype))
+        else:
+            grad.add_(saved[2], alpha=float(grad_reg))
     return grad.mul_(dh_dv)
 
 
