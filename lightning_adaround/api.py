@@ -82,7 +82,9 @@ def adaround(
             (``None`` turns the automatic BatchNorm/activation detection off for that layer).
         observer: Receives progress, per-step losses and per-layer results.
         grad_reduce: Called with ``[V.grad]`` after each backward (e.g. a DDP all-reduce).
-        move_batch: ``move_batch(batch, device)`` moves one batch to the device.
+        move_batch: ``move_batch(batch, device)`` moves one batch to the device; called exactly once
+            per calibration batch (Lightning's transfer hooks run once), later moves between a host
+            cache and the device are plain tensor moves.
         objective_builder: Replaces ``reconstruct.build_layer_objective`` (same arguments); used by
             ``distributed.distributed_adaround`` for sharded data.
         checkpoint_dir: A folder where each finished layer is saved as soon as it is done. Calling
@@ -153,15 +155,17 @@ def adaround(
                 param.requires_grad_(False)
             model.to(device).eval()
             cache_device = torch.device("cpu") if config.cache_on_cpu else device
-            staged = [_clone_inference_tensors(move_batch(b, cache_device)) for b in batches]
-            run = (lambda m, b: forward_fn(m, move_batch(b, device))) if cache_device != device else forward_fn
+            # move_batch (Lightning: the module's transfer hooks) runs once per batch; every later
+            # move between the cache and the device is a plain tensor move
+            staged = [move_to_device(_clone_inference_tensors(move_batch(b, device)), cache_device) for b in batches]
+            run = (lambda m, b: forward_fn(m, move_to_device(b, device))) if cache_device != device else forward_fn
             order = _first_pass_order(model, layers, staged[0], run)
             chains = find_block_chains(model, order, staged[0], run) if config.carry_activations else []
             capture = InputCapture(model, staged, run, chains, device, cache_device)
             blocks = _blocks(model, config, order, staged[0], run)
             loss_on_device = None  # the task loss is only used for the Fisher weights
             if config.block_loss == "fisher" and task_loss is not None:
-                loss_on_device = lambda out, b: task_loss(out, move_batch(b, device))  # noqa: E731
+                loss_on_device = lambda out, b: task_loss(out, move_to_device(b, device))  # noqa: E731
             result = _round_layers(
                 model, dict(layers), order, capture, config,
                 {n: w.to(device) for n, w in float_weights.items()},

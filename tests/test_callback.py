@@ -354,3 +354,100 @@ def test_report_png_is_saved_and_logged_to_tensorboard(tmp_path):
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
     events.Reload()
     assert "adaround/report" in events.Tags()["images"]
+
+
+def _normalizing_module(pl):
+    """A module whose on_after_batch_transfer normalizes the input (and counts the batches it sees)."""
+
+    class Normalizing(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+            self.transfers = 0
+
+        def forward(self, x):
+            return self.net(x)
+
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            self.transfers += 1
+            x, y = batch
+            return (x - 1.0) / 2.0, y  # applied twice, the inputs would be (x - 3) / 4
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    return Normalizing
+
+
+class _TransfersDuringRounding:
+    """Placed after the AdaRoundCallback: on_validation_start runs when rounding is done, before any
+    validation batch is fetched, so the module's count is the rounding's alone."""
+
+    def __init__(self, Callback):
+        outer = self
+
+        class Recorder(Callback):
+            def on_validation_start(self, trainer, pl_module):
+                outer.count = pl_module.transfers
+
+        self.callback = Recorder()
+        self.count = None
+
+
+def _calibration(generator_seed=0):
+    g = torch.Generator().manual_seed(generator_seed)
+    x = 2.0 * torch.randn(32, 16, generator=g) + 1.0
+    return DataLoader(TensorDataset(x, (x[:, 0] > 1).long()), batch_size=8)
+
+
+@pytest.mark.parametrize("cache_on_cpu", [False, True])
+def test_transfer_hooks_run_once_per_calibration_batch_with_a_host_cache(tmp_path, cache_on_cpu):
+    """Lightning's transfer hooks (a normalization here) run once per batch, also when the cache lives on
+    the host and batches go back and forth (a plain tensor move after the first transfer)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from lightning_adaround import AdaRoundCallback
+
+    data = _calibration()
+    results = {}
+    for device in ("cpu", torch.device("cpu", 0)):  # cpu:0 is not the host cache's device: batches are moved
+        module = _normalizing_module(pl)()
+        recorder = _TransfersDuringRounding(pl.Callback)
+        cb = make_callback(AdaRoundCallback, run_on="validate", calibration_data=data, cache_on_cpu=cache_on_cpu,
+                           num_calibration_samples=32, verbose=False, report=False)
+        trainer = pl.Trainer(**trainer_kwargs(
+            tmp_path, callbacks=[cb, recorder.callback], logger=False, devices="auto",
+            strategy=SingleDeviceStrategy(device=torch.device(device)),
+        ))
+        trainer.validate(module, dataloaders=data, verbose=False)
+        assert recorder.count == len(data), (device, recorder.count)
+        results[str(device)] = cb.result
+    for name, layer in results["cpu"].layers.items():  # the same inputs whichever way they travelled
+        assert torch.equal(layer.integer_weight, results["cpu:0"].layers[name].integer_weight), name
+
+
+def test_fisher_task_loss_sees_each_batch_transferred_once(tmp_path):
+    import lightning.pytorch as pl
+
+    from lightning_adaround import AdaRoundCallback
+
+    data = _calibration()
+    module = _normalizing_module(pl)()
+    recorder = _TransfersDuringRounding(pl.Callback)
+    seen = []
+
+    def task_loss(output, batch):
+        seen.append(float(batch[0].mean()))
+        return nn.functional.cross_entropy(output, batch[1])
+
+    cb = make_callback(AdaRoundCallback, run_on="validate", calibration_data=data, num_calibration_samples=32,
+                       reconstruction="block", blocks=["net"], block_loss="fisher", task_loss=task_loss,
+                       verbose=False, report=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb, recorder.callback], logger=False))
+    trainer.validate(module, dataloaders=data, verbose=False)
+    assert recorder.count == len(data)
+    normalized = [float(((x - 1.0) / 2.0).mean()) for x, _ in data]
+    assert seen and all(min(abs(m - n) for n in normalized) < 1e-5 for m in seen)  # normalized once, not twice
