@@ -487,6 +487,7 @@ def main() -> int:
     out = Path(args.out).resolve()
     tee = Tee(out)
     sys.stdout = tee
+    sys.stderr = tee  # library warnings and tracebacks belong in the file too
     started = time.monotonic()
     print(f"gpu_check: {' '.join(sys.argv[1:]) or '(no options)'}; device {device}; torch {torch.__version__}; "
           f"python {sys.version.split()[0]}; CUDA available: {torch.cuda.is_available()}")
