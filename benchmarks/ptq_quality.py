@@ -66,12 +66,13 @@ def quantize(
     started = time.perf_counter()
     for step in PREPARATIONS[preparation]:
         step(model)
+    manual = dict(fold_batchnorm=False, equalize=False)  # the preparation above is the one measured
     if method.startswith("nearest"):
-        round_to_nearest(model, AdaRoundConfig(scale_method=method.split()[1], **grid))
+        round_to_nearest(model, AdaRoundConfig(scale_method=method.split()[1], **manual, **grid))
     else:
         config = AdaRoundConfig(
             iterations=iterations, reconstruction=method, batch_size=batch_size, lr=lr, scale_method=scale_method,
-            bias_correction=bias_correction, **grid,
+            bias_correction=bias_correction, **manual, **grid,
         )
         result = adaround(model, batches, config, **options)
         if SHOW_SUMMARY:

@@ -50,7 +50,7 @@ def make_cnn() -> nn.Sequential:
 import lightning as L  # noqa: E402
 import torchmetrics  # noqa: E402
 
-from lightning_adaround import AdaRoundCallback, AdaRoundConfig, fold_batchnorm, round_to_nearest  # noqa: E402
+from lightning_adaround import AdaRoundCallback, AdaRoundConfig, round_to_nearest  # noqa: E402
 
 
 class DigitsDataModule(L.LightningDataModule):
@@ -153,9 +153,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, object]]:
     rows = []
     for bits in args.bits:
         nearest = DigitsClassifier.load_from_checkpoint(float_ckpt).eval()
-        fold_batchnorm(nearest)  # as the callback does: both round the weights a runtime uses
         grid = AdaRoundConfig(bits=bits, granularity=AdaRoundCallback(bits=bits, **common).config.granularity)
-        round_to_nearest(nearest, grid)
+        round_to_nearest(nearest, grid)  # folds (and equalizes per-tensor grids) as the callback does
         rows.append({
             "bits": bits, "fp32": fp_acc, "nearest": test_accuracy(nearest, dm),
             "adaround": test_accuracy(adarounded[bits], dm),

@@ -1,9 +1,11 @@
 """``adaround(model, batches, config)``: round a model's weights in place, layer by layer.
 
-Plain PyTorch. Data flows one way: calibration batches -> capture -> objective ->
-optimise -> hard-rounded weight written back -> result. Any failure restores the float
-weights (and the training mode and ``requires_grad`` flags), so the model is never left half
-rounded; with ``checkpoint_dir`` the finished layers are kept on disk and a second call resumes.
+Plain PyTorch. Data flows one way: (BatchNorm folding, cross-layer equalization) ->
+calibration batches -> capture -> objective -> optimise -> hard-rounded weight written back ->
+(bias correction) -> result. Any failure, in any of these steps, leaves the model as it was given
+(weights, BatchNorm statistics, the ReLU6 modules equalization replaces, training modes,
+``requires_grad``) and raises the original error; with ``checkpoint_dir`` the finished layers are
+kept on disk and a second call resumes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.bias_correction import SumReduce, correct_biases, following_batchnorm
+from lightning_adaround.bias_correction import SumReduce, correct_biases
 from lightning_adaround.capture import ForwardFn, InputCapture, default_forward, execution_order
 from lightning_adaround.blocks import Block, find_blocks
 from lightning_adaround.chain import find_block_chains
@@ -31,6 +33,7 @@ from lightning_adaround.layers import (
 from lightning_adaround.loss import BetaSchedule
 from lightning_adaround.observer import AdaRoundObserver
 from lightning_adaround.optimize import GradReduce, optimize_rounding
+from lightning_adaround.prepare import ModelSnapshot, prepare_model
 from lightning_adaround.reconstruct import TaskLoss, build_block_objective, build_layer_objective
 from lightning_adaround.quant import ChannelError, PerChannel, PerTensor, QuantGrid, choose_grid, weight_problem
 from lightning_adaround.result import AdaRoundResult, LayerResult, compact_integer
@@ -68,6 +71,12 @@ def adaround(
     statistics_reduce: Optional[SumReduce] = None,
 ) -> AdaRoundResult:
     """Round ``model``'s weights in place with AdaRound and return what was done per layer.
+
+    First, as ``config`` asks, BatchNorms are folded into the layers that feed them
+    (``fold_batchnorm``, on by default) and consecutive layers are equalized (``equalize``, on by
+    default for per-tensor grids); ``result.folded`` and ``result.equalized`` list the pairs. On any
+    failure (an exception, Ctrl-C) the model is left exactly as given and the original error is
+    raised.
 
     Args:
         model: Any ``nn.Module``; its supported layers (Linear, Conv1-3d, ConvTranspose1-3d)
@@ -134,23 +143,20 @@ def adaround(
         )
     home = _model_device(model)
     device = torch.device(device) if device is not None else home
-    modes = [(module, module.training) for module in model.modules()]
-    trainable = [(param, param.requires_grad) for param in model.parameters()]
     # Lightning's validate runs hooks under inference_mode: tensors made there cannot be
-    # saved for backward, so everything below is created outside it.
+    # saved for backward, so everything below (ChannelClip bounds included) is created outside it.
     with torch.inference_mode(False), torch.enable_grad():
-        float_weights = {name: module.weight.detach().clone() for name, module in layers}
-        float_biases = {name: m.bias.detach().clone() for name, m in layers if m.bias is not None}
-        # bias correction may move a bias-less layer's shift into the BatchNorm after it
-        running_means = [
-            (bn, bn.running_mean.clone()) for name, _ in layers
-            if config.bias_correction and (bn := following_batchnorm(model, name)) is not None
-        ]
+        snapshot = ModelSnapshot(model, config.layer_types)
         try:
             checkpoint = None
             if checkpoint_dir is not None:
                 fingerprint = run_fingerprint(model, layers, batches, config, activations or {})
                 checkpoint = RoundingCheckpoint.open(checkpoint_dir, fingerprint)
+            prepared = prepare_model(model, config)
+            float_weights = {
+                name: (module.weight.detach().clone() if prepared.changed else snapshot.saved(module, "weight"))
+                for name, module in layers
+            }
             for param in model.parameters():  # gradients for V only: the model's .grad stay untouched
                 param.requires_grad_(False)
             model.to(device).eval()
@@ -175,21 +181,11 @@ def adaround(
             if config.bias_correction:  # fresh captures: inputs change as earlier biases are corrected
                 fresh = lambda: InputCapture(model, staged, run, chains, device, cache_device)  # noqa: E731
                 correct_biases(model, result, fresh, float_weights, device, statistics_reduce)
-        except BaseException:
-            with torch.no_grad():
-                for name, module in layers:
-                    module.weight.copy_(float_weights[name].to(module.weight.device))
-                    if name in float_biases:
-                        module.bias.copy_(float_biases[name].to(module.bias.device))
-                for batchnorm, running_mean in running_means:
-                    batchnorm.running_mean.copy_(running_mean)
+            result.folded, result.equalized = prepared.folded, prepared.equalized
+        except BaseException as error:
+            snapshot.restore(error)  # the model exactly as given; never raises over ``error``
             raise
-        finally:
-            model.to(home)
-            for module, training in modes:
-                module.training = training
-            for param, requires_grad in trainable:
-                param.requires_grad_(requires_grad)
+        snapshot.restore_settings()
     observer.on_end(result)
     return result
 
@@ -487,7 +483,9 @@ def layer_grid(
 def round_to_nearest(model: nn.Module, config: Optional[AdaRoundConfig] = None) -> dict[str, int]:
     """The baseline: round the same layers to the same grids as :func:`adaround`, to nearest.
 
-    Mutates ``model`` in place; returns layer name -> bits.
+    Folds and equalizes first as ``config`` asks (``fold_batchnorm``, ``equalize``), like
+    :func:`adaround`, so both round the same weights. Mutates ``model`` in place (on failure it is
+    left as given); returns layer name -> bits.
     """
     config = config if config is not None else AdaRoundConfig()
     if config.scale_method == "output":
@@ -498,9 +496,16 @@ def round_to_nearest(model: nn.Module, config: Optional[AdaRoundConfig] = None) 
     rounded = {}
     layers = _selected_layers(model, config)
     _check_weights(layers)
-    for name, layer in layers:
-        weight = layer.weight.detach().float()
-        grid = layer_grid(name, layer, weight, config)
-        layer.weight.copy_(grid.fake_quantize(weight).to(layer.weight.dtype))
-        rounded[name] = grid.bits
+    with torch.inference_mode(False), torch.no_grad():  # inference_mode(False) alone turns grad mode on
+        snapshot = ModelSnapshot(model, config.layer_types)
+        try:
+            prepare_model(model, config)
+            for name, layer in layers:
+                weight = layer.weight.detach().float()
+                grid = layer_grid(name, layer, weight, config)
+                layer.weight.copy_(grid.fake_quantize(weight).to(layer.weight.dtype))
+                rounded[name] = grid.bits
+        except BaseException as error:
+            snapshot.restore(error)
+            raise
     return rounded

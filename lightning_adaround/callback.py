@@ -17,15 +17,12 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_adaround.api import adaround
 from lightning_adaround.calibration import take_samples
 from lightning_adaround.checkpoint import PathLike
 from lightning_adaround.capture import default_forward
 from lightning_adaround.config import AdaRoundConfig
-from lightning_adaround.equalize import clips_restorer, equalize_layers
-from lightning_adaround.fold import fold_batchnorm
 from lightning_adaround.distributed import CalibrationShard, distributed_adaround, is_sharded_loader, shard_calibration
 from lightning_adaround.observer import AdaRoundObserver
 from lightning_adaround.quant import PerChannel, PerTensor
@@ -69,11 +66,12 @@ class _AdaRoundCallbackBase:
         fold_batchnorm: Fold each BatchNorm into the Conv/Linear that feeds it before rounding
             (``lightning_adaround.fold_batchnorm``), so each grid fits the weights a runtime
             uses; ``state_dict`` keys and outputs stay the same, the BatchNorm keeps an exact
-            shift. Restored if rounding fails.
+            shift. Done by the core (``AdaRoundConfig.fold_batchnorm``), undone if rounding fails.
         equalize: Cross-layer equalization after folding (``lightning_adaround.equalize_layers``):
             rescales the channels of consecutive layers so one per-tensor grid fits them all,
             outputs unchanged. ``None`` (default): on for ``granularity="per_tensor"``, off for
-            ``"per_channel"`` (per-channel scales already fit each channel). Restored if rounding fails.
+            ``"per_channel"`` (per-channel scales already fit each channel). Done by the core
+            (``AdaRoundConfig.equalize``), undone if rounding fails.
         bias_correction: After rounding, move each rounded layer's mean output error on the
             calibration data into its bias (a layer without a bias: into the BatchNorm after it,
             or only reported; see ``AdaRoundConfig``). Under DDP the means are taken over every rank's samples.
@@ -171,10 +169,6 @@ class _AdaRoundCallbackBase:
                 f"num_calibration_samples={num_calibration_samples!r} must be a positive integer "
                 "(about 1,024 is typical) or None to read all calibration data."
             )
-        if equalize not in (None, True, False):
-            raise ValueError(
-                f"equalize={equalize!r} must be True, False or None (None: on for granularity='per_tensor')."
-            )
         if forward_fn is not None and not callable(forward_fn):
             raise TypeError(f"forward_fn={forward_fn!r} must be callable as forward_fn(module, batch).")
         if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
@@ -189,7 +183,7 @@ class _AdaRoundCallbackBase:
             layers=layers, exclude=tuple(exclude), layer_bits=dict(layer_bits or {}),
             log_every_n_steps=50 if log_every_n_steps is None else log_every_n_steps,
             keep_float_weights=keep_float_weights, reconstruction=reconstruction, blocks=blocks,
-            block_loss=block_loss, bias_correction=bias_correction,
+            block_loss=block_loss, bias_correction=bias_correction, fold_batchnorm=fold_batchnorm, equalize=equalize,
         )
         if task_loss is not None and not callable(task_loss):
             raise TypeError(f"task_loss={task_loss!r} must be callable as task_loss(output, batch).")
@@ -201,12 +195,20 @@ class _AdaRoundCallbackBase:
         self.log_every_n_steps = log_every_n_steps
         self.verbose = verbose
         self.report = report
-        self.fold_batchnorm = fold_batchnorm
-        self.equalize = equalize
         self.checkpoint_dir = checkpoint_dir
         self.report_path: Optional[str] = None
         self.result: Optional[AdaRoundResult] = None
         self._log_step = 0
+
+    @property
+    def fold_batchnorm(self) -> bool:
+        """``config.fold_batchnorm``: BatchNorms are folded before rounding."""
+        return self.config.fold_batchnorm
+
+    @property
+    def equalize(self) -> Optional[bool]:
+        """``config.equalize``: cross-layer equalization (``None``: for per-tensor grids)."""
+        return self.config.equalize
 
     # ----------------------------------------------------------------- Lightning hooks
 
@@ -295,18 +297,6 @@ class _AdaRoundCallbackBase:
         batches = read if distributed else read()  # under DDP, read inside the failure protocol
         observer = _TrainerObserver(self, trainer, config.iterations)
         options: dict[str, Any] = {} if distributed else {"checkpoint_dir": self.checkpoint_dir, "task_loss": self.task_loss}
-        fold = self.fold_batchnorm and any(isinstance(m, _BatchNorm) for m in pl_module.modules())
-        equalize = self.equalize if self.equalize is not None else isinstance(config.granularity, PerTensor)
-        before_folding = None
-        restore_clips = clips_restorer(pl_module)  # equalizing swaps ReLU6 modules for per-channel clips
-        if fold or equalize:
-            before_folding = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-        if fold:
-            folded = fold_batchnorm(pl_module)
-            self._info(f"AdaRound: folded {len(folded)} BatchNorm(s) into the layers that feed them.")
-        if equalize:
-            pairs = equalize_layers(pl_module)
-            self._info(f"AdaRound: equalized the channel ranges of {len(pairs)} pair(s) of consecutive layers.")
         try:
             self.result = (distributed_adaround if distributed else adaround)(
                 pl_module, batches, config,
@@ -316,12 +306,6 @@ class _AdaRoundCallbackBase:
                 move_batch=lambda batch, device: strategy.batch_to_device(batch, device),
                 **options,
             )
-        except BaseException:
-            if before_folding is not None:  # the model as it was given: BatchNorms unfolded, not equalized
-                with torch.no_grad():
-                    pl_module.load_state_dict(before_folding)
-                restore_clips()
-            raise
         finally:
             observer.progress.close()
         return self.result
@@ -451,6 +435,12 @@ class _TrainerObserver(AdaRoundObserver):
             self._log(shifts, self.callback._log_step)
         for logger in self.trainer.loggers:
             logger.save()
+        if result.folded:
+            self.callback._info(f"AdaRound: folded {len(result.folded)} BatchNorm(s) into the layers that feed them.")
+        if result.equalized:
+            self.callback._info(
+                f"AdaRound: equalized the channel ranges of {len(result.equalized)} pair(s) of consecutive layers."
+            )
         if self.callback.verbose:
             self.callback._info("AdaRound per-layer summary:\n" + result.summary_table())
         if self.callback.report and result.layers and self.trainer.is_global_zero:

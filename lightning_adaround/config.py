@@ -85,6 +85,16 @@ class AdaRoundConfig:
             ``use_rounded_weights`` can switch the model between the two for A/B evaluation
             without rounding again. Costs one float copy of the rounded weights (in memory
             and in checkpoints that hold the result).
+        fold_batchnorm: Before rounding, fold each BatchNorm into the Conv/Linear that feeds it
+            (:func:`~lightning_adaround.fold_batchnorm`), so each grid fits the weights a runtime
+            uses; ``state_dict`` keys and eval-mode outputs stay the same, the BatchNorm keeps an
+            exact shift (weight 1, bias 0, ``running_var + eps == 1``; a model trained further
+            would normalise differently, so round a copy you no longer train).
+        equalize: Cross-layer equalization after folding (:func:`~lightning_adaround.equalize_layers`):
+            rescales the channels of consecutive layers so one per-tensor grid fits them all,
+            outputs unchanged; a ReLU6/Hardtanh module between them becomes a ``ChannelClip``.
+            ``None`` (default): on for ``PerTensor()`` grids, off for ``PerChannel()`` (per-channel
+            scales already fit each channel).
         bias_correction: After rounding, add each rounded layer's mean output error on the
             calibration data to its bias: per output channel, its mean output in the float model
             minus its mean output in the model whose earlier layers are rounded and corrected. A
@@ -123,6 +133,8 @@ class AdaRoundConfig:
     layer_bits: Mapping[str, int] = field(default_factory=dict)
     log_every_n_steps: int = 50
     keep_float_weights: bool = False
+    fold_batchnorm: bool = True
+    equalize: Optional[bool] = None
     bias_correction: bool = False
 
     def __post_init__(self) -> None:
@@ -177,9 +189,20 @@ class AdaRoundConfig:
             raise ValueError(f"cache_dir={self.cache_dir!r} is not an existing directory; create it or pass None.")
         if not isinstance(self.bias_correction, bool):
             raise TypeError(f"bias_correction={self.bias_correction!r} must be True or False.")
+        if not isinstance(self.fold_batchnorm, bool):
+            raise TypeError(f"fold_batchnorm={self.fold_batchnorm!r} must be True or False.")
+        if not (self.equalize is None or isinstance(self.equalize, bool)):
+            raise ValueError(
+                f"equalize={self.equalize!r} must be True, False or None (None: on for granularity='per_tensor')."
+            )
         check_layer_types(self.layer_types)
         if isinstance(self.layers, str) or isinstance(self.exclude, str):
             raise TypeError("layers and exclude take a list of name globs, e.g. layers=['features.*'].")
+
+    @property
+    def equalizes(self) -> bool:
+        """Whether cross-layer equalization runs: ``equalize``, or for ``None`` whether the grid is per tensor."""
+        return self.equalize if self.equalize is not None else isinstance(self.granularity, PerTensor)
 
 
 def _positive_int(name: str, value: int) -> None:

@@ -67,6 +67,8 @@ class AdaRoundResult:
     layers: dict[str, LayerResult] = field(default_factory=dict)
     unreached: list[str] = field(default_factory=list)
     restored: list[str] = field(default_factory=list)  # layers read back from checkpoint_dir, not recomputed
+    folded: list[tuple[str, str]] = field(default_factory=list)  # (layer, BatchNorm) pairs folded before rounding
+    equalized: list[tuple[str, str]] = field(default_factory=list)  # (layer1, layer2) pairs equalized before rounding
 
     def summary_table(self) -> str:
         """A plain-text per-layer table: what a user reads at the end of a run."""
@@ -97,6 +99,8 @@ class AdaRoundResult:
             "layers": {name: r.state() for name, r in self.layers.items()},
             "unreached": list(self.unreached),
             "restored": list(self.restored),
+            "folded": [list(pair) for pair in self.folded],
+            "equalized": [list(pair) for pair in self.equalized],
         }
 
     @classmethod
@@ -105,6 +109,8 @@ class AdaRoundResult:
             layers={n: LayerResult.from_state(s) for n, s in state["layers"].items()},
             unreached=list(state.get("unreached", [])),
             restored=list(state.get("restored", [])),
+            folded=[tuple(pair) for pair in state.get("folded", [])],
+            equalized=[tuple(pair) for pair in state.get("equalized", [])],
         )
 
 

@@ -524,6 +524,8 @@ def _equalize_cases() -> dict[str, Callable[[], Any]]:
         "equalize: unknown name": as_error(linear, pairs=[("fc", "2")]),
         "equalize: not a layer": as_error(linear, pairs=[("0", "1")]),
         "equalize option": lambda: AdaRoundCallback(equalize="yes"),
+        "equalize config option": lambda: AdaRoundConfig(equalize="yes"),
+        "fold_batchnorm option": lambda: AdaRoundConfig(fold_batchnorm="yes"),
         "bias_correction option": lambda: AdaRoundConfig(bias_correction="yes"),
     }
 

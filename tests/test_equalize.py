@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_adaround import AdaRoundConfig, PerTensor, equalize_layers, fold_batchnorm, round_to_nearest
+from lightning_adaround import AdaRoundConfig, PerTensor, adaround, equalize_layers, fold_batchnorm, round_to_nearest
 from lightning_adaround.equalize import ChannelClip, channel_range_balance, find_equalization_pairs
 from test_fold import _module as _folding_module, _no_warning, _trainer
 
@@ -146,9 +146,9 @@ def test_per_tensor_nearest_error_drops_after_equalization():
     x = _images((64, 3, 8, 8))
     with torch.no_grad():
         reference = model(x)
-    config = AdaRoundConfig(bits=4, granularity=PerTensor(), scale_method="minmax")
+    config = AdaRoundConfig(bits=4, granularity=PerTensor(), scale_method="minmax", equalize=False)
 
-    def error(prepare):
+    def error(prepare, config=config):
         m = copy.deepcopy(model)
         prepare(m)
         round_to_nearest(m, config)
@@ -157,6 +157,8 @@ def test_per_tensor_nearest_error_drops_after_equalization():
 
     plain, equalized = error(lambda m: None), error(equalize_layers)
     assert equalized < 0.2 * plain, (plain, equalized)
+    # equalize=None (the default) equalizes per-tensor grids, in round_to_nearest as in adaround
+    assert error(lambda m: None, AdaRoundConfig(bits=4, granularity=PerTensor(), scale_method="minmax")) == equalized
 
 
 def test_chains_are_swept_until_the_scales_settle():
@@ -475,3 +477,76 @@ def test_callback_equalizes_for_per_tensor_only_and_restores_on_failure():
         assert (seen[0] > 3 * balance) == equalized, (granularity, equalize)
     with pytest.raises(ValueError, match="equalize='yes' must be True, False or None"):
         AdaRoundCallback(equalize="yes")
+
+
+def _relu6_module():
+    """Conv-BN-ReLU6 twice, then a Linear: folding and equalization turn both ReLU6 into ChannelClips."""
+
+    def make_net():
+        torch.manual_seed(0)
+        return _unbalanced(nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+            nn.Flatten(), nn.Linear(8 * 8 * 8, 4),
+        ))
+
+    return _folding_module(make_net)
+
+
+@pytest.mark.parametrize("loss_form", ["minibatch", "auto"])
+def test_validate_rounds_a_per_tensor_relu6_net_under_inference_mode(loss_form):
+    """trainer.validate runs hooks under inference_mode: the ChannelClip bounds must still feed autograd."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_adaround import AdaRoundCallback
+
+    data = DataLoader(TensorDataset(_images((32, 3, 8, 8))), batch_size=16)
+    module = _relu6_module()
+    callback = AdaRoundCallback(bits=4, run_on="validate", granularity="per_tensor", loss_form=loss_form,
+                                iterations=5, calibration_data=data, verbose=False, report=False)
+    trainer = _trainer(callback)
+    assert trainer.validate_loop.inference_mode  # the default Trainer(inference_mode=True)
+    trainer.validate(module, dataloaders=data, verbose=False)
+    assert isinstance(module.net[2], ChannelClip) and isinstance(module.net[5], ChannelClip)
+    assert not module.net[2].lower.is_inference()
+    assert set(callback.result.layers) == {"net.0", "net.3", "net.7"}
+    for name, layer in callback.result.layers.items():
+        assert torch.equal(module.get_submodule(name).weight, layer.dequantized_weight()), name
+    plain = _relu6_module()  # the same rounding as adaround() outside any Lightning mode
+    expected = adaround(plain.net, [batch[0] for batch in data], callback.config)
+    for name, layer in callback.result.layers.items():
+        assert torch.equal(layer.integer_weight, expected.layers[name.removeprefix("net.")].integer_weight), name
+    assert callback.result.folded == [("net.0", "net.1"), ("net.3", "net.4")]
+    assert callback.result.equalized == [("net.0", "net.3"), ("net.3", "net.7")]
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("loss_form", ["minibatch", "auto"])
+def test_validate_failure_restores_the_relu6_modules_and_raises_the_original_error(loss_form):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_adaround import AdaRoundCallback
+
+    data = DataLoader(TensorDataset(_images((32, 3, 8, 8))), batch_size=16)
+    module = _relu6_module()
+    original = {k: v.clone() for k, v in module.state_dict().items()}
+    relu6 = module.net[2], module.net[5]
+    calls = []
+
+    def failing(model, batch):  # the first pass works; a later one stops the run part way
+        calls.append(1)
+        if len(calls) > 3:
+            raise _Stop("stop in the middle")
+        return model(batch[0])
+
+    callback = AdaRoundCallback(bits=4, run_on="validate", granularity="per_tensor", loss_form=loss_form,
+                                iterations=5, calibration_data=data, forward_fn=failing, verbose=False, report=False)
+    with pytest.raises(_Stop, match="stop in the middle"):
+        _trainer(callback).validate(module, dataloaders=data, verbose=False)
+    assert (module.net[2], module.net[5]) == relu6  # the very modules given, not ChannelClips
+    assert list(module.state_dict()) == list(original)
+    for key, value in module.state_dict().items():  # unfolded, not equalized, not rounded
+        assert torch.equal(value, original[key]), key
