@@ -26,6 +26,7 @@ from lightning_adaround.blocks import Block, find_blocks
 from lightning_adaround.chain import find_block_chains
 from lightning_adaround.checkpoint import PathLike, Restored, RoundingCheckpoint, run_fingerprint
 from lightning_adaround.config import AdaRoundConfig
+from lightning_adaround.fold import computed_weight_fix
 from lightning_adaround.layers import (
     SUPPORTED_LAYER_TYPES, OutputOps, bits_for, following_ops, output_major, per_channel_to_weight_layout,
     select_layers, weight_channel_axis,
@@ -106,10 +107,10 @@ def adaround(
             ``distributed.distributed_adaround``).
 
     Raises:
-        ValueError: empty calibration data, no supported layer selected, a NaN/Inf, huge or empty
-            weight, a forward function that fails on the first batch, NaN/Inf activations, a
-            reconstruction error that overflows float32, a ``checkpoint_dir`` holding another
-            run's checkpoint.
+        ValueError: empty calibration data, no supported layer selected, a weight computed by a
+            parametrization (``weight_norm``, ``spectral_norm``), a NaN/Inf, huge or empty weight,
+            a forward function that fails on the first batch, NaN/Inf activations, a reconstruction
+            error that overflows float32, a ``checkpoint_dir`` holding another run's checkpoint.
     """
     config = config if config is not None else AdaRoundConfig()
     forward_fn = forward_fn if forward_fn is not None else default_forward
@@ -191,7 +192,19 @@ def adaround(
 
 
 def _check_weights(layers: list[tuple[str, nn.Module]]) -> None:
-    """Refuse a NaN/Inf, huge or empty weight by name, before any calibration work."""
+    """Refuse a computed (parametrized) or a NaN/Inf, huge or empty weight by name, before any work."""
+    computed = [(name, fix) for name, module in layers if (fix := computed_weight_fix(module, name)) is not None]
+    if computed:
+        names = [name for name, _ in computed]
+        one = len(names) == 1
+        raise ValueError(
+            f"the weight{'' if one else 's'} of layer{'' if one else 's'} "
+            f"{repr(names[0]) if one else names} {'is' if one else 'are'} computed from other tensors (weight_norm, "
+            "spectral_norm or another torch.nn.utils.parametrize parametrization), so a rounded weight written "
+            f"into {'it' if one else 'them'} would be recomputed away. Bake {'it' if one else 'them'} in first "
+            f"with {'; '.join(fix for _, fix in computed)}, or leave {'the layer' if one else 'them'} in float "
+            f"with exclude={names}."
+        )
     for name, module in layers:
         problem = weight_problem(module.weight)
         if problem is not None and module.weight.numel() == 0:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.fold import _BATCH_NORMS, traced_graph
+from lightning_adaround.fold import _BATCH_NORMS, computed_weight_fix, traced_graph
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -232,6 +232,12 @@ def _why_not(pair: _Pair, modules: dict[str, nn.Module], uses: dict[int, int]) -
     for layer in (first, second):
         if isinstance(layer, _TRANSPOSED):
             return f"{type(layer).__name__} layers are not equalized (only Linear and Conv1d/2d/3d)"
+    for name, layer in ((pair.first, first), (pair.second, second)):
+        fix = computed_weight_fix(layer, name)
+        if fix is not None:
+            return (
+                f"the weight of {name!r} is computed from other tensors (a parametrization); bake it in first with {fix}"
+            )
     for name in pair.shifts:
         bn = modules[name]
         if bn.running_var is None or bn.running_mean is None:

@@ -78,9 +78,32 @@ def find_batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return sorted(set(found), key=found.index)
 
 
-def _why_not(layer: nn.Module, bn: nn.Module) -> Optional[str]:
+def computed_weight_fix(module: nn.Module, name: str) -> Optional[str]:
+    """How to bake in the weight of layer ``name`` when it is computed from other tensors, else ``None``.
+
+    ``torch.nn.utils.parametrize`` (``parametrizations.weight_norm``/``spectral_norm``) turns
+    ``weight`` into a property; the older ``weight_norm``/``spectral_norm`` hooks keep
+    ``weight_g``/``weight_v`` or ``weight_orig`` as the parameters and ``weight`` as a plain
+    attribute. Either way, writing into ``module.weight`` changes a recomputed copy, not the layer.
+    """
+    if isinstance(module._parameters.get("weight"), nn.Parameter):
+        return None
+    layer = f"model.get_submodule({name!r})"
+    if torch.nn.utils.parametrize.is_parametrized(module, "weight"):
+        return f"torch.nn.utils.parametrize.remove_parametrizations({layer}, 'weight')"
+    if "weight_g" in module._parameters and "weight_v" in module._parameters:
+        return f"torch.nn.utils.remove_weight_norm({layer})"
+    if "weight_orig" in module._parameters:
+        return f"torch.nn.utils.remove_spectral_norm({layer})"
+    return f"{layer}.weight = nn.Parameter({layer}.weight.detach().clone())"
+
+
+def _why_not(layer: nn.Module, bn: nn.Module, layer_name: str) -> Optional[str]:
     if not isinstance(layer, _FOLDABLE):
         return f"it follows a {type(layer).__name__}, not a Linear or convolution"
+    fix = computed_weight_fix(layer, layer_name)
+    if fix is not None:
+        return f"the layer's weight is computed from other tensors (a parametrization); bake it in first with {fix}"
     if bn.running_var is None or bn.running_mean is None:
         return "it keeps no running statistics (track_running_stats=False)"
     channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
@@ -136,7 +159,7 @@ def fold_batchnorm(model: nn.Module, pairs: Optional[Sequence[tuple[str, str]]] 
             raise ValueError(f"fold_batchnorm pairs {bn_name!r} as a BatchNorm, but it is a {type(modules[bn_name]).__name__}.")
     folded = []
     for layer_name, bn_name in chosen:
-        reason = _why_not(modules[layer_name], modules[bn_name])
+        reason = _why_not(modules[layer_name], modules[bn_name], layer_name)
         if reason is not None:
             warnings.warn(f"BatchNorm {bn_name!r} is not folded into {layer_name!r}: {reason}.", stacklevel=2)
             continue

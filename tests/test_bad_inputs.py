@@ -231,3 +231,55 @@ def test_tiny_and_huge_but_finite_weights_round(magnitude):
         weight = model.get_submodule(name).weight.detach()
         assert torch.isfinite(weight).all()
         assert torch.equal(weight, layer.dequantized_weight())
+
+
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def _parametrize(module):
+    torch.nn.utils.parametrize.register_parametrization(module, "weight", _Doubled())
+    return module
+
+
+PARAMETRIZED = "torch.nn.utils.parametrize.remove_parametrizations(model.get_submodule('2'), 'weight')"
+
+
+@pytest.mark.parametrize("kind, wrap, fix", [
+    ("weight_norm", torch.nn.utils.parametrizations.weight_norm, PARAMETRIZED),
+    ("spectral_norm", torch.nn.utils.parametrizations.spectral_norm, PARAMETRIZED),
+    ("old weight_norm", torch.nn.utils.weight_norm, "torch.nn.utils.remove_weight_norm(model.get_submodule('2'))"),
+    ("register_parametrization", _parametrize, PARAMETRIZED),
+])
+def test_a_parametrized_weight_is_refused_before_work(kind, wrap, fix):
+    """A computed weight would be selected and reported rounded, but the write-back would not reach the layer."""
+    import warnings
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old torch.nn.utils.weight_norm is deprecated
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), wrap(nn.Linear(8, 3))).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    observer = _Counting()
+    with pytest.raises(ValueError) as info:
+        adaround(model, [torch.randn(16, 4)], AdaRoundConfig(iterations=5), observer=observer)
+    message = str(info.value)
+    assert "layer '2' is computed" in message and fix in message and "exclude=['2']" in message, message
+    assert observer.layer_starts == 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with pytest.raises(ValueError, match="layer '2' is computed from other tensors"):
+        round_to_nearest(model)
+    result = adaround(model, [torch.randn(16, 4)], AdaRoundConfig(iterations=5, exclude=["2"]))  # the way out
+    assert list(result.layers) == ["0"]
+
+
+def test_old_spectral_norm_is_refused_with_its_own_fix():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), torch.nn.utils.spectral_norm(nn.Linear(8, 3))).eval()
+    with pytest.raises(ValueError, match=r"with torch.nn.utils.remove_spectral_norm\(model.get_submodule\('2'\)\)"):
+        adaround(model, [torch.randn(16, 4)], AdaRoundConfig(iterations=5))
+    torch.nn.utils.remove_spectral_norm(model[2])  # baked in: now it rounds
+    result = adaround(model, [torch.randn(16, 4)], AdaRoundConfig(iterations=5))
+    assert torch.equal(model[2].weight, result.layers["2"].dequantized_weight())

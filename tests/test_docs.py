@@ -260,6 +260,17 @@ def _bad_weight_cases() -> dict[str, Callable[[], Any]]:
             model[index].weight[0, 0] = value
         return model
 
+    def parametrized(old: bool = False) -> nn.Module:
+        model = _seeded(_tiny)
+        if old:  # several layers, and the deprecated hooks
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                nn.utils.weight_norm(model[0])
+            nn.utils.spectral_norm(model[2])
+        else:
+            nn.utils.parametrizations.weight_norm(model[2])
+        return model
+
     def overflow(loss_form: str):
         model = _seeded(lambda: nn.Sequential(nn.Linear(8, 2)))
         with torch.no_grad():
@@ -271,6 +282,8 @@ def _bad_weight_cases() -> dict[str, Callable[[], Any]]:
         "nan weight": lambda: adaround(with_weight(0, float("nan")), x, fast),
         "huge weight": lambda: adaround(with_weight(2, 1e38), x, fast),
         "empty weight": lambda: adaround(nn.Sequential(nn.Linear(0, 2)), [torch.randn(4, 0)], fast),
+        "parametrized weight": lambda: adaround(parametrized(), x, fast),
+        "parametrized weights": lambda: adaround(parametrized(old=True), x, fast),
         "grid of nan": lambda: choose_grid(torch.tensor([1.0, float("nan")]), 4),
         "grid of nothing": lambda: choose_grid(torch.zeros(0, 3), 4),
         "overflow nearest": lambda: overflow("minibatch"),
@@ -477,8 +490,11 @@ def _fold_cases() -> dict[str, Callable[[], Any]]:
             return self.fc(self.norm(x))
 
     no_stats = lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))  # noqa: E731
+    parametrized = lambda: nn.Sequential(  # noqa: E731
+        torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4))
     return {
         "fold: no feeding layer (warning)": as_error(Side),
+        "fold: parametrized layer (warning)": as_error(parametrized),
         "fold: cannot fold (warning)": as_error(no_stats),
         "fold: unknown name": lambda: fold_batchnorm(no_stats(), pairs=[("conv", "1")]),
         "fold: not a batchnorm": lambda: fold_batchnorm(no_stats(), pairs=[("1", "0")]),
@@ -523,6 +539,8 @@ def _equalize_cases() -> dict[str, Callable[[], Any]]:
         "equalize: channels (warning)": as_error(linear, pairs=[("0", "0")]),
         "equalize: unknown name": as_error(linear, pairs=[("fc", "2")]),
         "equalize: not a layer": as_error(linear, pairs=[("0", "1")]),
+        "equalize: parametrized (warning)": as_error(between(nn.ReLU(), second=nn.utils.parametrizations.weight_norm(
+            nn.Conv2d(4, 4, 1)))),
         "equalize option": lambda: AdaRoundCallback(equalize="yes"),
         "equalize config option": lambda: AdaRoundConfig(equalize="yes"),
         "fold_batchnorm option": lambda: AdaRoundConfig(fold_batchnorm="yes"),

@@ -137,6 +137,23 @@ def test_unfoldable_pairs_warn_with_the_reason_and_bad_names_are_refused():
         fold_batchnorm(model, pairs=[("1", "0")])
 
 
+def test_a_parametrized_layer_left_out_of_rounding_is_not_folded_into():
+    """Folding into a computed weight would change a recomputed copy while the BatchNorm became a unit shift."""
+    torch.manual_seed(0)
+    model = _randomize_statistics(nn.Sequential(
+        torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+    ))
+    x = _images((8, 3, 8, 8))
+    with torch.no_grad():
+        before = model[:3](x)
+    with pytest.warns(UserWarning, match=r"BatchNorm '1' is not folded into '0': the layer's weight is computed"):
+        result = adaround(model, [x], AdaRoundConfig(iterations=5, exclude=["0"]))
+    assert list(result.layers) == ["3"] and result.folded == []
+    with torch.no_grad():
+        assert torch.equal(model[:3](x), before)  # the left-out layer and its BatchNorm as they were
+
+
 def test_folded_model_rounds_with_the_grid_of_the_weights_a_runtime_uses():
     model = _randomize_statistics(SmallMobileNet())
     batches = [_images((16, 3, 8, 8)) for _ in range(2)]
