@@ -295,20 +295,52 @@ class _AdaRoundCallbackBase:
         distributed = _world_size(trainer) > 1  # DDP: one rounding from every rank's shard
         read = lambda: self.calibration_batches(trainer, pl_module)  # noqa: E731
         batches = read if distributed else read()  # under DDP, read inside the failure protocol
+        self._log_step = self._first_log_step(trainer)
         observer = _TrainerObserver(self, trainer, config.iterations)
         options: dict[str, Any] = {} if distributed else {"checkpoint_dir": self.checkpoint_dir, "task_loss": self.task_loss}
+        precision = trainer.precision_plugin
         try:
             self.result = (distributed_adaround if distributed else adaround)(
                 pl_module, batches, config,
-                forward_fn=self.forward_batch,
+                forward_fn=lambda module, batch: self._forward_in_precision(precision, module, batch),
                 device=strategy.root_device,
                 observer=observer,
-                move_batch=lambda batch, device: strategy.batch_to_device(batch, device),
+                # the batch as the Trainer's own loops see it: the module's transfer hooks, then the
+                # precision plugin's input conversion (bfloat16 batches for a "bf16-true" model)
+                move_batch=lambda batch, device: precision.convert_input(strategy.batch_to_device(batch, device)),
                 **options,
             )
         finally:
             observer.progress.close()
         return self.result
+
+    def _forward_in_precision(self, precision: Any, module: nn.Module, batch: Any) -> Any:
+        """:meth:`forward_batch` in the precision plugin's forward context, except autocast.
+
+        A ``"*-true"`` model runs as in training (its default dtype set); a ``"*-mixed"`` model's
+        weights are float32 and the rounding computes in float32, so autocast stays off.
+        """
+        if any(cls.__name__ in ("MixedPrecision", "MixedPrecisionPlugin") for cls in type(precision).__mro__):
+            return self.forward_batch(module, batch)
+        with precision.forward_context():
+            return self.forward_batch(module, batch)
+
+    def _first_log_step(self, trainer: Any) -> int:
+        """AdaRound's curves continue after everything logged so far: the fit's steps and any
+        earlier rounding by this or another AdaRoundCallback (loggers such as W&B drop a step
+        that goes back)."""
+        others = [cb._log_step for cb in trainer.callbacks if isinstance(cb, _AdaRoundCallbackBase)]
+        after_fit = trainer.global_step + 1 if trainer.global_step > 0 else 0
+        return max([self._log_step, after_fit, *others])
+
+    @property
+    def state_key(self) -> str:
+        """Distinct per configuration, so two callbacks (a W8 and a W4 pass) keep their own state."""
+        config = self.config
+        return self._generate_state_key(
+            bits=config.bits, run_on=self.run_on, layers=config.layers, exclude=list(config.exclude),
+            layer_bits=dict(config.layer_bits),
+        )
 
     def _calibration_shard(self, trainer: Any, source: Iterable[Any]) -> list[Any] | CalibrationShard:
         world, rank, total = trainer.world_size, trainer.global_rank, self.num_calibration_samples

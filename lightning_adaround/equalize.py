@@ -292,7 +292,7 @@ def _first_ranges(weight: Tensor) -> Tensor:
 def _equalize(model: nn.Module, pairs: Sequence[_Pair], modules: dict[str, nn.Module]) -> None:
     names = {n for p in pairs for n in (p.first, p.second)}
     weights = {n: modules[n].weight.detach().double() for n in names}
-    totals = [torch.ones(_channels_out(modules[p.first]), dtype=torch.float64) for p in pairs]
+    totals = [torch.ones(_channels_out(modules[p.first]), dtype=torch.float64, device=weights[p.first].device) for p in pairs]
     for _ in range(MAX_SWEEPS):  # a chain l1 -> l2 -> l3 couples its pairs: sweep until nothing moves
         moved = 0.0
         for pair, total in zip(pairs, totals):

@@ -451,3 +451,60 @@ def test_fisher_task_loss_sees_each_batch_transferred_once(tmp_path):
     assert recorder.count == len(data)
     normalized = [float(((x - 1.0) / 2.0).mean()) for x, _ in data]
     assert seen and all(min(abs(m - n) for n in normalized) < 1e-5 for m in seen)  # normalized once, not twice
+
+
+def test_adaround_steps_continue_after_the_fits_steps_and_two_callbacks_keep_their_own_state(namespace, tmp_path):
+    """A W8 first layer and a W4 rest from two callbacks: distinct state keys, steps that only go up."""
+    pl, Callback = namespace
+    Boring, BoringData, _ = make_classes(pl)
+    model = Boring()
+    logger = pl.loggers.CSVLogger(tmp_path, name="csv")
+    w8 = make_callback(Callback, bits=8, layers=["net.0"], log_every_n_steps=10)
+    w4 = make_callback(Callback, bits=4, exclude=["net.0"], log_every_n_steps=10)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[w8, w4], logger=logger, log_every_n_steps=1))
+    trainer.fit(model, datamodule=BoringData())
+    assert w8.state_key != w4.state_key
+    assert w8.result.layers["net.0"].bits == 8 and w4.result.layers["net.2"].bits == 4
+    assert_on_grid(model, w8.result)
+    assert_on_grid(model, w4.result)
+
+    rows = read_csv_metrics(Path(logger.log_dir))
+    fit_steps = [int(r["step"]) for r in rows if r.get("train_loss")]
+    first = [int(r["step"]) for r in rows if r.get("adaround/net.0/recon_loss")]
+    second = [int(r["step"]) for r in rows if r.get("adaround/net.2/recon_loss")]
+    assert fit_steps and first and second
+    assert min(first) > max(fit_steps), "AdaRound's curves must start after the fit's steps"
+    assert min(second) > max(first), "the second callback must continue after the first"
+
+    path = tmp_path / "both.ckpt"
+    trainer.save_checkpoint(path)
+    states = torch.load(path, weights_only=False)["callbacks"]
+    assert {w8.state_key, w4.state_key} <= set(states)
+    fresh8 = make_callback(Callback, bits=8, layers=["net.0"])
+    fresh4 = make_callback(Callback, bits=4, exclude=["net.0"])
+    fresh8.load_state_dict(states[fresh8.state_key])
+    fresh4.load_state_dict(states[fresh4.state_key])
+    assert set(fresh8.result.layers) == {"net.0"} and set(fresh4.result.layers) == {"net.2"}
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true", "bf16-mixed"])
+@pytest.mark.parametrize("run_on", ["fit_end", "validate"])
+def test_half_precision_trainers_round_on_the_grid_in_the_models_dtype(tmp_path, precision, run_on):
+    """The callback feeds batches as the Trainer's loops do (converted to the model's dtype)."""
+    import lightning.pytorch as pl
+    from lightning_adaround import AdaRoundCallback
+
+    Boring, BoringData, _ = make_classes(pl)
+    model, dm = Boring(), BoringData()
+    cb = make_callback(AdaRoundCallback, bits=4, run_on=run_on, iterations=60)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=False, precision=precision))
+    if run_on == "fit_end":
+        trainer.fit(model, datamodule=dm)
+    else:
+        trainer.validate(model, datamodule=dm, verbose=False)
+    expected = {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
+    assert {p.dtype for p in model.parameters()} == {expected}
+    assert_on_grid(model, cb.result)
+    for layer in cb.result.layers.values():
+        assert layer.scale.dtype == torch.float32
+        assert layer.adaround_mse <= layer.nearest_mse * 1.05
