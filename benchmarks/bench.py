@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lightning_adaround import AdaRoundConfig, adaround
-from lightning_adaround.capture import LayerData
+from lightning_adaround.unit import Unit, UnitData
 from lightning_adaround.layers import output_channel_dim, run_with_weight
 from lightning_adaround.loss import BetaSchedule
 from lightning_adaround.moments import LayerMoments
@@ -73,12 +73,13 @@ def per_step_rows(quick: bool, steps: int) -> list[dict[str, object]]:
             targets = layer(inputs)
         t_base = timed(irreducible_step(layer, inputs[:batch], targets[:batch]), steps)
         grid = choose_grid(layer.weight, 4, granularity=PerChannel(), method="minmax")
-        data = LayerData(inputs, targets)
+        data = UnitData(inputs, targets)
         generator = torch.Generator().manual_seed(0)
-        minibatch = MinibatchObjective(layer, data, data, batch, None, generator, torch.device("cpu"))
+        unit = Unit.of_layer(name, layer)
+        minibatch = MinibatchObjective(unit, data, data, batch, generator, torch.device("cpu"))
         moments = LayerMoments(layer, torch.device("cpu"))
         moments.add(inputs, None)
-        exact = MomentsObjective(layer, moments, layer.weight.detach(), None, None, torch.device("cpu"))
+        exact = MomentsObjective(unit, moments, layer.weight.detach(), None, torch.device("cpu"))
         schedule = BetaSchedule(steps)
 
         def run(objective):

@@ -48,7 +48,7 @@ from torch import nn  # noqa: E402
 
 import bench  # noqa: E402  (the speed CNN, the layer cases, the irreducible step, the table printer)
 from lightning_adaround import AdaRoundConfig, adaround  # noqa: E402
-from lightning_adaround.capture import LayerData  # noqa: E402
+from lightning_adaround.unit import Unit, UnitData  # noqa: E402
 from lightning_adaround.layers import SUPPORTED_LAYER_TYPES  # noqa: E402
 from lightning_adaround.loss import BetaSchedule  # noqa: E402
 from lightning_adaround.moments import LayerMoments  # noqa: E402
@@ -320,10 +320,10 @@ def per_step_rows(device: torch.device, quick: bool, steps: int, rows: list[dict
             t_base = timed_sync(bench.irreducible_step(layer, inputs[:batch], targets[:batch]), steps, device)
             row["irreducible ms"] = 1e3 * t_base
             grid = choose_grid(layer.weight, 4, granularity=PerChannel(), method="minmax")
-            data = LayerData(inputs, targets)
+            data = UnitData(inputs, targets)
             schedule = BetaSchedule(steps)
             objectives = {
-                "minibatch": lambda: MinibatchObjective(layer, data, data, batch, None,
+                "minibatch": lambda: MinibatchObjective(Unit.of_layer("layer", layer), data, data, batch,
                                                         torch.Generator().manual_seed(0), device),
                 "moments": lambda: _moments_objective(layer, inputs, device),
             }
@@ -349,7 +349,7 @@ def per_step_rows(device: torch.device, quick: bool, steps: int, rows: list[dict
 def _moments_objective(layer: nn.Module, inputs: torch.Tensor, device: torch.device) -> MomentsObjective:
     moments = LayerMoments(layer, device)
     moments.add(inputs, None)
-    return MomentsObjective(layer, moments, layer.weight.detach(), None, None, device)
+    return MomentsObjective(Unit.of_layer("layer", layer), moments, layer.weight.detach(), None, device)
 
 
 def whole_run_cases(quick: bool) -> list[tuple[str, Callable[[], nn.Module], Callable[[], list[torch.Tensor]], int, tuple[str, ...]]]:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lightning_adaround.bias_correction import SumReduce, correct_biases
 from lightning_adaround.capture import ForwardFn, InputCapture, default_forward, execution_order
-from lightning_adaround.blocks import Block, find_blocks
+from lightning_adaround.blocks import find_blocks
 from lightning_adaround.chain import find_block_chains
 from lightning_adaround.checkpoint import PathLike, Restored, RoundingCheckpoint, run_fingerprint
 from lightning_adaround.config import AdaRoundConfig
@@ -35,9 +35,10 @@ from lightning_adaround.loss import BetaSchedule
 from lightning_adaround.observer import AdaRoundObserver
 from lightning_adaround.optimize import GradReduce, optimize_rounding
 from lightning_adaround.prepare import ModelSnapshot, prepare_model
-from lightning_adaround.reconstruct import TaskLoss, build_block_objective, build_layer_objective
+from lightning_adaround.reconstruct import TaskLoss, build_objective
 from lightning_adaround.quant import ChannelError, PerChannel, PerTensor, QuantGrid, choose_grid, weight_problem
 from lightning_adaround.result import AdaRoundResult, LayerResult, compact_integer
+from lightning_adaround.unit import Unit
 from lightning_adaround.rounding import RoundingVariable
 
 Activation = Callable[[Tensor], Tensor]
@@ -95,7 +96,7 @@ def adaround(
         move_batch: ``move_batch(batch, device)`` moves one batch to the device; called exactly once
             per calibration batch (Lightning's transfer hooks run once), later moves between a host
             cache and the device are plain tensor moves.
-        objective_builder: Replaces ``reconstruct.build_layer_objective`` (same arguments); used by
+        objective_builder: Replaces ``reconstruct.build_objective`` (same arguments); used by
             ``distributed.distributed_adaround`` for sharded data.
         checkpoint_dir: A folder where each finished layer is saved as soon as it is done. Calling
             again with the same arguments after an interruption (an exception, Ctrl-C, a killed
@@ -177,7 +178,7 @@ def adaround(
                 model, dict(layers), order, capture, config,
                 {n: w.to(device) for n, w in float_weights.items()},
                 device, cache_device, activations or {}, observer, grad_reduce,
-                objective_builder or build_layer_objective, checkpoint, blocks, loss_on_device,
+                objective_builder or build_objective, checkpoint, blocks, loss_on_device,
             )
             if config.bias_correction:  # fresh captures: inputs change as earlier biases are corrected
                 fresh = lambda: InputCapture(model, staged, run, chains, device, cache_device)  # noqa: E731
@@ -263,7 +264,7 @@ def _first_pass_order(
     return order + [name for name, _ in layers if name not in order]
 
 
-def _blocks(model: nn.Module, config: AdaRoundConfig, order: list[str], batch: Any, run: ForwardFn) -> list[Block]:
+def _blocks(model: nn.Module, config: AdaRoundConfig, order: list[str], batch: Any, run: ForwardFn) -> list[Unit]:
     if config.reconstruction != "block":
         return []
     blocks = find_blocks(model, config.blocks, order, batch, run)
@@ -288,14 +289,15 @@ def _round_layers(
     activations: dict[str, Optional[Activation]],
     observer: AdaRoundObserver,
     grad_reduce: Optional[GradReduce],
-    build_objective: Callable[..., Any] = build_layer_objective,
+    build: Callable[..., Any] = build_objective,
     checkpoint: Optional[RoundingCheckpoint] = None,
-    blocks: Sequence[Block] = (),
+    blocks: Sequence[Unit] = (),
     task_loss: Optional[TaskLoss] = None,
 ) -> AdaRoundResult:
-    """Round ``order``'s layers one after the other; each sees the earlier ones already rounded.
+    """Round ``order``'s layers unit by unit; each sees the earlier ones already rounded.
 
-    A block's layers are rounded together, when the forward pass reaches its first layer.
+    A unit is a layer, or a block whose layers are rounded together when the forward pass
+    reaches its first layer; both go through the same builder, objective and loop.
     One generator, seeded once, feeds every layer's hold-out split and minibatches in turn. A
     checkpoint stores its state after each layer, so a resumed run continues the same sequence.
     """
@@ -304,18 +306,17 @@ def _round_layers(
     schedule = BetaSchedule(config.iterations, config.warm_start, config.beta_start, config.beta_end)
     rounded: dict[str, nn.Module] = {}
     block_of = {layer: block for block in blocks for layer in block.layers}
-    units: list[str | Block] = []
+    units: list[Unit] = []
     for name in order:
-        unit = block_of.get(name, name)
-        if isinstance(unit, str) or unit.layers[0] == name:
-            units.append(unit)
-    observer.on_start([u if isinstance(u, str) else u.name for u in units])
+        block = block_of.get(name)
+        if block is None:
+            units.append(Unit.of_layer(name, modules[name], _loss_ops(model, name, activations, config)))
+        elif block.layers[0] == name:
+            units.append(block)
+    observer.on_start([u.name for u in units])
     resuming = checkpoint is not None
     for index, unit in enumerate(units):
-        is_block = isinstance(unit, Block)
-        names = unit.layers if isinstance(unit, Block) else [unit]
-        label = unit.name if isinstance(unit, Block) else unit
-        kind = "block" if is_block else "layer"
+        names, label, kind = unit.layers, unit.name, unit.kind
         positions = [order.index(n) for n in names]
         if resuming:
             assert checkpoint is not None
@@ -334,13 +335,10 @@ def _round_layers(
                     observer.on_layer_restored(saved.result)
                 continue
         started = time.perf_counter()
-        if isinstance(unit, Block):
-            prepared = build_block_objective(capture, unit, rounded, float_weights, config, generator, device, task_loss)
-        else:
-            prepared = build_objective(
-                capture, unit, modules[unit], rounded, float_weights,
-                _loss_ops(model, unit, activations, config), config, generator, device, cache_device,
-            )
+        prepared = build(
+            capture, unit, rounded, float_weights, config, generator, device, cache_device,
+            None if unit.is_layer else task_loss,
+        )
         if prepared is None:
             result.unreached.extend(names)
             for position, name in zip(positions, names):
@@ -351,10 +349,9 @@ def _round_layers(
         objective = prepared.objective
         weights = [float_weights[n].float() for n in names]
         # a block's objective has no single layer's output error: its layers' scales minimise weight error
-        channel_error = None if is_block else getattr(objective, "channel_errors", None)
+        channel_error = getattr(objective, "channel_errors", None) if unit.is_layer else None
         grids = [layer_grid(n, modules[n], w, config, channel_error) for n, w in zip(names, weights)]
-        pack = list if is_block else (lambda ws: ws[0])  # a block's objective takes all its weights
-        nearest_mse = objective.mse(pack([g.fake_quantize(w) for g, w in zip(grids, weights)]))
+        nearest_mse = objective.mse([g.fake_quantize(w) for g, w in zip(grids, weights)])
         if not math.isfinite(nearest_mse):
             raise ValueError(
                 f"the reconstruction error of {kind} {label!r} is not finite ({nearest_mse}) even with "
@@ -376,7 +373,7 @@ def _round_layers(
             observer.on_step(label, step, metrics)
 
         optimize_rounding(
-            roundings if is_block else roundings[0], objective, config.iterations, config.lr, config.reg_lambda,
+            roundings, objective, config.iterations, config.lr, config.reg_lambda,
             schedule, grad_reduce=grad_reduce, on_log=on_log, log_every_n_steps=config.log_every_n_steps,
         )
         notes = [prepared.note]
@@ -390,7 +387,7 @@ def _round_layers(
         for name, hard in zip(names, hards):
             _write_back(modules[name], hard)
             rounded[name] = modules[name]
-        adaround_mse = objective.mse(pack(hards))
+        adaround_mse = objective.mse(hards)
         seconds = time.perf_counter() - started
         finished = [
             LayerResult(
@@ -405,7 +402,7 @@ def _round_layers(
                 note=note, history=history, capture_seconds=capture_seconds / len(names),
                 cache_bytes=prepared.cache_bytes if name == names[0] else 0,
                 float_weight=float_weights[name].detach().cpu().clone() if config.keep_float_weights else None,
-                block=label if is_block else "",
+                block="" if unit.is_layer else label,
             )
             for name, grid, rounding in zip(names, grids, roundings)
         ]
@@ -413,10 +410,10 @@ def _round_layers(
             result.layers[layer_result.name] = layer_result
             if checkpoint is not None:  # before the observer: a failing hook cannot lose a finished layer
                 checkpoint.save_layer(position, layer_result, generator.get_state())
-        if is_block:
-            observer.on_block_end(label, finished)
-        else:
+        if unit.is_layer:
             observer.on_layer_end(finished[0])
+        else:
+            observer.on_block_end(label, finished)
         del prepared, objective, roundings  # free this layer's cache before the next one is built
     return result
 

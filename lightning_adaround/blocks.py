@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from torch import Tensor, nn
@@ -20,35 +19,9 @@ from torch import Tensor, nn
 from lightning_adaround.capture import call_reaching
 from lightning_adaround.chain import find_block_chains
 from lightning_adaround.layers import ForwardFn, forward_with_hooks
+from lightning_adaround.unit import Unit
 
 _RUN = re.compile(r"^(?P<name>[\w.]*)\[(?P<start>\d+):(?P<stop>\d+)\]$")
-
-
-@dataclass
-class Block:
-    """Layers rounded together; ``module`` runs the block (a fresh ``nn.Sequential`` for a run)."""
-
-    name: str
-    module: nn.Module
-    first: tuple[str, nn.Module]  # the submodule whose call is the block's input
-    last: nn.Module  # the submodule whose output is the block's output
-    layers: list[str]  # the rounded layers inside, in execution order
-    weight_paths: dict[str, str]  # layer name -> its weight's name inside ``module``
-
-    def layer_module(self, layer: str) -> nn.Module:
-        path = self.weight_paths[layer]
-        return self.module if path == "weight" else self.module.get_submodule(path[: -len(".weight")])
-
-    def output(self, value: Any) -> Tensor:
-        """The block's output tensor: the value itself, or the first element of a tuple."""
-        if isinstance(value, (tuple, list)) and value and isinstance(value[0], Tensor):
-            return value[0]
-        if not isinstance(value, Tensor):
-            raise ValueError(
-                f"block {self.name!r} returns {type(value).__name__}, not a tensor (or a tuple starting with one); "
-                "block reconstruction compares one output tensor. Name a different block or use reconstruction='layer'."
-            )
-        return value
 
 
 def _prefix(name: str) -> str:
@@ -62,7 +35,7 @@ def _inside(layer: str, module_name: str) -> bool:
 def _make_block(
     name: str, module: nn.Module, first: tuple[str, nn.Module], members: Sequence[tuple[str, nn.Module]],
     order: Sequence[str],
-) -> Block:
+) -> Unit:
     """``members`` are the (qualified name, module) pairs ``module`` consists of."""
     layers = [n for n in order if any(_inside(n, m) for m, _ in members)]
     paths = {}
@@ -72,10 +45,10 @@ def _make_block(
         if len(members) > 1:
             local = f"{i}.{local}" if local else str(i)
         paths[layer] = f"{local}.weight" if local else "weight"
-    return Block(name, module, first, members[-1][1], layers, paths)
+    return Unit(name, module, first, members[-1][1], layers, paths)
 
 
-def _run_of(model: nn.Module, spec: str, order: Sequence[str]) -> Block:
+def _run_of(model: nn.Module, spec: str, order: Sequence[str]) -> Unit:
     match = _RUN.match(spec)
     assert match is not None
     parent_name, start, stop = match["name"], int(match["start"]), int(match["stop"])
@@ -98,9 +71,9 @@ def _run_of(model: nn.Module, spec: str, order: Sequence[str]) -> Block:
     return _make_block(spec, module, members[0], members, order)
 
 
-def named_blocks(model: nn.Module, patterns: Sequence[str], order: Sequence[str]) -> list[Block]:
+def named_blocks(model: nn.Module, patterns: Sequence[str], order: Sequence[str]) -> list[Unit]:
     """The user's blocks: each pattern a module-name glob or a Sequential run ``name[i:j]``."""
-    blocks: list[Block] = []
+    blocks: list[Unit] = []
     modules = list(model.named_modules())
     for pattern in patterns:
         if _RUN.match(pattern):
@@ -134,7 +107,7 @@ def _is_glob(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
 
 
-def _check_overlaps(blocks: Sequence[Block]) -> None:
+def _check_overlaps(blocks: Sequence[Unit]) -> None:
     owner: dict[str, str] = {}
     for block in blocks:
         for layer in block.layers:
@@ -152,7 +125,7 @@ def find_blocks(
     order: Sequence[str],
     batch: Any,
     forward_fn: ForwardFn,
-) -> list[Block]:
+) -> list[Unit]:
     """Blocks for ``order``'s layers, checked on one forward pass over ``batch`` (already on the device).
 
     Automatic (``patterns=None``): chain elements with several layers; where such an element is
@@ -166,7 +139,7 @@ def find_blocks(
     return blocks
 
 
-def _chain_blocks(module: nn.Module, module_name: str, order: Sequence[str], batch: Any, forward_fn: ForwardFn) -> list[Block]:
+def _chain_blocks(module: nn.Module, module_name: str, order: Sequence[str], batch: Any, forward_fn: ForwardFn) -> list[Unit]:
     """Elements of ``module``'s chains holding two or more layers; a Sequential element is looked into."""
     inner_names = [n[len(_prefix(module_name)):] for n in order if _inside(n, module_name) and n != module_name]
     blocks = []
@@ -189,7 +162,7 @@ def _run_call(module: nn.Module, call: tuple) -> Any:
     return module(*call[0], **call[1])
 
 
-def _check_calls(model: nn.Module, blocks: Sequence[Block], batch: Any, forward_fn: ForwardFn) -> None:
+def _check_calls(model: nn.Module, blocks: Sequence[Unit], batch: Any, forward_fn: ForwardFn) -> None:
     """Each block's first module must be called once per forward, with a tensor first argument."""
     seen: dict[str, list[tuple]] = {b.name: [] for b in blocks}
     handles = []

@@ -8,32 +8,19 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lightning_adaround.chain import BlockChain
-from lightning_adaround.layers import ForwardFn, compute_dtype, forward_with_hooks, run_with_weight
+from lightning_adaround.layers import ForwardFn, forward_with_hooks
 
 Call = tuple[tuple, dict]  # a module call's (args, kwargs)
 
 
 class _StopForward(Exception):
     """Raised by the capture hook to end a forward pass at the layer being captured."""
-
-
-@dataclass
-class LayerData:
-    """One layer's cached calibration tensors, first dim = samples."""
-
-    inputs: Tensor  # the layer's input in the model with earlier layers already rounded
-    targets: Tensor  # activation(layer(float input)) with the float weight
-
-    @property
-    def num_samples(self) -> int:
-        return self.inputs.shape[0]
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
@@ -284,24 +271,3 @@ def stacked_shape(shapes: Sequence[torch.Size], name: str) -> tuple[int, ...]:
         f"layer {name!r} received inputs of different shapes {sorted(tails)} across calibration "
         "batches; give calibration batches of one input shape (resize or pad them)."
     )
-
-
-@torch.no_grad()
-def layer_targets(
-    layer: nn.Module, inputs: Tensor, weight: Tensor, activation: Optional[Callable[[Tensor], Tensor]],
-    chunk: int = 256,
-) -> Tensor:
-    """``activation(layer(inputs))`` computed in chunks, stored where ``inputs`` live.
-
-    In float32 for a half-precision model (the reference the rounding is fitted to).
-    """
-    device = weight.device
-    weight = weight.to(compute_dtype(weight.dtype))
-    outs = []
-    for start in range(0, inputs.shape[0], chunk):
-        x = inputs[start:start + chunk].to(device)
-        y = run_with_weight(layer, x, weight)
-        if activation is not None:
-            y = activation(y)
-        outs.append(y.to(inputs.device))
-    return torch.cat(outs, dim=0)

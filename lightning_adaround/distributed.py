@@ -45,6 +45,7 @@ from __future__ import annotations
 import zlib
 from collections import defaultdict
 import contextlib
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -55,14 +56,15 @@ from torch import Tensor, nn
 
 from lightning_adaround.api import Activation, MoveBatch, adaround, move_to_device
 from lightning_adaround.calibration import batch_size_of
-from lightning_adaround.capture import InputCapture, LayerData, layer_targets
+from lightning_adaround.capture import InputCapture
 from lightning_adaround.config import AdaRoundConfig
-from lightning_adaround.layers import ForwardFn, OutputOps, output_channel_dim, run_with_weight
+from lightning_adaround.layers import ForwardFn, compute_dtype
 from lightning_adaround.moments import LayerMoments
-from lightning_adaround.objective import MinibatchSampler, MomentsObjective, forward_channel_errors
+from lightning_adaround.objective import MinibatchSampler, MomentsObjective, unit_channel_errors
 from lightning_adaround.observer import AdaRoundObserver
-from lightning_adaround.reconstruct import LayerObjective, _Holdout, choose_form
+from lightning_adaround.reconstruct import TaskLoss, UnitObjective, _Holdout, choose_form, unit_targets
 from lightning_adaround.result import AdaRoundResult, LayerResult
+from lightning_adaround.unit import Unit, UnitData
 
 __all__ = [
     "AdaRoundDistributedError",
@@ -456,17 +458,16 @@ class ShardedMinibatchObjective:
     def __init__(
         self,
         sync: _Sync,
-        layer: nn.Module,
-        train: Optional[LayerData],
+        unit: Unit,
+        train: Optional[UnitData],
         train_counts: Sequence[int],
-        evaluation: Optional[LayerData],
+        evaluation: Optional[UnitData],
         batch_size: int,
-        ops: Optional[Callable[[Tensor], Tensor]],
         generator: torch.Generator,
         device: torch.device,
     ) -> None:
         self.sync = sync
-        self.layer = layer
+        self.unit = unit
         self.train = train
         self.evaluation = evaluation
         self.total = int(sum(train_counts))
@@ -475,33 +476,26 @@ class ShardedMinibatchObjective:
         # The single-process sampler, over the global row index space.
         self.sampler = MinibatchSampler(self.total, batch_size, generator)
         self.batch_size = self.sampler.batch_size
-        self.ops = ops
         self.device = device
-        self.channel_dim = output_channel_dim(layer)
+        self.channel_dim = unit.channel_dim
 
-    def _next_indices(self) -> Tensor:
-        return self.sampler.next_indices()
-
-    def _output(self, inputs: Tensor, weight: Tensor) -> Tensor:
-        out = run_with_weight(self.layer, inputs, weight)
-        return self.ops(out) if self.ops is not None else out
-
-    def step_loss(self, weight: Tensor) -> Tensor:
-        idx = self._next_indices()
+    def step_loss(self, weights: Sequence[Tensor]) -> Tensor:
+        weight = weights[0]
+        idx = self.sampler.next_indices()
         mine = idx[(idx >= self.lo) & (idx < self.hi)] - self.lo
         if mine.numel() == 0 or self.train is None:
             loss = weight.sum() * 0.0  # no row of this step here: a zero gradient of the right shape
         else:
             x = self.train.inputs[mine.to(self.train.inputs.device)].to(self.device, non_blocking=True)
             y = self.train.targets[mine.to(self.train.targets.device)].to(self.device, non_blocking=True)
-            per_row = (self._output(x, weight) - y).pow(2).sum(dim=self.channel_dim)
+            per_row = (self.unit.run([weight], x) - y).pow(2).sum(dim=self.channel_dim)
             share = self.sync.world_size * mine.numel() / (self.batch_size * per_row.numel())
             loss = per_row.sum() * share
         self.sync.record_loss(loss)
         return loss
 
-    def mse(self, weight: Tensor) -> float:
-        total, count = _squared_error(self.layer, self.evaluation, weight, self.ops, self.device)
+    def mse(self, weights: Sequence[Tensor]) -> float:
+        total, count = _squared_error(self.unit, self.evaluation, weights, self.device)
         return self.sync.reduce_error(total, count)
 
 
@@ -511,14 +505,14 @@ class _SharedMoments:
     form = "moments"
 
     def __init__(
-        self, sync: _Sync, inner: MomentsObjective, layer: nn.Module, evaluation: Optional[LayerData],
-        global_eval: int, ops: Optional[OutputOps], device: torch.device,
+        self, sync: _Sync, inner: MomentsObjective, evaluation: Optional[UnitData], global_eval: int,
+        device: torch.device,
     ) -> None:
-        self.sync, self.inner, self.layer = sync, inner, layer
-        self.evaluation, self.global_eval, self.ops, self.device = evaluation, global_eval, ops, device
+        self.sync, self.inner, self.unit = sync, inner, inner.unit
+        self.evaluation, self.global_eval, self.device = evaluation, global_eval, device
 
-    def step_loss(self, weight: Tensor) -> Tensor:
-        loss = self.inner.step_loss(weight)
+    def step_loss(self, weights: Sequence[Tensor]) -> Tensor:
+        loss = self.inner.step_loss(weights)
         self.sync.record_loss(loss)
         return loss
 
@@ -530,24 +524,23 @@ class _SharedMoments:
     def channel_errors(self, weight: Tensor, exact: bool = False) -> Tensor:
         return self.inner.channel_errors(weight, exact)  # the moments are summed already: no collective
 
-    def mse(self, weight: Tensor) -> float:
+    def mse(self, weights: Sequence[Tensor]) -> float:
         if self.global_eval:
-            total, count = _squared_error(self.layer, self.evaluation, weight, self.ops, self.device)
+            total, count = _squared_error(self.unit, self.evaluation, weights, self.device)
             return self.sync.reduce_error(total, count)
-        value = self.inner.exact_loss(weight) / weight.shape[0]
+        value = self.inner.exact_loss(weights[0]) / weights[0].shape[0]
         self.sync.reduce_error(0.0, 0)  # keeps the sync points the same for both forms
         return value
 
 
 @torch.no_grad()
 def _squared_error(
-    layer: nn.Module, data: Optional[LayerData], weight: Tensor, ops: Optional[Callable[[Tensor], Tensor]],
-    device: torch.device, chunk: int = 256,
+    unit: Unit, data: Optional[UnitData], weights: Sequence[Tensor], device: torch.device,
 ) -> tuple[float, int]:
-    """This rank's sum of squared output errors and element count (the parts of ``forward_mse``)."""
+    """This rank's sum of squared output errors and element count (the parts of ``unit_mse``)."""
     if data is None:
         return 0.0, 0
-    total, count = forward_channel_errors(layer, data, weight, ops, device, chunk)
+    total, count = unit_channel_errors(unit, data, weights, device)
     return float(total.sum()), count
 
 
@@ -575,7 +568,7 @@ def _stack(chunks: list[Tensor], flatten: bool) -> Tensor:
 
 
 class _DistributedLayers:
-    """The distributed counterpart of ``reconstruct.build_layer_objective`` (same signature)."""
+    """The distributed counterpart of ``reconstruct.build_objective`` (same signature; layers only)."""
 
     def __init__(self, sync: _Sync, layout: _Layout, sync_moments: bool = False) -> None:
         self.sync = sync
@@ -599,16 +592,16 @@ class _DistributedLayers:
     def __call__(
         self,
         capture: InputCapture,
-        name: str,
-        layer: nn.Module,
+        unit: Unit,
         rounded: dict[str, nn.Module],
         float_weights: dict[str, Tensor],
-        ops: Optional[OutputOps],
         config: AdaRoundConfig,
         generator: torch.Generator,
         device: torch.device,
         cache_device: torch.device,
-    ) -> Optional[LayerObjective]:
+        task_loss: Optional[TaskLoss] = None,
+    ) -> Optional[UnitObjective]:
+        name, layer, ops = unit.name, unit.module, unit.ops
         sync, pieces = self.sync, self.layout.pieces
         sync.where = f"capturing layer {name!r}"
         sync.layer = name
@@ -665,6 +658,8 @@ class _DistributedLayers:
         else:
             first_input = first[0] if first is not None else None
             _, used_ops, note = choose_form(form, layer, ops, config.batch_size, first_input)
+        unit = dataclasses.replace(unit, ops=used_ops)
+        target_weights = [weight.to(compute_dtype(weight.dtype))]
 
         # 2. The rest of this rank's batches, split like one process splits the global ones.
         keep_of, held_of = self._holdout(config.holdout_fraction, generator, k)
@@ -686,13 +681,13 @@ class _DistributedLayers:
             keep, held = keep_of[j], held_of[j]
             if held.numel():
                 eval_in.append(rounded_input[held].to(cache_device))
-                eval_out.append(layer_targets(layer, float_input[held], weight, used_ops).to(cache_device))
+                eval_out.append(unit_targets(unit, target_weights, float_input[held]).to(cache_device))
             if moments is not None:
                 same = float_input is rounded_input
                 moments.add(rounded_input[keep], None if same else float_input[keep])
             else:
                 train_in.append(rounded_input[keep].to(cache_device))
-                train_out.append(layer_targets(layer, float_input[keep], weight, used_ops).to(cache_device))
+                train_out.append(unit_targets(unit, target_weights, float_input[keep]).to(cache_device))
 
         # 3. Agree on row counts and stacking, sum the moments, build the objective.
         train_sig, train_last = _shape_signature(train_in)
@@ -705,20 +700,20 @@ class _DistributedLayers:
         flatten_train, train_counts = _global_stacking(rows, 0, name)
         flatten_eval, eval_counts = _global_stacking(rows, 4, name)
         global_eval = sum(eval_counts)
-        evaluation = LayerData(_stack(eval_in, flatten_eval), _stack(eval_out, flatten_eval)) if eval_in else None
+        evaluation = UnitData(_stack(eval_in, flatten_eval), _stack(eval_out, flatten_eval)) if eval_in else None
         if moments is not None:
             sync.where = f"summing the moments of layer {name!r}"
             moments.all_reduce(sync.reduce_sum)
-            inner = MomentsObjective(layer, moments, weight, evaluation, used_ops, device)
-            objective: Any = _SharedMoments(sync, inner, layer, evaluation, global_eval, used_ops, device)
-            prepared = LayerObjective(objective, moments.samples, global_eval, used_ops, note)
+            inner = MomentsObjective(unit, moments, weight, evaluation, device)
+            objective: Any = _SharedMoments(sync, inner, evaluation, global_eval, device)
+            prepared = UnitObjective(objective, moments.samples, global_eval, used_ops, note)
         else:
-            train = LayerData(_stack(train_in, flatten_train), _stack(train_out, flatten_train)) if train_in else None
+            train = UnitData(_stack(train_in, flatten_train), _stack(train_out, flatten_train)) if train_in else None
             objective = ShardedMinibatchObjective(
-                sync, layer, train, train_counts, evaluation if global_eval else train,
-                config.batch_size, used_ops, generator, device,
+                sync, unit, train, train_counts, evaluation if global_eval else train,
+                config.batch_size, generator, device,
             )
-            prepared = LayerObjective(objective, sum(train_counts), global_eval, used_ops, note)
+            prepared = UnitObjective(objective, sum(train_counts), global_eval, used_ops, note)
         replicated = form == "moments" and not self.sync_moments
         sync.begin_layer(name, config.iterations, weight.numel(), replicated=replicated)
         sync.where = f"optimising layer {name!r}"

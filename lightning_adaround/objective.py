@@ -1,32 +1,30 @@
-"""The reconstruction term: how far the layer's output with a candidate weight is from the target.
+"""The reconstruction term: how far a unit's output with candidate weights is from the target.
 
-An objective is anything with ``step_loss(weight)`` (a differentiable scalar for one
-optimisation step) and ``mse(weight)`` (a plain number for reporting), so the optimiser
-loop does not care how the term is computed.
+An objective is anything with ``step_loss(weights)`` (a differentiable scalar for one
+optimisation step) and ``mse(weights)`` (a plain number for reporting), each taking the unit's
+weights in its ``layers`` order, so the optimiser loop does not care how the term is computed:
+by minibatches of cached rows (any unit), or from second moments (a unit of one layer).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.blocks import Block
-from lightning_adaround.capture import LayerData
-from lightning_adaround.layers import OutputOps, call_in_dtype, output_channel_dim, run_with_weight
 from lightning_adaround.moments import LayerMoments, weight_as_groups
+from lightning_adaround.unit import Unit, UnitData
 
 
 class ReconstructionObjective(Protocol):
     form: str
 
-    def step_loss(self, weight: Tensor) -> Tensor:
+    def step_loss(self, weights: Sequence[Tensor]) -> Tensor:
         """Reconstruction term for one step (summed over output channels, averaged over the rest)."""
         ...
 
-    def mse(self, weight: Tensor) -> float:
+    def mse(self, weights: Sequence[Tensor]) -> float:
         """Mean squared error per output element on the evaluation samples."""
         ...
 
@@ -113,80 +111,77 @@ class RowGather:
 
 
 class MinibatchObjective:
-    """The paper's procedure: each step a random minibatch of cached samples, one forward.
+    """The paper's procedure for any unit: each step a random minibatch of cached rows, one forward.
 
-    Samples are drawn without replacement from a fresh permutation per pass over the data,
-    so every calibration sample reaches the optimiser equally often (give or take one).
+    Rows are drawn without replacement from a fresh permutation per pass over the data, so
+    every calibration sample reaches the optimiser equally often (give or take one). The
+    unit runs with every rounded layer's soft weight at once through its own forward, so
+    any block (attention, residuals) works; with Fisher weights each output element's squared
+    error is weighted.
     """
 
-    form = "minibatch"
-
     def __init__(
-        self,
-        layer: nn.Module,
-        train: LayerData,
-        evaluation: LayerData,
-        batch_size: int,
-        activation: Optional[Callable[[Tensor], Tensor]],
-        generator: torch.Generator,
-        device: torch.device,
+        self, unit: Unit, train: UnitData, evaluation: UnitData, batch_size: int,
+        generator: torch.Generator, device: torch.device,
     ) -> None:
-        self.layer = layer
+        self.unit = unit
+        self.form = "minibatch" if unit.is_layer else "block"
         self.train = train
         self.evaluation = evaluation
         self.sampler = MinibatchSampler(train.num_samples, batch_size, generator)
         self.batch_size = self.sampler.batch_size
-        self.activation = activation
         self.device = device
-        self.channel_dim = output_channel_dim(layer)
         self._gather = RowGather(device)
 
-    def _next_indices(self) -> Tensor:
-        return self.sampler.next_indices()
+    def _rows(self, data: UnitData, idx: Tensor, dtype: torch.dtype, prefix: str) -> tuple[Tensor, tuple, dict]:
+        # ``dtype``: activations may be cached in a compact dtype the user allowed
+        pick = lambda t, key: self._gather(t, idx, f"{prefix}{key}", dtype if t.is_floating_point() else t.dtype)  # noqa: E731
+        args = tuple(pick(a, f"a{i}") if isinstance(a, Tensor) else a for i, a in enumerate(data.args))
+        kwargs = {k: pick(v, f"k{k}") if isinstance(v, Tensor) else v for k, v in data.kwargs.items()}
+        return pick(data.inputs, "x"), args, kwargs
 
-    def _output(self, inputs: Tensor, weight: Tensor) -> Tensor:
-        out = run_with_weight(self.layer, inputs, weight)
-        return self.activation(out) if self.activation is not None else out
+    def step_loss(self, weights: Sequence[Tensor]) -> Tensor:
+        idx = self.sampler.next_indices()
+        dtype = weights[0].dtype
+        x, args, kwargs = self._rows(self.train, idx, dtype, "train")
+        y = self._gather(self.train.targets, idx, "y", dtype)
+        out = self.unit.run(weights, x, args, kwargs)
+        if self.train.fisher is None:
+            return reconstruction_loss(out, y, self.unit.channel_dim)
+        fisher = self._gather(self.train.fisher, idx, "f", dtype)
+        rows = out.numel() // out.shape[self.unit.channel_dim]
+        return (fisher * (out - y).square()).sum() / rows
 
-    def step_loss(self, weight: Tensor) -> Tensor:
-        idx = self._next_indices()
-        # ``weight.dtype``: activations may be cached in a compact dtype the user allowed
-        x = self._gather(self.train.inputs, idx, "x", weight.dtype)
-        y = self._gather(self.train.targets, idx, "y", weight.dtype)
-        return reconstruction_loss(self._output(x, weight), y, self.channel_dim)
-
-    def mse(self, weight: Tensor) -> float:
-        return forward_mse(self.layer, self.evaluation, weight, self.activation, self.device)
+    def mse(self, weights: Sequence[Tensor]) -> float:
+        return unit_mse(self.unit, self.evaluation, weights, self.device)
 
 
 @torch.no_grad()
-def forward_channel_errors(
-    layer: nn.Module, data: LayerData, weight: Tensor, ops: Optional[Callable[[Tensor], Tensor]],
-    device: torch.device, chunk: int = 256,
+def unit_channel_errors(
+    unit: Unit, data: UnitData, weights: Sequence[Tensor], device: torch.device, chunk: int = 128,
 ) -> tuple[Tensor, int]:
-    """``(squared error summed per output channel, number of output elements)`` of ``ops(layer(x; weight))``."""
-    channel_dim = output_channel_dim(layer)
+    """``(squared error summed per output channel, number of output elements)`` of the unit's output."""
+    dtype = weights[0].dtype
+    channel_dim = unit.channel_dim
     total: Optional[Tensor] = None
     count = 0
     for start in range(0, data.num_samples, chunk):
-        x = data.inputs[start:start + chunk].to(device, weight.dtype)
-        y = data.targets[start:start + chunk].to(device, weight.dtype)
-        out = run_with_weight(layer, x, weight)
-        err = ((ops(out) if ops is not None else out) - y).double().pow(2)
+        rows = slice(start, start + chunk)
+        take = lambda t: t[rows].to(device, dtype if t.is_floating_point() else t.dtype)  # noqa: E731
+        args = tuple(take(a) if isinstance(a, Tensor) else a for a in data.args)
+        kwargs = {k: take(v) if isinstance(v, Tensor) else v for k, v in data.kwargs.items()}
+        err = (unit.run(weights, take(data.inputs), args, kwargs) - take(data.targets)).double().pow(2)
         sums = err.transpose(0, channel_dim).reshape(err.shape[channel_dim], -1).sum(1)
         total = sums if total is None else total + sums
         count += err.numel()
     if total is None:
-        total = torch.zeros(weight.shape[0], dtype=torch.float64, device=device)
+        total = torch.zeros(1, dtype=torch.float64, device=device)
     return total, count
 
 
-def forward_mse(
-    layer: nn.Module, data: LayerData, weight: Tensor, ops: Optional[Callable[[Tensor], Tensor]],
-    device: torch.device, chunk: int = 256,
-) -> float:
-    """Mean squared error per output element of ``ops(layer(x; weight))`` against the targets."""
-    total, count = forward_channel_errors(layer, data, weight, ops, device, chunk)
+def unit_mse(unit: Unit, data: UnitData, weights: Sequence[Tensor], device: torch.device) -> float:
+    """Mean squared error per output element of the unit's output against the targets."""
+    total, count = unit_channel_errors(unit, data, weights, device)
     return float(total.sum()) / max(count, 1)
 
 
@@ -219,17 +214,17 @@ class MomentsObjective:
 
     def __init__(
         self,
-        layer: nn.Module,
+        unit: Unit,
         moments: LayerMoments,
         float_weight: Tensor,
-        evaluation: Optional[LayerData],
-        ops: Optional[OutputOps],
+        evaluation: Optional[UnitData],
         device: torch.device,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.layer = layer
+        self.unit = unit
+        self.layer = layer = unit.module
         self.evaluation = evaluation
-        self.ops = ops
+        self.ops = ops = unit.ops
         self.device = device
         rows = max(moments.rows, 1)
         w = weight_as_groups(layer, float_weight.double().to(device))
@@ -261,8 +256,8 @@ class MomentsObjective:
         value = ((weighted + self.weighted_wm) * delta).sum() + self.const
         return value, weighted.mul_(2.0).reshape(weight.shape).to(weight.dtype)
 
-    def step_loss(self, weight: Tensor) -> Tensor:
-        return _AnalyticLoss.apply(weight, self.value_and_grad)
+    def step_loss(self, weights: Sequence[Tensor]) -> Tensor:
+        return _AnalyticLoss.apply(weights[0], self.value_and_grad)
 
     @torch.no_grad()
     def exact_loss(self, weight: Tensor) -> float:
@@ -272,10 +267,10 @@ class MomentsObjective:
         value = (e["channel_weight"] * (delta @ e["a"] + 2.0 * e["wm"]) * delta).sum() + e["const"]
         return max(float(value), 0.0)
 
-    def mse(self, weight: Tensor) -> float:
+    def mse(self, weights: Sequence[Tensor]) -> float:
         if self.evaluation is not None and self.evaluation.num_samples:
-            return forward_mse(self.layer, self.evaluation, weight, self.ops, self.device)
-        return self.exact_loss(weight) / weight.shape[0]
+            return unit_mse(self.unit, self.evaluation, weights, self.device)
+        return self.exact_loss(weights[0]) / weights[0].shape[0]
 
     @torch.no_grad()
     def channel_errors(self, weight: Tensor, exact: bool = False) -> Tensor:
@@ -288,91 +283,3 @@ class MomentsObjective:
         delta = weight_as_groups(self.layer, weight.to(self.device, e["float_weight"].dtype)) - e["float_weight"]
         per_element = torch.baddbmm(e["wm"], delta, e["a"]).add_(e["wm"]).mul_(delta).mul_(e["channel_weight"])
         return per_element.sum(-1).reshape(-1)
-
-
-@dataclass
-class BlockData:
-    """A block's cached calibration tensors, first dim = samples.
-
-    ``args``/``kwargs`` hold the block's other arguments: a tensor here is per sample (gathered
-    with the inputs), anything else is passed as it is. ``fisher``: per-element output weights.
-    """
-
-    inputs: Tensor
-    targets: Tensor
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-    fisher: Optional[Tensor] = None
-
-    @property
-    def num_samples(self) -> int:
-        return self.inputs.shape[0]
-
-
-class BlockObjective:
-    """Block reconstruction: the block's output with every rounded layer's soft weight at once.
-
-    ``step_loss`` takes the layers' weights in ``weight_paths`` order and runs the block with
-    them through ``torch.func.functional_call`` (in the weights' dtype), so any block (attention, residuals) works.
-    With Fisher weights, each output element's squared error is weighted by its weight.
-    """
-
-    form = "block"
-
-    def __init__(
-        self,
-        block: Block,
-        train: BlockData,
-        evaluation: BlockData,
-        batch_size: int,
-        channel_dim: int,
-        generator: torch.Generator,
-        device: torch.device,
-    ) -> None:
-        self.block = block
-        self.paths = list(block.weight_paths.values())
-        self.train = train
-        self.evaluation = evaluation
-        self.sampler = MinibatchSampler(train.num_samples, batch_size, generator)
-        self.channel_dim = channel_dim
-        self.device = device
-        self._gather = RowGather(device)
-
-    def _output(self, weights: Sequence[Tensor], x: Tensor, args: tuple, kwargs: dict) -> Tensor:
-        params = dict(zip(self.paths, weights))
-        return self.block.output(call_in_dtype(self.block.module, (x, *args), kwargs, params, weights[0].dtype))
-
-    def _rows(self, data: BlockData, idx: Tensor, dtype: torch.dtype, prefix: str) -> tuple[Tensor, tuple, dict]:
-        pick = lambda t, key: self._gather(t, idx, f"{prefix}{key}", t.dtype if not t.is_floating_point() else dtype)  # noqa: E731
-        args = tuple(pick(a, f"a{i}") if isinstance(a, Tensor) else a for i, a in enumerate(data.args))
-        kwargs = {k: pick(v, f"k{k}") if isinstance(v, Tensor) else v for k, v in data.kwargs.items()}
-        x = pick(data.inputs, "x")
-        if x.dim() == 4 and self.device.type == "cpu":
-            # Depthwise and 1x1 convolutions run about 1.6x faster in channels-last on a CPU
-            # (EfficientNet-Lite block, forward and backward, measured); the values are the same.
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, args, kwargs
-
-    def step_loss(self, weights: Sequence[Tensor]) -> Tensor:
-        idx = self.sampler.next_indices()
-        dtype = weights[0].dtype
-        x, args, kwargs = self._rows(self.train, idx, dtype, "train")
-        y = self._gather(self.train.targets, idx, "y", dtype)
-        out = self._output(weights, x, args, kwargs)
-        if self.train.fisher is None:
-            return reconstruction_loss(out, y, self.channel_dim)
-        fisher = self._gather(self.train.fisher, idx, "f", dtype)
-        rows = out.numel() // out.shape[self.channel_dim]
-        return (fisher * (out - y).square()).sum() / rows
-
-    @torch.no_grad()
-    def mse(self, weights: Sequence[Tensor], chunk: int = 64) -> float:
-        data = self.evaluation
-        total, count = 0.0, 0
-        for start in range(0, data.num_samples, chunk):
-            idx = torch.arange(start, min(start + chunk, data.num_samples))
-            x, args, kwargs = self._rows(data, idx, weights[0].dtype, "eval")
-            err = self._output(weights, x, args, kwargs) - data.targets[idx].to(self.device, weights[0].dtype)
-            total += float(err.double().pow(2).sum())
-            count += err.numel()
-        return total / max(count, 1)

@@ -37,7 +37,7 @@ def optimize_rounding(
     ``value_and_grad(weight)`` (the moments form, one layer) is stepped without autograd: its
     gradient on the weight goes straight through :func:`soft_backward`.
     """
-    group = [rounding] if isinstance(rounding, RoundingVariable) else list(rounding)
+    group = [rounding] if isinstance(rounding, RoundingVariable) else list(rounding)  # a unit's layers
     optimizer = torch.optim.Adam([r.v for r in group], lr=lr)
     value_and_grad = getattr(objective, "value_and_grad", None) if len(group) == 1 else None
     for step in range(iterations):
@@ -52,7 +52,7 @@ def optimize_rounding(
             soft = [r.soft_with_regularizer(beta if regularizing else None) for r in group]
             weights = [w for w, _ in soft]
             reg = soft[0][1] if len(soft) == 1 else torch.stack([r for _, r in soft]).sum()
-            recon = objective.step_loss(weights[0] if isinstance(rounding, RoundingVariable) else weights)
+            recon = objective.step_loss(weights)
             loss = recon + reg_lambda * reg if regularizing else recon
             loss.backward()
         if grad_reduce is not None:

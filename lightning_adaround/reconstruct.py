@@ -1,11 +1,13 @@
-"""Per layer: stream its calibration inputs, hold some out, and build its reconstruction objective.
+"""Per unit (a layer, or a block of layers): stream its calibration inputs, hold some out, and
+build its reconstruction objective.
 
 The one place that decides between the minibatch and the moments form, so the optimiser
-loop and the public API stay the same for every layer type.
+loop and the public API stay the same for every layer type and for blocks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from itertools import chain
@@ -15,25 +17,23 @@ import torch
 from torch import Tensor, nn
 
 from lightning_adaround.cache import CachePlan, ChunkStore
-from lightning_adaround.blocks import Block
-from lightning_adaround.capture import Call, InputCapture, LayerData, check_finite, layer_targets
+from lightning_adaround.capture import Call, InputCapture, check_finite
 from lightning_adaround.capture import float_weights as float_weights_in
 from lightning_adaround.config import AdaRoundConfig
-from lightning_adaround.layers import OutputOps, call_in_dtype, compute_dtype, output_channel_dim, run_with_weight
+from lightning_adaround.layers import OutputOps, compute_dtype, run_with_weight
 from lightning_adaround.moments import LayerMoments, moments_supported, patch_dim
-from lightning_adaround.objective import (
-    BlockData, BlockObjective, MinibatchObjective, MomentsObjective, ReconstructionObjective,
-)
+from lightning_adaround.objective import MinibatchObjective, MomentsObjective, ReconstructionObjective
+from lightning_adaround.unit import Unit, UnitData
 
 
 @dataclass
-class LayerObjective:
+class UnitObjective:
     objective: ReconstructionObjective
     num_samples: int
     eval_samples: int
     ops: Optional[OutputOps]
     note: str = ""
-    cache_bytes: int = 0  # what this layer kept: cached activations, or moments plus held-out samples
+    cache_bytes: int = 0  # what this unit kept: cached activations, or moments plus held-out samples
 
 
 class _Holdout:
@@ -117,137 +117,129 @@ class _Cache:
         return sum(t.numel() * t.element_size() for t in data.values())
 
 
-def build_layer_objective(
+TaskLoss = Callable[[Any, Any], Tensor]  # task_loss(model output, batch) -> scalar
+
+
+def build_objective(
     capture: InputCapture,
-    name: str,
-    layer: nn.Module,
+    unit: Unit,
     rounded: dict[str, nn.Module],
     float_weights: dict[str, Tensor],
-    ops: Optional[OutputOps],
     config: AdaRoundConfig,
     generator: torch.Generator,
     device: torch.device,
     cache_device: torch.device,
-) -> Optional[LayerObjective]:
-    """Everything one layer's optimisation needs, or ``None`` when no batch reaches the layer."""
-    pairs = capture.pairs(name, layer, rounded, float_weights)
-    first = next(pairs, None)
+    task_loss: Optional[TaskLoss] = None,
+) -> Optional[UnitObjective]:
+    """Everything one unit's optimisation needs, or ``None`` when no batch reaches it.
+
+    Per calibration batch: the unit's input in the rounded model, its other per-sample
+    arguments and its output in the float model, split into training and held-out rows. A
+    unit of one layer may take the moments form, which keeps second moments instead of rows.
+    With ``task_loss`` (a block's Fisher loss) the cache also holds the squared gradient of the
+    task loss at the unit's output.
+    """
+    first_name, first_module = unit.first
+    calls = capture.calls(first_name, first_module, rounded, float_weights)
+    first = next(calls, None)
     if first is None:
         return None
-    form, used_ops, note = choose_form(config.loss_form, layer, ops, config.batch_size, first[0])
-    weight = float_weights[name]
+    form, note = ("minibatch", "")
+    if unit.is_layer:
+        form, ops, note = choose_form(config.loss_form, unit.module, unit.ops, config.batch_size, first[1][0][0])
+        unit = dataclasses.replace(unit, ops=ops)
+    weights = [float_weights[n].to(compute_dtype(float_weights[n].dtype)) for n in unit.layers]
     holdout = _Holdout(config.holdout_fraction, generator)
-    moments = LayerMoments(layer, device) if form == "moments" else None
+    moments = LayerMoments(unit.module, device) if form == "moments" else None
     cache = _Cache(CachePlan(
         device, config.device_cache_bytes, config.host_cache_bytes, config.cache_dir, config.cache_dtype,
         skip_device=config.cache_on_cpu,
     ), len(capture.batches))
-    for rounded_input, float_input in chain([first], pairs):
-        keep, held = holdout.split(rounded_input.shape[0])
+    arguments = _UnitArguments(unit, first[1], first[1][0][0].shape)
+    for index, rounded_call, float_call in chain([first], calls):
+        x = rounded_call[0][0].detach()
+        x_float = x if float_call is rounded_call else float_call[0][0].detach()
+        per_sample = arguments.per_sample(rounded_call, x.shape)
+        check_finite(f"{unit.kind} {unit.name!r}", [("input", x), ("float-model input", x_float)], fix=_fix(unit))
+        keep, held = holdout.split(x.shape[0])
         pieces = []
         if held.numel():
-            pieces += [("eval_in", rounded_input[held]), ("eval_out", layer_targets(layer, float_input[held], weight, used_ops))]
+            pieces += [("eval_in", x[held]), ("eval_out", unit_targets(unit, weights, x_float[held], float_call, held))]
+            pieces += [(f"eval_{key}", t[held]) for key, t in per_sample.items()]
         if moments is not None:
-            same = float_input is rounded_input
-            moments.add(rounded_input[keep], None if same else float_input[keep])
+            moments.add(x[keep], None if x_float is x else x_float[keep])
         else:
-            pieces += [("train_in", rounded_input[keep]), ("train_out", layer_targets(layer, float_input[keep], weight, used_ops))]
+            target = unit_targets(unit, weights, x_float[keep], float_call, keep)
+            check_finite(f"{unit.kind} {unit.name!r}", [("full-precision output", target)], fix=_fix(unit))
+            pieces += [("train_in", x[keep]), ("train_out", target)]
+            pieces += [(f"train_{key}", t[keep]) for key, t in per_sample.items()]
+            if task_loss is not None:
+                gradient = _output_gradient(capture, unit, rounded, float_weights, task_loss, index)
+                pieces.append(("train_fisher", gradient[keep].square()))
         cache.add(pieces)
-    data = cache.tensors(name)
-    note = "; ".join(filter(None, [note, cache.note]))
-    evaluation = LayerData(data["eval_in"], data["eval_out"]) if "eval_in" in data else None
-    # Errors are reported on the held-out samples, or on the training ones when none are held out.
-    if moments is not None:
-        objective: ReconstructionObjective = MomentsObjective(layer, moments, weight, evaluation, used_ops, device)
-        train_samples = moments.samples
-    else:
-        train = LayerData(data["train_in"], data["train_out"])
-        objective = MinibatchObjective(
-            layer, train, evaluation or train, config.batch_size, used_ops, generator, device,
-        )
-        train_samples = train.num_samples
-    eval_samples = evaluation.num_samples if evaluation is not None else train_samples
+    data = cache.tensors(unit.name)
+    evaluation = arguments.data(data, "eval") if "eval_in" in data else None
     cache_bytes = _Cache.nbytes(data)
     if moments is not None:
-        cache_bytes += moments.nbytes()
-    return LayerObjective(objective, train_samples, eval_samples, used_ops, note, cache_bytes)
+        # errors are reported on the held-out samples, or on every training row when none are held out
+        objective: ReconstructionObjective = MomentsObjective(unit, moments, float_weights[unit.name], evaluation, device)
+        train_samples, cache_bytes = moments.samples, cache_bytes + moments.nbytes()
+    else:
+        train = arguments.data(data, "train", _fisher(unit, data.get("train_fisher")))
+        objective = MinibatchObjective(unit, train, evaluation or train, config.batch_size, generator, device)
+        train_samples = train.num_samples
+    eval_samples = evaluation.num_samples if evaluation is not None else train_samples
+    if not unit.is_layer:
+        note = f"block {unit.name} ({len(unit.layers)} layers)"
+    note = "; ".join(filter(None, [note, cache.note]))
+    return UnitObjective(objective, train_samples, eval_samples, unit.ops, note, cache_bytes)
 
 
-TaskLoss = Callable[[Any, Any], Tensor]  # task_loss(model output, batch) -> scalar
+def _fix(unit: Unit) -> str:
+    return "exclude this layer" if unit.is_layer else "round its layers with reconstruction='layer'"
 
 
-def build_block_objective(
-    capture: InputCapture,
-    block: Block,
-    rounded: dict[str, nn.Module],
-    float_weights: dict[str, Tensor],
-    config: AdaRoundConfig,
-    generator: torch.Generator,
-    device: torch.device,
-    task_loss: Optional[TaskLoss] = None,
-) -> Optional[LayerObjective]:
-    """A block's objective: its input in the rounded model, its output in the float model.
+@torch.no_grad()
+def unit_targets(
+    unit: Unit, weights: list[Tensor], x: Tensor, call: Optional[Call] = None, rows: Optional[Tensor] = None,
+    chunk: int = 256,
+) -> Tensor:
+    """The unit's output with the float ``weights`` on ``x`` (rows ``rows`` of ``call``, whose other
+    per-sample arguments are taken at those rows), in chunks, in the weights' dtype."""
+    n = call[0][0].shape[0] if call is not None else 0
+    pick = lambda value, idx: value[idx] if _one_row_each(value, n) else value  # noqa: E731
+    outs = []
+    for start in range(0, x.shape[0], chunk):
+        idx = rows[start:start + chunk] if rows is not None else None
+        args = tuple(pick(a, idx) for a in call[0][1:]) if call is not None else ()
+        kwargs = {k: pick(v, idx) for k, v in call[1].items()} if call is not None else {}
+        outs.append(unit.run(weights, x[start:start + chunk], args, kwargs).detach())
+    return torch.cat(outs, dim=0)
 
-    The cache holds the block's input, its other per-sample arguments and its float output
-    (plus, with ``task_loss``, the Fisher weights of that output), not every inner layer's.
-    """
-    first_name, first_module = block.first
-    holdout = _Holdout(config.holdout_fraction, generator)
-    cache = _Cache(CachePlan(
-        device, config.device_cache_bytes, config.host_cache_bytes, config.cache_dir, config.cache_dtype,
-        skip_device=config.cache_on_cpu,
-    ), len(capture.batches))
-    arguments: Optional[_BlockArguments] = None
-    for index, rounded_call, float_call in capture.calls(first_name, first_module, rounded, float_weights):
-        x = rounded_call[0][0].detach()
-        if arguments is None:
-            arguments = _BlockArguments(block.name, rounded_call, x.shape)
-        per_sample = arguments.per_sample(rounded_call, x.shape)
-        with torch.no_grad():
-            target = block.output(call_in_dtype(block.module, *float_call, {}, compute_dtype(x.dtype))).detach()
-        check_finite(
-            f"block {block.name!r}", [("input", x), ("full-precision output", target)],
-            fix="round its layers with reconstruction='layer'",
-        )
-        keep, held = holdout.split(x.shape[0])
-        pieces = [("train_in", x[keep]), ("train_out", target[keep])]
-        pieces += [(f"train_{key}", t[keep]) for key, t in per_sample.items()]
-        if task_loss is not None:
-            pieces.append(("train_fisher", _output_gradient(capture, block, rounded, float_weights, task_loss, index)[keep].square()))
-        if held.numel():
-            pieces += [("eval_in", x[held]), ("eval_out", target[held])]
-            pieces += [(f"eval_{key}", t[held]) for key, t in per_sample.items()]
-        cache.add(pieces)
-    if arguments is None:
+
+def _fisher(unit: Unit, fisher: Optional[Tensor]) -> Optional[Tensor]:
+    """Fisher weights scaled to mean 1, so the regularizer keeps its balance against the MSE."""
+    if fisher is None:
         return None
-    data = cache.tensors(block.name)
-    fisher = data.get("train_fisher")
-    if fisher is not None:
-        mean = float(fisher.double().mean())
-        if not math.isfinite(mean) or mean <= 0:
-            raise ValueError(
-                f"the task-loss gradient at the output of block {block.name!r} is {'zero' if mean == 0 else mean} on "
-                "the calibration data, so the Fisher weights are undefined; check task_loss (does it depend on the "
-                "model output?) or use block_loss='mse'."
-            )
-        fisher = fisher.div_(mean)  # mean weight 1: the regularizer keeps its balance against the MSE
-    train = arguments.data(data, "train", fisher)
-    evaluation = arguments.data(data, "eval") if "eval_in" in data else train
-    channel_dim = output_channel_dim(block.layer_module(block.layers[-1]))
-    objective = BlockObjective(block, train, evaluation, config.batch_size, channel_dim, generator, device)
-    note = "; ".join(filter(None, [f"block {block.name} ({len(block.layers)} layers)", cache.note]))
-    return LayerObjective(objective, train.num_samples, evaluation.num_samples, None, note, _Cache.nbytes(data))
+    mean = float(fisher.double().mean())
+    if not math.isfinite(mean) or mean <= 0:
+        raise ValueError(
+            f"the task-loss gradient at the output of block {unit.name!r} is {'zero' if mean == 0 else mean} on "
+            "the calibration data, so the Fisher weights are undefined; check task_loss (does it depend on the "
+            "model output?) or use block_loss='mse'."
+        )
+    return fisher.div_(mean)
 
 
-class _BlockArguments:
-    """Which of a block's other arguments are per sample (cached, gathered) and which are fixed.
+class _UnitArguments:
+    """Which of a unit's other arguments are per sample (cached, gathered) and which are fixed.
 
     Fixed from the first batch: non-tensors and tensors without one row per sample (a shared
     mask, say). Such an argument must be the same in every batch, since one value is used for all.
     """
 
-    def __init__(self, name: str, call: Call, input_shape: torch.Size) -> None:
-        self.name = name
+    def __init__(self, unit: Unit, call: Call, input_shape: torch.Size) -> None:
+        self.unit = unit
         self.input_tail = tuple(input_shape[1:])
         n = input_shape[0]
         args, kwargs = call
@@ -255,9 +247,10 @@ class _BlockArguments:
         self.fixed_kwargs = {k: None if _one_row_each(v, n) else v for k, v in kwargs.items()}
 
     def per_sample(self, call: Call, input_shape: torch.Size) -> dict[str, Tensor]:
-        if tuple(input_shape[1:]) != self.input_tail:
+        name = self.unit.name
+        if tuple(input_shape[1:]) != self.input_tail and not self.unit.is_layer:  # a layer's rows are stacked
             raise ValueError(
-                f"block {self.name!r} received inputs of shapes {self.input_tail} and {tuple(input_shape[1:])} "
+                f"block {name!r} received inputs of shapes {self.input_tail} and {tuple(input_shape[1:])} "
                 "(per sample) across calibration batches; give calibration batches of one shape (pad them) "
                 "or use reconstruction='layer'."
             )
@@ -272,16 +265,16 @@ class _BlockArguments:
                 found[where] = value.detach()
             elif not _same_value(value, fixed):
                 raise ValueError(
-                    f"block {self.name!r} takes an argument ({where[1:] if where[0] == 'k' else 'position ' + str(int(where[1:]) + 1)}) "
+                    f"block {name!r} takes an argument ({where[1:] if where[0] == 'k' else 'position ' + str(int(where[1:]) + 1)}) "
                     "that changes between calibration batches but is not one row per sample, so it cannot be "
                     "cached; name a different block or use reconstruction='layer'."
                 )
         return found
 
-    def data(self, tensors: dict[str, Tensor], split: str, fisher: Optional[Tensor] = None) -> BlockData:
+    def data(self, tensors: dict[str, Tensor], split: str, fisher: Optional[Tensor] = None) -> UnitData:
         args = tuple(tensors[f"{split}_a{i}"] if f is None else f for i, f in enumerate(self.fixed_args))
         kwargs = {k: tensors[f"{split}_k{k}"] if f is None else f for k, f in self.fixed_kwargs.items()}
-        return BlockData(tensors[f"{split}_in"], tensors[f"{split}_out"], args, kwargs, fisher)
+        return UnitData(tensors[f"{split}_in"], tensors[f"{split}_out"], args, kwargs, fisher)
 
 
 def _one_row_each(value: Any, n: int) -> bool:
@@ -298,7 +291,7 @@ def _same_value(a: Any, b: Any) -> bool:
 
 
 def _output_gradient(
-    capture: InputCapture, block: Block, rounded: dict[str, nn.Module], float_weight_of: dict[str, Tensor],
+    capture: InputCapture, block: Unit, rounded: dict[str, nn.Module], float_weight_of: dict[str, Tensor],
     task_loss: TaskLoss, index: int,
 ) -> Tensor:
     """d task_loss / d block output on batch ``index``, in the full-precision model (BRECQ's Fisher diagonal)."""

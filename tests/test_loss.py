@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_adaround.capture import LayerData
+from lightning_adaround.layers import OutputOps
+from lightning_adaround.unit import Unit, UnitData
 from lightning_adaround.loss import BetaSchedule, rounding_regularizer
 from lightning_adaround.objective import MinibatchObjective
 from lightning_adaround.optimize import optimize_rounding
@@ -81,9 +82,9 @@ def _setup(iterations, seed=0):
     x = torch.randn(64, 8)
     with torch.no_grad():
         y = layer(x)
-    data = LayerData(x, y)
+    data = UnitData(x, y)
     gen = torch.Generator().manual_seed(seed)
-    objective = MinibatchObjective(layer, data, data, 16, None, gen, torch.device("cpu"))
+    objective = MinibatchObjective(Unit.of_layer("fc", layer), data, data, 16, gen, torch.device("cpu"))
     weight = layer.weight.detach().clone()
     grid = choose_grid(weight, 3, True, method="mse")
     return RoundingVariable(weight, grid), objective
@@ -124,7 +125,7 @@ def test_log_every_n_steps_and_last_step():
 def test_optimize_only_changes_v_and_calls_grad_reduce():
     rounding, objective = _setup(20)
     v0 = rounding.v.detach().clone()
-    w0 = objective.layer.weight.detach().clone()
+    w0 = objective.unit.module.weight.detach().clone()
     grads = []
     optimize_rounding(
         rounding, objective, 20, lr=1e-2, reg_lambda=0.01, schedule=BetaSchedule(20),
@@ -132,7 +133,7 @@ def test_optimize_only_changes_v_and_calls_grad_reduce():
     )
     assert len(grads) == 20 and all(g.shape == v0.shape for g in grads)
     assert not torch.equal(rounding.v.detach(), v0)
-    assert torch.equal(objective.layer.weight, w0)  # the layer's own weight is untouched
+    assert torch.equal(objective.unit.module.weight, w0)  # the layer's own weight is untouched
 
 
 def test_strong_regularizer_drives_h_to_binary():
@@ -152,9 +153,10 @@ def test_objective_applies_activation_to_candidate_output():
     x = torch.randn(32, 8)
     with torch.no_grad():
         y = torch.relu(layer(x))
-    data = LayerData(x, y)
-    obj = MinibatchObjective(layer, data, data, 8, torch.relu, torch.Generator().manual_seed(0), torch.device("cpu"))
+    data = UnitData(x, y)
+    unit = Unit.of_layer("fc", layer, OutputOps(activation=torch.relu))
+    obj = MinibatchObjective(unit, data, data, 8, torch.Generator().manual_seed(0), torch.device("cpu"))
     w = layer.weight.detach()
-    assert obj.step_loss(w).item() == pytest.approx(0.0, abs=1e-10)
-    assert obj.mse(w) == pytest.approx(0.0, abs=1e-12)
-    assert obj.step_loss(w * 1.5).item() > 0 and obj.mse(w * 1.5) > 0
+    assert obj.step_loss([w]).item() == pytest.approx(0.0, abs=1e-10)
+    assert obj.mse([w]) == pytest.approx(0.0, abs=1e-12)
+    assert obj.step_loss([w * 1.5]).item() > 0 and obj.mse([w * 1.5]) > 0

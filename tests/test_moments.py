@@ -13,6 +13,7 @@ from lightning_adaround.layers import OutputOps, run_with_weight
 from lightning_adaround.moments import LayerMoments, patch_rows
 from lightning_adaround.objective import MomentsObjective
 from lightning_adaround.reconstruct import choose_form
+from lightning_adaround.unit import Unit
 
 LAYERS = {
     "linear-2d": (lambda: nn.Linear(6, 5), (7, 6)),
@@ -56,9 +57,10 @@ def test_moments_value_and_gradient_equal_float64_minibatch_over_all_rows(key):
     w_tilde = (w + 0.05 * torch.randn_like(w)).double().requires_grad_(True)
 
     objective = MomentsObjective(
-        layer, moments_of(layer, [(x_rounded, x_float)]), w, None, None, torch.device("cpu"), dtype=torch.float64,
+        Unit.of_layer("layer", layer), moments_of(layer, [(x_rounded, x_float)]), w, None, torch.device("cpu"),
+        dtype=torch.float64,
     )
-    value = objective.step_loss(w_tilde)
+    value = objective.step_loss([w_tilde])
     (grad,) = torch.autograd.grad(value, w_tilde)
     ref = reference_loss(layer, x_rounded, x_float, w_tilde, w.double())
     (ref_grad,) = torch.autograd.grad(ref, w_tilde)
@@ -82,10 +84,11 @@ def test_batchnorm_after_the_layer_weighs_channels_exactly():
     w_tilde = (w + 0.05 * torch.randn_like(w)).double()
     ops = OutputOps(batchnorm=bn)
     objective = MomentsObjective(
-        conv, moments_of(conv, [(x_rounded, x_float)]), w, None, ops, torch.device("cpu"), dtype=torch.float64,
+        Unit.of_layer("conv", conv, ops), moments_of(conv, [(x_rounded, x_float)]), w, None, torch.device("cpu"),
+        dtype=torch.float64,
     )
     ref = reference_loss(conv, x_rounded, x_float, w_tilde, w.double(), ops)
-    assert objective.step_loss(w_tilde).item() == pytest.approx(ref.item(), rel=1e-6)
+    assert objective.step_loss([w_tilde]).item() == pytest.approx(ref.item(), rel=1e-6)
 
 
 def test_streaming_in_batches_gives_the_same_moments_as_one_pass():
@@ -186,8 +189,8 @@ def test_step_without_autograd_follows_the_autograd_step(key):
     make, shape = LAYERS[key]
     layer = make().eval()
     x = torch.randn(shape)
-    objective = MomentsObjective(layer, moments_of(layer, [(x, x)]), layer.weight.detach(), None, None,
-                                 torch.device("cpu"))
+    objective = MomentsObjective(Unit.of_layer("layer", layer), moments_of(layer, [(x, x)]), layer.weight.detach(),
+                                 None, torch.device("cpu"))
     grid = choose_grid(layer.weight.detach(), 3, granularity=PerChannel())
     logs = {}
     finals = {}

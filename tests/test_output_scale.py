@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from lightning_adaround import AdaRoundConfig, PerChannel, PerTensor, adaround, round_to_nearest
-from lightning_adaround.capture import LayerData
+from lightning_adaround.unit import Unit, UnitData
 from lightning_adaround.layers import run_with_weight
 from lightning_adaround.moments import LayerMoments
-from lightning_adaround.objective import MomentsObjective, forward_channel_errors
+from lightning_adaround.objective import MomentsObjective, unit_channel_errors
 from lightning_adaround.quant import choose_grid
 
 
@@ -73,9 +73,10 @@ def test_moments_channel_errors_rank_candidates_as_a_forward_pass_does(make):
     w = layer.weight.detach()
     moments = LayerMoments(layer, torch.device("cpu"))
     moments.add(x_rounded, x_float)
-    by_moments = MomentsObjective(layer, moments, w, None, None, torch.device("cpu"), dtype=torch.float64)
-    train = LayerData(x_rounded, run_with_weight(layer, x_float, w).detach())
-    by_forward = lambda weight: forward_channel_errors(layer, train, weight, None, torch.device("cpu"))[0]  # noqa: E731
+    unit = Unit.of_layer("layer", layer)
+    by_moments = MomentsObjective(unit, moments, w, None, torch.device("cpu"), dtype=torch.float64)
+    train = UnitData(x_rounded, run_with_weight(layer, x_float, w).detach())
+    by_forward = lambda weight: unit_channel_errors(unit, train, [weight], torch.device("cpu"))[0]  # noqa: E731
     w1, w2 = w + 0.05 * torch.randn_like(w), w + 0.05 * torch.randn_like(w)
     rows = moments.rows
     moments_diff = (by_moments.channel_errors(w1) - by_moments.channel_errors(w2)) * rows
