@@ -64,10 +64,12 @@ class Unit:
     def run(self, weights: Sequence[Tensor], x: Tensor, args: tuple = (), kwargs: Optional[dict] = None) -> Tensor:
         """The output with ``weights`` (in ``layers`` order) in place, computed in their dtype.
 
-        On a CPU, 4-d inputs go channels-last: depthwise and 1x1 convolutions run about 1.6x
-        faster forward and backward (EfficientNet-Lite block, measured), 3x3 ones about 1.1x.
+        On a CPU, a block's 4-d input goes channels-last: its depthwise and 1x1 convolutions run
+        about 1.6x faster forward and backward (EfficientNet-Lite block, measured). A single layer
+        stays as cached: converting its input every step cost more than it saved
+        (``benchmarks/bench.py``: EfficientNet-Lite1 layers, minibatch form, 1.8x slower).
         """
-        if x.dim() == 4 and x.device.type == "cpu":
+        if x.dim() == 4 and x.device.type == "cpu" and not self.is_layer:
             x = x.contiguous(memory_format=torch.channels_last)
         params = dict(zip(self.weight_paths.values(), weights))
         return self.output(call_in_dtype(self.module, (x, *args), kwargs or {}, params, weights[0].dtype))
