@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_adaround.bias_correction import SumReduce, correct_biases
+from lightning_adaround.calibration import batch_size_of
 from lightning_adaround.capture import ForwardFn, InputCapture, default_forward, execution_order
 from lightning_adaround.blocks import find_blocks
 from lightning_adaround.chain import find_block_chains
@@ -126,6 +127,7 @@ def adaround(
             f"{'...' if len(names) > 8 else ''}); check the names with model.named_modules().",
             stacklevel=2,
         )
+    _warn_unmatched_excludes(model, config)
     explicit = sorted(n for n, fn in (activations or {}).items() if fn is not None)
     if config.loss_form == "moments" and explicit:
         raise ValueError(
@@ -143,6 +145,8 @@ def adaround(
             "the calibration data is empty; pass an iterable with at least one batch "
             "(AdaRound needs a few hundred to a thousand samples)."
         )
+    if objective_builder is None:  # data-parallel rounding holds out from the global samples
+        _warn_nothing_held_out(batches, config.holdout_fraction)
     home = _model_device(model)
     device = torch.device(device) if device is not None else home
     # Lightning's validate runs hooks under inference_mode: tensors made there cannot be
@@ -190,6 +194,31 @@ def adaround(
         snapshot.restore_settings()
     observer.on_end(result)
     return result
+
+
+def _warn_unmatched_excludes(model: nn.Module, config: AdaRoundConfig) -> None:
+    """An ``exclude`` glob that matches no layer is a typo the user would otherwise never see."""
+    candidates = [name for name, _ in select_layers(model, config.layers, (), config.layer_types)]
+    unused = [p for p in config.exclude if not any(fnmatch.fnmatchcase(n, p) for n in candidates)]
+    if unused:
+        warnings.warn(
+            f"exclude patterns {unused} match none of the layers that would be rounded ({candidates[:8]}"
+            f"{'...' if len(candidates) > 8 else ''}), so they keep nothing in float; check the names with "
+            "model.named_modules().",
+            stacklevel=3,
+        )
+
+
+def _warn_nothing_held_out(batches: list[Any], fraction: float) -> None:
+    """Too few samples to hold any out: the 'held-out' errors of the summary are training errors."""
+    total = sum(batch_size_of(b) or 1 for b in batches)
+    if fraction > 0 and math.floor(total * fraction) == 0:
+        warnings.warn(
+            f"only {total} calibration sample(s): none can be held out at holdout_fraction={fraction}, so the "
+            "nearest/AdaRound errors in the summary are measured on the samples the rounding was fitted to. "
+            f"Pass at least {math.ceil(1 / fraction)} samples (AdaRound wants a few hundred to a thousand).",
+            stacklevel=3,
+        )
 
 
 def _check_weights(layers: list[tuple[str, nn.Module]]) -> None:

@@ -9,6 +9,7 @@ weight before any calibration work starts, naming the layer.
 from __future__ import annotations
 
 import collections
+import warnings
 
 import numpy as np
 import pytest
@@ -283,3 +284,18 @@ def test_old_spectral_norm_is_refused_with_its_own_fix():
     torch.nn.utils.remove_spectral_norm(model[2])  # baked in: now it rounds
     result = adaround(model, [torch.randn(16, 4)], AdaRoundConfig(iterations=5))
     assert torch.equal(model[2].weight, result.layers["2"].dequantized_weight())
+
+
+def test_an_exclude_pattern_that_matches_no_layer_warns():
+    model = _model()
+    with pytest.warns(UserWarning, match=r"exclude patterns \['fc\*'\] match none"):
+        adaround(model, [torch.randn(16, 4)], AdaRoundConfig(iterations=5, exclude=("fc*", "0")))
+
+
+def test_too_few_samples_to_hold_any_out_warns_that_the_held_out_error_is_a_training_error():
+    with pytest.warns(UserWarning, match="none can be held out at holdout_fraction=0.1"):
+        result = adaround(_model(), [torch.randn(3, 4)], AdaRoundConfig(iterations=5))
+    assert all(layer.eval_samples == layer.num_samples == 3 for layer in result.layers.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        adaround(_model(), [torch.randn(16, 4)], AdaRoundConfig(iterations=5))  # 1 of 16 held out: no warning
