@@ -158,10 +158,11 @@ HEADER = """\
      Do not edit by hand: change the docstring, then run `python docs/gen_config_reference.py`. -->
 
 Every option, its type and its default, generated from the library's own docstrings.
-The Lightning callback takes these as keyword arguments and builds an
-[`AdaRoundConfig`](#adaroundconfig) from them; plain PyTorch code passes an
-`AdaRoundConfig` to [`adaround()`](#adaround). Invalid values are rejected when the
-object is built, before any calibration data is read (see
+Each rounding option is spelled once, as a field of [`AdaRoundConfig`](#adaroundconfig):
+plain PyTorch code passes one to [`adaround()`](#adaround), the Lightning callback takes
+one as `config=` (and `bits=` as a shortcut); in LightningCLI YAML it is a mapping under
+the callback's `init_args.config` ([Quickstart](quickstart.md#lightningcli-yaml)). Invalid
+values are rejected when the object is built, before any calibration data is read (see
 [Troubleshooting](troubleshooting.md) for every message).
 """
 
@@ -174,9 +175,10 @@ def render() -> str:
     parts += [
         "## AdaRoundCallback",
         "",
-        "`AdaRoundCallback(bits=4, *, run_on=\"fit_end\", ...)`, imported from `lightning_adaround`",
-        "(for `lightning.pytorch`) or from `lightning_adaround.pytorch_lightning` (for the standalone",
-        "`pytorch_lightning` package). Both classes take the same arguments.",
+        "`AdaRoundCallback(bits=None, *, config=None, run_on=\"fit_end\", ...)`, imported from",
+        "`lightning_adaround` (for `lightning.pytorch`) or from `lightning_adaround.pytorch_lightning`",
+        "(for the standalone `pytorch_lightning` package). Both classes take the same arguments:",
+        "the rounding options in `config`, the rest below.",
         "",
     ]
     parts += render_params("AdaRoundCallback", _AdaRoundCallbackBase.__doc__, _signature_params(_AdaRoundCallbackBase.__init__))
@@ -185,7 +187,8 @@ def render() -> str:
         "",
         "## AdaRoundConfig",
         "",
-        "`AdaRoundConfig(...)` from `lightning_adaround`: a dataclass, validated when it is built.",
+        "`AdaRoundConfig(...)` from `lightning_adaround`: a frozen dataclass, validated when it is built;",
+        "`dataclasses.replace(config, iterations=2_000)` gives a changed (and checked) copy.",
         "`PerChannel` and `PerTensor` are importable from `lightning_adaround` too.",
         "",
     ]

@@ -50,7 +50,7 @@ def make_cnn() -> nn.Sequential:
 import lightning as L  # noqa: E402
 import torchmetrics  # noqa: E402
 
-from lightning_adaround import AdaRoundCallback, AdaRoundConfig, round_to_nearest  # noqa: E402
+from lightning_adaround import AdaRoundCallback, AdaRoundConfig, PerChannel, PerTensor, round_to_nearest  # noqa: E402
 
 
 class DigitsDataModule(L.LightningDataModule):
@@ -129,12 +129,16 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, object]]:
     dm = DigitsDataModule(seed=args.seed)
     model = DigitsClassifier()
     first, *rest = args.bits
-    common = dict(granularity=args.granularity, iterations=args.iterations, seed=args.seed)
+    granularity = {"per_channel": PerChannel(), "per_tensor": PerTensor()}[args.granularity]
+
+    def config(bits: int) -> AdaRoundConfig:
+        return AdaRoundConfig(bits=bits, granularity=granularity, iterations=args.iterations, seed=args.seed)
+
     # Round at the end of fit; last.ckpt is written before, so it keeps the float weights.
     trainer = L.Trainer(
         max_epochs=args.epochs, callbacks=[
             L.pytorch.callbacks.ModelCheckpoint(save_last=True),
-            AdaRoundCallback(bits=first, **common),
+            AdaRoundCallback(config=config(first)),
         ],
         enable_progress_bar=not args.quiet, log_every_n_steps=10,
     )
@@ -144,7 +148,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, object]]:
     for bits in rest:  # the other widths: round a float copy in a dedicated validate pass
         float_model = DigitsClassifier.load_from_checkpoint(float_ckpt)
         L.Trainer(
-            callbacks=[AdaRoundCallback(bits=bits, run_on="validate", **common)],
+            callbacks=[AdaRoundCallback(config=config(bits), run_on="validate")],
             enable_progress_bar=not args.quiet, logger=trainer.logger, enable_model_summary=False,
         ).validate(float_model, datamodule=dm, verbose=False)
         adarounded[bits] = float_model
@@ -153,8 +157,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, object]]:
     rows = []
     for bits in args.bits:
         nearest = DigitsClassifier.load_from_checkpoint(float_ckpt).eval()
-        grid = AdaRoundConfig(bits=bits, granularity=AdaRoundCallback(bits=bits, **common).config.granularity)
-        round_to_nearest(nearest, grid)  # folds (and equalizes per-tensor grids) as the callback does
+        round_to_nearest(nearest, config(bits))  # folds (and equalizes per-tensor grids) as the callback does
         rows.append({
             "bits": bits, "fp32": fp_acc, "nearest": test_accuracy(nearest, dm),
             "adaround": test_accuracy(adarounded[bits], dm),

@@ -294,10 +294,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     nearest_cos = held_out_cosine(nearest, dm, reference)
 
     adarounded = copy.deepcopy(float_model)
+    config = AdaRoundConfig(
+        bits=args.bits, iterations=args.iterations, loss_form=args.loss_form, layers=layers, seed=args.seed,
+        carry_activations=not args.no_carry,
+    )
     callback = AdaRoundCallback(
-        bits=args.bits, run_on="validate", iterations=args.iterations, loss_form=args.loss_form,
-        num_calibration_samples=args.calibration_samples, layers=layers, seed=args.seed,
-        carry_activations=not args.no_carry, verbose=not args.quiet,
+        config=config, run_on="validate", num_calibration_samples=args.calibration_samples, verbose=not args.quiet,
     )
     adarounded.reference = reference
     trainer = L.Trainer(

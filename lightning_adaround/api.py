@@ -26,7 +26,7 @@ from lightning_adaround.capture import ForwardFn, InputCapture, default_forward,
 from lightning_adaround.blocks import find_blocks
 from lightning_adaround.chain import find_block_chains
 from lightning_adaround.checkpoint import PathLike, Restored, RoundingCheckpoint, run_fingerprint
-from lightning_adaround.config import AdaRoundConfig
+from lightning_adaround.config import DEFAULT_LOG_EVERY_N_STEPS, AdaRoundConfig
 from lightning_adaround.fold import computed_weight_fix
 from lightning_adaround.layers import (
     SUPPORTED_LAYER_TYPES, OutputOps, bits_for, following_ops, output_major, per_channel_to_weight_layout,
@@ -403,7 +403,7 @@ def _round_layers(
 
         optimize_rounding(
             roundings, objective, config.iterations, config.lr, config.reg_lambda,
-            schedule, grad_reduce=grad_reduce, on_log=on_log, log_every_n_steps=config.log_every_n_steps,
+            schedule, grad_reduce=grad_reduce, on_log=on_log, log_every_n_steps=_log_interval(config),
         )
         notes = [prepared.note]
         if config.scale_method == "output" and channel_error is None:
@@ -548,3 +548,8 @@ def round_to_nearest(model: nn.Module, config: Optional[AdaRoundConfig] = None) 
             snapshot.restore(error)
             raise
     return rounded
+
+
+def _log_interval(config: AdaRoundConfig) -> int:
+    """``config.log_every_n_steps``; ``None`` (the callback's "the Trainer's") is 50 here."""
+    return DEFAULT_LOG_EVERY_N_STEPS if config.log_every_n_steps is None else config.log_every_n_steps

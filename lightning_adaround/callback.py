@@ -1,8 +1,10 @@
 """``AdaRoundCallback``: thin Lightning glue over :func:`lightning_adaround.adaround`.
 
-It gathers calibration batches, calls the core on the strategy's device, logs to every
-logger, shows progress and remembers the result. The logic lives in a namespace-free
-base so ``lightning.pytorch`` and ``pytorch_lightning`` each get a one-line class.
+It gathers calibration batches, calls the core on the strategy's device with a
+``TrainerObserver`` (loggers, progress bar, report: ``trainer_observer.py``) and remembers
+the result. Rounding options live in ``AdaRoundConfig``, taken whole as ``config=``. The logic
+lives in a namespace-free base so ``lightning.pytorch`` and ``pytorch_lightning`` each get a
+one-line class.
 """
 
 from __future__ import annotations
@@ -10,8 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from lightning.pytorch import Callback
@@ -24,81 +25,56 @@ from lightning_adaround.checkpoint import PathLike
 from lightning_adaround.capture import default_forward
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.distributed import CalibrationShard, distributed_adaround, is_sharded_loader, shard_calibration
-from lightning_adaround.observer import AdaRoundObserver
-from lightning_adaround.quant import PerChannel, PerTensor
-from lightning_adaround.result import AdaRoundResult, LayerResult
+from lightning_adaround.trainer_observer import TrainerObserver
+from lightning_adaround.result import AdaRoundResult
 
 RUN_ON = ("fit_end", "validate")
-GRANULARITIES = {"per_channel": PerChannel, "per_tensor": PerTensor}
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
 class _AdaRoundCallbackBase:
-    """Everything the callback does; the subclasses only add the namespace's ``Callback`` base.
+    """Round the model's weights with AdaRound after training, or in a validate pass.
+
+    ``bits`` is the one rounding option taken directly; every other one (iterations, grid,
+    layers, caches, block reconstruction, ...) is a field of ``config``, spelled once in
+    :class:`~lightning_adaround.AdaRoundConfig`. The other arguments say how the callback
+    gets its data and what it shows.
 
     Args:
-        bits: Weight bit width, 2-8.
+        bits: Weight bit width, 2-8: ``AdaRoundCallback(bits=4)`` is
+            ``AdaRoundCallback(config=AdaRoundConfig(bits=4))``. ``None``: ``config.bits``
+            (4 without a config).
+        config: Every rounding option (``AdaRoundConfig()`` by default). Its ``log_every_n_steps``
+            of ``None`` means the Trainer's. In LightningCLI YAML, a mapping of its fields under
+            ``init_args.config`` (see the quickstart).
         run_on: ``"fit_end"`` rounds in ``on_fit_end`` (after checkpoints of the float model
             are written); ``"validate"`` rounds at the start of ``trainer.validate(...)``, so
             that validation reports the rounded model.
-        granularity: ``"per_channel"`` or ``"per_tensor"`` scales.
-        symmetric: Signed grid with zero point 0, or an unsigned affine grid.
-        scale_method: ``"mse"`` (clipping search on the weights), ``"minmax"`` or ``"output"``
-            (clipping search on each layer's output error over the calibration data).
-        loss_form: ``"auto"``, ``"minibatch"`` or ``"moments"`` (see ``AdaRoundConfig``).
-        iterations: Optimisation steps per layer.
-        batch_size: Calibration samples per optimisation step.
-        lr, reg_lambda, warm_start: Optimiser and regularizer settings (AdaRound defaults).
-        num_calibration_samples: How many samples to read from the calibration data.
+        num_calibration_samples: How many samples to read from the calibration data
+            (``None``: all of it). A shuffling loader draws them from ``config.seed``.
         calibration_data: A dataloader or iterable of batches; by default the datamodule's
             ``calibration_dataloader()`` or ``train_dataloader()``, else the Trainer's loaders.
         forward_fn: ``forward_fn(module, batch)`` runs the module on a batch; by default a
             tensor is the input, a tuple/list's first element is, a dict is keyword arguments.
-        layers, exclude: Name globs of layers to round / to keep in full precision.
-        layer_bits: Name glob -> bits, e.g. ``{"net.0": 8}`` for an 8-bit first layer.
-        include_activation: Include a following BatchNorm/activation in the loss.
-        holdout_fraction: Calibration share kept out of optimisation for honest reporting.
-        cache_on_cpu: Keep cached activations in host memory.
-        device_cache_bytes, host_cache_bytes, cache_dir, cache_dtype: Where cached activations
-            live (device, host, memory-mapped file) and in which dtype (see ``AdaRoundConfig``).
-        carry_activations: Feed layers inside a chain of blocks from the previous block's
-            kept output (capture linear in depth; see ``AdaRoundConfig``).
-        fold_batchnorm: Fold each BatchNorm into the Conv/Linear that feeds it before rounding
-            (``lightning_adaround.fold_batchnorm``), so each grid fits the weights a runtime
-            uses; ``state_dict`` keys and outputs stay the same, the BatchNorm keeps an exact
-            shift. Done by the core (``AdaRoundConfig.fold_batchnorm``), undone if rounding fails.
-        equalize: Cross-layer equalization after folding (``lightning_adaround.equalize_layers``):
-            rescales the channels of consecutive layers so one per-tensor grid fits them all,
-            outputs unchanged. ``None`` (default): on for ``granularity="per_tensor"``, off for
-            ``"per_channel"`` (per-channel scales already fit each channel). Done by the core
-            (``AdaRoundConfig.equalize``), undone if rounding fails.
-        bias_correction: After rounding, move each rounded layer's mean output error on the
-            calibration data into its bias (a layer without a bias: into the BatchNorm after it,
-            or only reported; see ``AdaRoundConfig``). Under DDP the means are taken over every rank's samples.
-        seed: Seed of the minibatch sampler and of the calibration read (a shuffling loader
-            gives the same samples on every run; the global random state is left alone).
-        log_every_n_steps: Per-step loss logging interval (default: the Trainer's).
-        keep_float_weights: Keep the full-precision weights in ``callback.result`` (and so in
-            checkpoints) to switch between them and the rounded ones with
-            ``use_float_weights``/``use_rounded_weights``.
+        task_loss: ``task_loss(output, batch) -> scalar`` for ``block_loss="fisher"``, e.g.
+            ``lambda out, batch: F.cross_entropy(out, batch[1])``.
+        checkpoint_dir: A folder where each finished layer is saved; a run stopped part way
+            (an exception, Ctrl-C, a killed job) resumes from it when started again with the same
+            model, data and settings, with the same result. Single process only (refused under DDP).
         verbose: Print the per-layer summary table at the end.
         report: Save a PNG report (per-layer error, loss curves) as ``adaround_report.png``
             in the first logger's directory (else ``default_root_dir``) and add it to
             TensorBoard; needs matplotlib.
-        checkpoint_dir: A folder where each finished layer is saved; a run stopped part way
-            (an exception, Ctrl-C, a killed job) resumes from it when started again with the same
-            model, data and settings, with the same result. Single process only (refused under DDP).
-        reconstruction, blocks, block_loss: ``"block"`` rounds the layers of each block together
-            against the block's output (BRECQ); see ``AdaRoundConfig``. Single process only.
-        task_loss: ``task_loss(output, batch) -> scalar`` for ``block_loss="fisher"``, e.g.
-            ``lambda out, batch: F.cross_entropy(out, batch[1])``.
 
     Raises:
-        ValueError: an unknown ``run_on``/``granularity``/``scale_method``, bits outside
-            2-8, a non-positive count, and (when the run starts) missing or empty
-            calibration data, a sharded strategy (FSDP, DeepSpeed: refused in ``setup``),
-            ``checkpoint_dir`` with more than one process, or a ``checkpoint_dir`` holding
+        ValueError: ``bits`` and ``config.bits`` that differ, an unknown ``run_on``, a
+            non-positive ``num_calibration_samples`` (and any invalid ``AdaRoundConfig`` value
+            when the config is built), and, when the run starts, missing or empty calibration
+            data, a sharded strategy (FSDP, DeepSpeed: refused in ``setup``), ``checkpoint_dir`` or
+            ``reconstruction="block"`` with more than one process, or a ``checkpoint_dir`` holding
             another run's checkpoint.
+        TypeError: a ``config`` that is not an ``AdaRoundConfig``, a ``forward_fn`` or ``task_loss``
+            that is not callable, a ``checkpoint_dir`` that is not a path.
         AdaRoundDistributedError: under DDP, on every rank, when any rank fails or the ranks
             disagree (see ``lightning_adaround.distributed``).
 
@@ -108,107 +84,42 @@ class _AdaRoundCallbackBase:
 
     Example::
 
+        from lightning_adaround import AdaRoundCallback, AdaRoundConfig, PerTensor
+
         trainer = Trainer(callbacks=[AdaRoundCallback(bits=4)])
         trainer.fit(model, datamodule=dm)   # weights are on the 4-bit grid afterwards
+
+        config = AdaRoundConfig(bits=3, granularity=PerTensor(), iterations=2_000, layer_bits={"fc": 8})
+        trainer = Trainer(callbacks=[AdaRoundCallback(config=config, run_on="validate")])
+        trainer.validate(model, datamodule=dm)   # the metrics are the rounded model's
     """
 
     def __init__(
         self,
-        bits: int = 4,
+        bits: Optional[int] = None,
         *,
+        config: Optional[AdaRoundConfig] = None,
         run_on: str = "fit_end",
-        granularity: str = "per_channel",
-        symmetric: bool = True,
-        scale_method: str = "mse",
-        loss_form: str = "auto",
-        iterations: int = 10_000,
-        batch_size: int = 32,
-        lr: float = 1e-3,
-        reg_lambda: float = 0.01,
-        warm_start: float = 0.2,
         num_calibration_samples: Optional[int] = 1024,
         calibration_data: Optional[Iterable[Any]] = None,
         forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
-        layers: Optional[Sequence[str]] = None,
-        exclude: Sequence[str] = (),
-        layer_bits: Optional[dict[str, int]] = None,
-        include_activation: bool = True,
-        holdout_fraction: float = 0.1,
-        cache_on_cpu: bool = False,
-        device_cache_bytes: Optional[int] = None,
-        host_cache_bytes: Optional[int] = None,
-        cache_dir: Optional[str] = None,
-        cache_dtype: Optional[torch.dtype] = None,
-        carry_activations: bool = True,
-        fold_batchnorm: bool = True,
-        equalize: Optional[bool] = None,
-        bias_correction: bool = False,
-        seed: int = 0,
-        log_every_n_steps: Optional[int] = None,
-        keep_float_weights: bool = False,
+        task_loss: Optional[Callable[[Any, Any], torch.Tensor]] = None,
+        checkpoint_dir: Optional[PathLike] = None,
         verbose: bool = True,
         report: bool = True,
-        checkpoint_dir: Optional[PathLike] = None,
-        reconstruction: str = "layer",
-        blocks: Optional[Sequence[str]] = None,
-        block_loss: str = "mse",
-        task_loss: Optional[Callable[[Any, Any], torch.Tensor]] = None,
     ) -> None:
-        if run_on not in RUN_ON:
-            raise ValueError(f"run_on={run_on!r} isn't one of {RUN_ON}; use run_on='fit_end' or 'validate'.")
-        if granularity not in GRANULARITIES:
-            raise ValueError(
-                f"granularity={granularity!r} isn't one of {tuple(GRANULARITIES)}; "
-                "use 'per_channel' (usually better) or 'per_tensor'."
-            )
-        if num_calibration_samples is not None and (
-            isinstance(num_calibration_samples, bool) or not isinstance(num_calibration_samples, int)
-            or num_calibration_samples < 1
-        ):
-            raise ValueError(
-                f"num_calibration_samples={num_calibration_samples!r} must be a positive integer "
-                "(about 1,024 is typical) or None to read all calibration data."
-            )
-        if forward_fn is not None and not callable(forward_fn):
-            raise TypeError(f"forward_fn={forward_fn!r} must be callable as forward_fn(module, batch).")
-        if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
-            raise TypeError(f"checkpoint_dir must be a folder path (str or os.PathLike), got {checkpoint_dir!r}.")
-        self.config = AdaRoundConfig(
-            bits=bits, symmetric=symmetric, granularity=GRANULARITIES[granularity](),
-            scale_method=scale_method, loss_form=loss_form, iterations=iterations, batch_size=batch_size, lr=lr,
-            reg_lambda=reg_lambda, warm_start=warm_start, include_activation=include_activation,
-            holdout_fraction=holdout_fraction, cache_on_cpu=cache_on_cpu,
-            device_cache_bytes=device_cache_bytes, host_cache_bytes=host_cache_bytes, cache_dir=cache_dir,
-            cache_dtype=cache_dtype, carry_activations=carry_activations, seed=seed,
-            layers=layers, exclude=tuple(exclude), layer_bits=dict(layer_bits or {}),
-            log_every_n_steps=50 if log_every_n_steps is None else log_every_n_steps,
-            keep_float_weights=keep_float_weights, reconstruction=reconstruction, blocks=blocks,
-            block_loss=block_loss, bias_correction=bias_correction, fold_batchnorm=fold_batchnorm, equalize=equalize,
-        )
-        if task_loss is not None and not callable(task_loss):
-            raise TypeError(f"task_loss={task_loss!r} must be callable as task_loss(output, batch).")
-        self.task_loss = task_loss
-        self.run_on = run_on
-        self.num_calibration_samples = num_calibration_samples
+        self.config = _config_with_bits(bits, config)
+        self.run_on = _checked_run_on(run_on)
+        self.num_calibration_samples = _checked_sample_count(num_calibration_samples)
         self.calibration_data = calibration_data
-        self.forward_fn = forward_fn
-        self.log_every_n_steps = log_every_n_steps
+        self.forward_fn = _checked_callable("forward_fn", forward_fn, "forward_fn(module, batch)")
+        self.task_loss = _checked_callable("task_loss", task_loss, "task_loss(output, batch)")
+        self.checkpoint_dir = _checked_folder(checkpoint_dir)
         self.verbose = verbose
         self.report = report
-        self.checkpoint_dir = checkpoint_dir
         self.report_path: Optional[str] = None
         self.result: Optional[AdaRoundResult] = None
         self._log_step = 0
-
-    @property
-    def fold_batchnorm(self) -> bool:
-        """``config.fold_batchnorm``: BatchNorms are folded before rounding."""
-        return self.config.fold_batchnorm
-
-    @property
-    def equalize(self) -> Optional[bool]:
-        """``config.equalize``: cross-layer equalization (``None``: for per-tensor grids)."""
-        return self.config.equalize
 
     # ----------------------------------------------------------------- Lightning hooks
 
@@ -230,7 +141,7 @@ class _AdaRoundCallbackBase:
             )
         if self.config.reconstruction == "block" and _world_size(trainer) > 1:
             raise ValueError(
-                f"AdaRoundCallback(reconstruction='block') works in a single process for now, but this Trainer "
+                f"AdaRoundConfig(reconstruction='block') works in a single process for now, but this Trainer "
                 f"runs {_world_size(trainer)} processes. Round with devices=1 (e.g. in a separate "
                 "trainer.validate(...) call), or use reconstruction='layer'."
             )
@@ -288,7 +199,7 @@ class _AdaRoundCallbackBase:
             )
             return self.result
         config = self.config
-        if self.log_every_n_steps is None:
+        if config.log_every_n_steps is None:  # the Trainer's
             config = dataclasses.replace(config, log_every_n_steps=max(1, trainer.log_every_n_steps))
         self._check_checkpoint_dir(trainer)
         strategy = trainer.strategy
@@ -296,7 +207,7 @@ class _AdaRoundCallbackBase:
         read = lambda: self.calibration_batches(trainer, pl_module)  # noqa: E731
         batches = read if distributed else read()  # under DDP, read inside the failure protocol
         self._log_step = self._first_log_step(trainer)
-        observer = _TrainerObserver(self, trainer, config.iterations)
+        observer = TrainerObserver(self, trainer, config.iterations)
         options: dict[str, Any] = {} if distributed else {"checkpoint_dir": self.checkpoint_dir, "task_loss": self.task_loss}
         precision = trainer.precision_plugin
         try:
@@ -388,6 +299,53 @@ class _AdaRoundCallbackBase:
         rank_zero_info(message)
 
 
+# ----------------------------------------------------------------- argument checks, one per concern
+
+
+def _config_with_bits(bits: Optional[int], config: Optional[AdaRoundConfig]) -> AdaRoundConfig:
+    """``config`` (default ``AdaRoundConfig()``) with the ``bits`` shortcut applied; two bit widths are an error."""
+    if config is None:
+        return AdaRoundConfig() if bits is None else AdaRoundConfig(bits=bits)
+    if not isinstance(config, AdaRoundConfig):
+        raise TypeError(
+            f"config={config!r} must be an AdaRoundConfig, e.g. config=AdaRoundConfig(bits=4, iterations=2_000)."
+        )
+    if bits is not None and bits != config.bits:
+        raise ValueError(
+            f"AdaRoundCallback got bits={bits!r} and a config with bits={config.bits!r} (an AdaRoundConfig's bits "
+            f"default to 4); give the bit width once, in the config: AdaRoundCallback(config=AdaRoundConfig("
+            f"bits={bits!r}, ...)) (in YAML: init_args.config.bits)."
+        )
+    return config
+
+
+def _checked_run_on(run_on: str) -> str:
+    if run_on not in RUN_ON:
+        raise ValueError(f"run_on={run_on!r} isn't one of {RUN_ON}; use run_on='fit_end' or 'validate'.")
+    return run_on
+
+
+def _checked_sample_count(count: Optional[int]) -> Optional[int]:
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(
+            f"num_calibration_samples={count!r} must be a positive integer "
+            "(about 1,024 is typical) or None to read all calibration data."
+        )
+    return count
+
+
+def _checked_callable(name: str, value: Any, usage: str) -> Any:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name}={value!r} must be callable as {usage}.")
+    return value
+
+
+def _checked_folder(folder: Optional[PathLike]) -> Optional[PathLike]:
+    if folder is not None and not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_dir must be a folder path (str or os.PathLike), got {folder!r}.")
+    return folder
+
+
 def _world_size(trainer: Any) -> int:
     return int(getattr(trainer, "world_size", 1) or 1)
 
@@ -405,147 +363,6 @@ def _weights_match(module: nn.Module, result: AdaRoundResult) -> bool:
         if not torch.equal(weight, layer.dequantized_weight().to(weight.dtype)):
             return False
     return True
-
-
-class _TrainerObserver(AdaRoundObserver):
-    """Sends the core's progress to the Trainer's loggers and progress bar."""
-
-    def __init__(self, callback: _AdaRoundCallbackBase, trainer: Any, iterations: int) -> None:
-        self.callback = callback
-        self.trainer = trainer
-        self.iterations = iterations
-        self.progress = _Progress(trainer)
-        self._done_steps = 0
-        self._restored_blocks: set[str] = set()
-
-    def _log(self, metrics: dict[str, float], step: int) -> None:
-        for logger in self.trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-
-    def on_start(self, layer_names: list[str]) -> None:
-        self.progress.start(len(layer_names) * self.iterations)
-
-    def on_layer_start(self, name: str, index: int, iterations: int) -> None:
-        self.progress.describe(f"AdaRound {name}")
-        self._layer_start = self.callback._log_step
-
-    def on_step(self, name: str, step: int, metrics: dict[str, float]) -> None:
-        self._log({f"adaround/{name}/{k}": v for k, v in metrics.items()}, self._layer_start + step)
-        self.progress.update(step + 1 - self._done_steps)
-        self._done_steps = step + 1
-
-    def on_layer_restored(self, result: LayerResult) -> None:
-        if result.block and result.block in self._restored_blocks:
-            return  # a block's steps count once
-        self._restored_blocks.add(result.block)
-        self.callback._log_step += result.iterations  # later layers log at the steps of an uninterrupted run
-        self.progress.update(result.iterations)
-
-    def on_layer_end(self, result: LayerResult) -> None:
-        self.on_block_end(result.name, [result])
-
-    def on_block_end(self, name: str, results: list[LayerResult]) -> None:
-        self.callback._log_step = self._layer_start + results[0].iterations
-        for result in results:
-            self._log(
-                {
-                    f"adaround/{result.name}/nearest_mse": result.nearest_mse,
-                    f"adaround/{result.name}/adaround_mse": result.adaround_mse,
-                    f"adaround/{result.name}/seconds": result.seconds,
-                    f"adaround/{result.name}/bits": float(result.bits),
-                },
-                self.callback._log_step,
-            )
-        self.progress.update(results[0].iterations - self._done_steps)
-        self._done_steps = 0
-
-    def on_end(self, result: AdaRoundResult) -> None:
-        self.progress.close()
-        shifts = {f"adaround/{r.name}/bias_shift": r.bias_shift_max for r in result.layers.values()}
-        shifts = {k: v for k, v in shifts.items() if v is not None}
-        if shifts:
-            self._log(shifts, self.callback._log_step)
-        for logger in self.trainer.loggers:
-            logger.save()
-        if result.folded:
-            self.callback._info(f"AdaRound: folded {len(result.folded)} BatchNorm(s) into the layers that feed them.")
-        if result.equalized:
-            self.callback._info(
-                f"AdaRound: equalized the channel ranges of {len(result.equalized)} pair(s) of consecutive layers."
-            )
-        if self.callback.verbose:
-            self.callback._info("AdaRound per-layer summary:\n" + result.summary_table())
-        if self.callback.report and result.layers and self.trainer.is_global_zero:
-            self._save_report(result)
-
-    def _save_report(self, result: AdaRoundResult) -> None:
-        try:
-            from lightning_adaround.report import report_figure
-            import matplotlib.pyplot as plt
-        except ImportError:
-            warnings.warn("AdaRoundCallback(report=True) needs matplotlib; skipping the PNG report.", stacklevel=2)
-            return
-        log_dirs = [lg.log_dir for lg in self.trainer.loggers if getattr(lg, "log_dir", None)]
-        folder = Path(log_dirs[0] if log_dirs else self.trainer.default_root_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        fig = report_figure(result)
-        path = folder / "adaround_report.png"
-        fig.savefig(path, dpi=110)
-        self.callback.report_path = str(path)
-        for logger in self.trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_figure"):  # TensorBoard's SummaryWriter
-                experiment.add_figure("adaround/report", fig, global_step=self.callback._log_step, close=False)
-        plt.close(fig)
-
-
-class _Progress:
-    """A bar in the style of the Trainer's own (Rich or TQDM); nothing when it is disabled."""
-
-    def __init__(self, trainer: Any) -> None:
-        bar = getattr(trainer, "progress_bar_callback", None)
-        self.kind = None
-        if bar is not None and not bar.is_disabled:
-            rich = any(cls.__name__ == "RichProgressBar" for cls in type(bar).__mro__)
-            self.kind = "rich" if rich else "tqdm"
-        self._bar: Any = None
-
-    def start(self, total: int) -> None:
-        if self.kind == "rich":
-            from rich.progress import Progress
-
-            self._bar = Progress()
-            self._task = self._bar.add_task("AdaRound", total=total)
-            self._bar.start()
-        elif self.kind == "tqdm":
-            import sys
-
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, desc="AdaRound", file=sys.stdout, dynamic_ncols=True, leave=True)
-
-    def describe(self, text: str) -> None:
-        if self.kind == "rich":
-            self._bar.update(self._task, description=text)
-        elif self.kind == "tqdm":
-            self._bar.set_description(text)
-
-    def update(self, steps: int) -> None:
-        if steps <= 0 or self._bar is None:
-            return
-        if self.kind == "rich":
-            self._bar.update(self._task, advance=steps)
-        else:
-            self._bar.update(steps)
-
-    def close(self) -> None:
-        if self._bar is None:
-            return
-        if self.kind == "rich":
-            self._bar.stop()
-        else:
-            self._bar.close()
-        self._bar = None
 
 
 class AdaRoundCallback(_AdaRoundCallbackBase, Callback):

@@ -7,27 +7,33 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from lightning_adaround.layers import SUPPORTED_LAYER_TYPES, check_layer_types
-from lightning_adaround.quant import SCALE_METHODS, Granularity, PerChannel, PerTensor, check_bits
+from lightning_adaround.quant import SCALE_METHODS, PerChannel, PerTensor, check_bits
 
 LOSS_FORMS = ("auto", "minibatch", "moments")
 RECONSTRUCTIONS = ("layer", "block")
 BLOCK_LOSSES = ("mse", "fisher")
+# What log_every_n_steps=None means outside a Trainer (the callback uses the Trainer's).
+DEFAULT_LOG_EVERY_N_STEPS = 50
 
 
-@dataclass
+@dataclass(frozen=True)
 class AdaRoundConfig:
     """How to round.
+
+    Frozen: a field cannot be assigned after the checks ran. For a changed copy, use
+    ``dataclasses.replace(config, iterations=2_000)`` (checked again).
 
     Args:
         bits: Weight bit width, 2-8.
         symmetric: Signed grid with zero point 0 (``True``) or an unsigned affine grid.
-        granularity: ``PerChannel()`` (one scale per output channel) or ``PerTensor()``.
+        granularity: ``PerChannel()`` (one scale per output channel; ``PerChannel(axis=0)`` names
+            the weight axis) or ``PerTensor()``.
         scale_method: ``"mse"`` searches the clipping range that minimises rounding error;
             ``"minmax"`` covers the full weight range; ``"output"`` searches the same ranges but
             judges them by the layer's output error on the calibration data (per output channel,
@@ -77,9 +83,11 @@ class AdaRoundConfig:
         seed: Seed of the minibatch sampler; same seed, same integer weights.
         layers: Name globs of layers to round (``None``: every supported layer).
         exclude: Name globs of layers to leave in full precision.
-        layer_types: Module types to round.
+        layer_types: Module types to round (subclasses of the supported ones; in YAML by import
+            path, e.g. ``[torch.nn.Linear]``).
         layer_bits: Name glob -> bits overrides, e.g. ``{"conv1": 8, "fc": 8}``.
-        log_every_n_steps: How often per-step losses reach the observer/loggers.
+        log_every_n_steps: How often per-step losses reach the observer/loggers. ``None``:
+            the Trainer's ``log_every_n_steps`` in the callback, 50 in :func:`~lightning_adaround.adaround`.
         keep_float_weights: Keep a copy of each rounded layer's full-precision weight in the
             result (``LayerResult.float_weight``), so ``use_float_weights`` and
             ``use_rounded_weights`` can switch the model between the two for A/B evaluation
@@ -105,7 +113,7 @@ class AdaRoundConfig:
 
     bits: int = 4
     symmetric: bool = True
-    granularity: Granularity = field(default_factory=PerChannel)
+    granularity: Union[PerChannel, PerTensor] = field(default_factory=PerChannel)
     scale_method: str = "mse"
     loss_form: str = "auto"
     reconstruction: str = "layer"
@@ -131,13 +139,19 @@ class AdaRoundConfig:
     exclude: Sequence[str] = ()
     layer_types: Sequence[type[nn.Module]] = SUPPORTED_LAYER_TYPES
     layer_bits: Mapping[str, int] = field(default_factory=dict)
-    log_every_n_steps: int = 50
+    log_every_n_steps: Optional[int] = None
     keep_float_weights: bool = False
     fold_batchnorm: bool = True
     equalize: Optional[bool] = None
     bias_correction: bool = False
 
     def __post_init__(self) -> None:
+        # Copies the caller cannot change afterwards (the instance is frozen: object.__setattr__).
+        for name in ("exclude", "layer_types"):
+            if isinstance(getattr(self, name), list):  # from YAML, or written as a list
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.layer_bits, Mapping):
+            object.__setattr__(self, "layer_bits", dict(self.layer_bits))
         check_bits(self.bits)
         for pattern, bits in self.layer_bits.items():
             check_bits(bits, f"layer_bits[{pattern!r}]")
@@ -163,7 +177,8 @@ class AdaRoundConfig:
             )
         _positive_int("iterations", self.iterations)
         _positive_int("batch_size", self.batch_size)
-        _positive_int("log_every_n_steps", self.log_every_n_steps)
+        if self.log_every_n_steps is not None:
+            _positive_int("log_every_n_steps", self.log_every_n_steps)
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be positive (the reference uses 1e-3).")
         if not self.reg_lambda >= 0:

@@ -270,7 +270,7 @@ def use_float_weights(model: nn.Module, result: AdaRoundResult) -> None:
     if without:
         raise ValueError(
             f"the result holds no full-precision weights for layers {_some(without)}; round with "
-            "AdaRoundConfig(keep_float_weights=True) (or AdaRoundCallback(keep_float_weights=True)) to switch "
+            "AdaRoundConfig(keep_float_weights=True) (the callback's config=) to switch "
             "between full-precision and rounded weights."
         )
     _write_weights(model, {name: layer.float_weight for name, layer in result.layers.items()})

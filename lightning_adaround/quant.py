@@ -7,7 +7,7 @@ all share one definition of the grid.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Union
+from typing import Callable, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -21,19 +21,26 @@ MIN_BITS, MAX_BITS = 2, 8
 LARGEST_WEIGHT = torch.finfo(torch.float32).max / 4
 
 
+class Granularity:
+    """What shares one scale: the base of :class:`PerTensor` and :class:`PerChannel`.
+
+    A plain class, not a dataclass, so that LightningCLI (jsonargparse) reads a granularity as
+    ``class_path: lightning_adaround.PerTensor``; a field-less dataclass alone cannot be told apart.
+    """
+
+    __slots__ = ()
+
+
 @dataclass(frozen=True)
-class PerTensor:
+class PerTensor(Granularity):
     """One scale (and zero point) for the whole weight tensor."""
 
 
 @dataclass(frozen=True)
-class PerChannel:
+class PerChannel(Granularity):
     """One scale per slice along ``axis`` (``None``: the layer's output-channel axis)."""
 
     axis: Optional[int] = None
-
-
-Granularity = Union[PerTensor, PerChannel]
 
 
 @dataclass(frozen=True)

@@ -106,8 +106,9 @@ def main() -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
     callback = Checking(
-        bits=4, iterations=40, batch_size=16, num_calibration_samples=128, loss_form="auto",
-        calibration_data=DataLoader(dataset(), batch_size=32), log_every_n_steps=10, verbose=False, report=False,
+        config=AdaRoundConfig(bits=4, iterations=40, batch_size=16, loss_form="auto", log_every_n_steps=10),
+        num_calibration_samples=128, calibration_data=DataLoader(dataset(), batch_size=32), verbose=False,
+        report=False,
     )
     trainer = pl.Trainer(
         accelerator="gpu" if ON_CUDA else "cpu", devices=1, strategy="ddp", max_steps=2,

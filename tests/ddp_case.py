@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lightning_adaround import AdaRoundCallback
+from lightning_adaround import AdaRoundCallback, AdaRoundConfig
 
 OPTS = json.loads(sys.argv[1])
 OUT = Path(OPTS["out"])
@@ -100,13 +100,16 @@ def main() -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
     model = Net()
-    callback = Recording(
-        bits=4, run_on=OPTS.get("run_on", "fit_end"), iterations=OPTS.get("iterations", 60), batch_size=32,
-        num_calibration_samples=OPTS.get("samples", 160), loss_form=OPTS.get("loss_form", "minibatch"),
-        calibration_data=DataLoader(dataset(), batch_size=40) if OPTS.get("explicit_data") else None,
-        forward_fn=forward_fn, log_every_n_steps=10, verbose=False,
+    config = AdaRoundConfig(
+        bits=4, iterations=OPTS.get("iterations", 60), batch_size=32, loss_form=OPTS.get("loss_form", "minibatch"),
+        log_every_n_steps=10,
         # the failing-rank case counts forward_fn calls, which carried block inputs skip
         carry_activations=not OPTS.get("raise_on_rank1"),
+    )
+    callback = Recording(
+        config=config, run_on=OPTS.get("run_on", "fit_end"), num_calibration_samples=OPTS.get("samples", 160),
+        calibration_data=DataLoader(dataset(), batch_size=40) if OPTS.get("explicit_data") else None,
+        forward_fn=forward_fn, verbose=False,
     )
     trainer = pl.Trainer(
         accelerator="cpu", devices=OPTS["devices"], strategy=OPTS.get("strategy", "auto"), max_epochs=1,

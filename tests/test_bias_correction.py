@@ -154,8 +154,8 @@ def test_through_the_lightning_callback(tmp_path):
     data = DataLoader(TensorDataset(torch.cat(_batches())), batch_size=16)
     module = Module()
     logger = pl.loggers.CSVLogger(tmp_path, name="csv")
-    callback = AdaRoundCallback(run_on="validate", calibration_data=data, bias_correction=True, report=False,
-                                iterations=30, bits=3, batch_size=16)
+    config = AdaRoundConfig(bias_correction=True, iterations=30, bits=3, batch_size=16)
+    callback = AdaRoundCallback(config=config, run_on="validate", calibration_data=data, report=False)
     trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=logger,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
     trainer.validate(module, dataloaders=data, verbose=False)

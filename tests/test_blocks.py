@@ -224,9 +224,10 @@ def test_callback_rounds_blocks_and_logs_per_block(tmp_path):
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(48, 3, 8, 8, generator=g), torch.randint(0, 4, (48,), generator=g))
     callback = AdaRoundCallback(
-        bits=3, run_on="validate", iterations=40, batch_size=8, reconstruction="block", block_loss="fisher",
-        task_loss=lambda out, batch: nn.functional.cross_entropy(out, batch[1]), calibration_data=DataLoader(data, 16),
-        log_every_n_steps=10, report=False,
+        config=AdaRoundConfig(bits=3, iterations=40, batch_size=8, reconstruction="block", block_loss="fisher",
+                              log_every_n_steps=10),
+        run_on="validate", task_loss=lambda out, batch: nn.functional.cross_entropy(out, batch[1]),
+        calibration_data=DataLoader(data, 16), report=False,
     )
     trainer = L.Trainer(
         callbacks=[callback], logger=CSVLogger(tmp_path), default_root_dir=tmp_path,

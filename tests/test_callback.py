@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -11,7 +12,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-FAST = dict(iterations=40, num_calibration_samples=128, batch_size=16, enable_progress=False)
+from lightning_adaround import AdaRoundConfig
+
+FAST = dict(iterations=40, batch_size=16)  # AdaRoundConfig fields
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(AdaRoundConfig)}
 
 
 def make_classes(pl):
@@ -59,10 +63,11 @@ def make_classes(pl):
     return Boring, BoringData, BoringDataWithCalibration
 
 
-def make_callback(cls, **kwargs):
-    options = {k: v for k, v in FAST.items() if k != "enable_progress"}
-    options.update(kwargs)
-    return cls(**options)
+def make_callback(cls, num_calibration_samples=128, **kwargs):
+    """``cls`` with the FAST settings: the AdaRoundConfig fields among ``kwargs`` go into its ``config=``."""
+    config = AdaRoundConfig(**{**FAST, **{k: v for k, v in kwargs.items() if k in CONFIG_FIELDS}})
+    rest = {k: v for k, v in kwargs.items() if k not in CONFIG_FIELDS}
+    return cls(config=config, num_calibration_samples=num_calibration_samples, **rest)
 
 
 def trainer_kwargs(tmp_path, **kwargs):
@@ -254,11 +259,8 @@ def test_progress_bar_and_summary_table(tmp_path, capsys, caplog, bar):
         (dict(run_on="sometimes"), "run_on='sometimes'"),
         (dict(bits=9), "bits=9"),
         (dict(bits=1), "bits=1"),
-        (dict(granularity="per_row"), "granularity='per_row'"),
         (dict(num_calibration_samples=0), "num_calibration_samples=0"),
-        (dict(iterations=0), "iterations=0"),
-        (dict(reg_lambda=-1.0), "reg_lambda=-1.0"),
-        (dict(scale_method="max"), "scale_method='max'"),
+        (dict(bits=3, config=AdaRoundConfig(iterations=20)), r"bits=3 and a config with bits=4.*AdaRoundConfig\(bits=3"),
     ],
 )
 def test_bad_options_fail_in_init(kwargs, match):
@@ -266,6 +268,54 @@ def test_bad_options_fail_in_init(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         AdaRoundCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(granularity="per_row"), TypeError, "granularity='per_row'"),
+        (dict(iterations=0), ValueError, "iterations=0"),
+        (dict(reg_lambda=-1.0), ValueError, "reg_lambda=-1.0"),
+        (dict(scale_method="max"), ValueError, "scale_method='max'"),
+        (dict(log_every_n_steps=0), ValueError, "log_every_n_steps=0"),
+    ],
+)
+def test_bad_rounding_options_fail_when_the_config_is_built(kwargs, error, match):
+    """Rounding options reach the callback through ``config=``; the config checks them when built."""
+    from lightning_adaround import AdaRoundCallback
+
+    with pytest.raises(error, match=match):
+        AdaRoundCallback(config=AdaRoundConfig(**kwargs))
+
+
+def test_bits_is_a_shortcut_for_the_configs_bits():
+    from lightning_adaround import AdaRoundCallback
+
+    assert AdaRoundCallback().config == AdaRoundConfig()
+    assert AdaRoundCallback(bits=3).config == AdaRoundConfig(bits=3)
+    config = AdaRoundConfig(bits=3, iterations=20, beta_start=16.0)
+    assert AdaRoundCallback(config=config).config is config
+    assert AdaRoundCallback(bits=3, config=config).config is config  # the same width twice is fine
+    with pytest.raises(TypeError, match="must be an AdaRoundConfig"):
+        AdaRoundCallback(config={"bits": 4})
+    with pytest.raises(TypeError, match="iterations"):
+        AdaRoundCallback(iterations=20)  # every rounding option but bits lives in the config
+
+
+def test_the_config_is_frozen_and_replace_checks_again():
+    config = AdaRoundConfig(bits=3, exclude=["fc"], layer_bits={"conv": 8})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.bits = 9  # would bypass the check
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.log_every_n_steps = 0
+    changed = dataclasses.replace(config, iterations=20)
+    assert (changed.bits, changed.iterations, changed.exclude, changed.layer_bits) == (3, 20, ("fc",), {"conv": 8})
+    with pytest.raises(ValueError, match="bits=9"):
+        dataclasses.replace(config, bits=9)
+    given = {"conv": 8}
+    kept = AdaRoundConfig(layer_bits=given)
+    given["conv"] = 16  # the caller's dict is not the config's
+    assert kept.layer_bits == {"conv": 8}
 
 
 def test_no_calibration_data_is_a_clear_error(tmp_path):
@@ -321,9 +371,9 @@ def test_lightning_cli_configures_the_callback(tmp_path):
                 "fit", "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}",
                 "--trainer.logger=false", "--trainer.enable_progress_bar=false",
                 "--trainer.callbacks+=lightning_adaround.AdaRoundCallback",
-                "--trainer.callbacks.bits=3", "--trainer.callbacks.iterations=20",
+                "--trainer.callbacks.config.bits=3", "--trainer.callbacks.config.iterations=20",
                 "--trainer.callbacks.num_calibration_samples=64",
-                "--trainer.callbacks.granularity=per_tensor",
+                "--trainer.callbacks.config.granularity=lightning_adaround.PerTensor",
             ],
             save_config_kwargs={"overwrite": True},
         )
@@ -334,6 +384,84 @@ def test_lightning_cli_configures_the_callback(tmp_path):
     assert {layer.bits for layer in cb.result.layers.values()} == {3}
     assert all(layer.axis is None for layer in cb.result.layers.values())  # per-tensor
     assert_on_grid(cli.model, cb.result)
+
+
+def _cli(pl, tmp_path, callback: dict, run: bool):
+    """A LightningCLI whose YAML config file puts ``callback`` (class_path/init_args) in trainer.callbacks."""
+    import yaml
+    from lightning.pytorch.cli import LightningCLI
+
+    Boring, BoringData, _ = make_classes(pl)
+    path = tmp_path / "config.yaml"
+    trainer = dict(max_epochs=1, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False,
+                   enable_checkpointing=False, callbacks=[callback])
+    path.write_text(yaml.safe_dump({"trainer": trainer}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LightningCLI(Boring, BoringData, args=["fit", "--config", str(path)] if run else ["--config", str(path)],
+                            run=run, save_config_kwargs={"overwrite": True})
+
+
+def _the_callback(cli):
+    from lightning_adaround import AdaRoundCallback
+
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, AdaRoundCallback)]
+    return cb
+
+
+def test_lightning_cli_yaml_rounds_with_bits_and_a_config(tmp_path):
+    """The YAML of the issue: ``bits`` beside a ``config`` given by class_path, grid axis and beta included."""
+    import lightning.pytorch as pl
+
+    config = {"class_path": "lightning_adaround.AdaRoundConfig", "init_args": {
+        "iterations": 10, "batch_size": 16, "beta_start": 16,
+        "granularity": {"class_path": "lightning_adaround.PerChannel", "init_args": {"axis": 0}},
+        "layer_types": ["torch.nn.Linear"], "layer_bits": {"net.0": 8},
+    }}
+    cli = _cli(pl, tmp_path, {"class_path": "lightning_adaround.AdaRoundCallback",
+                              "init_args": {"bits": 4, "num_calibration_samples": 64, "config": config}}, run=True)
+    cb = _the_callback(cli)
+    from lightning_adaround import PerChannel
+
+    assert cb.config == AdaRoundConfig(
+        bits=4, iterations=10, batch_size=16, beta_start=16.0, granularity=PerChannel(axis=0),
+        layer_types=(nn.Linear,), layer_bits={"net.0": 8},
+    )
+    assert cb.num_calibration_samples == 64
+    assert {name: layer.bits for name, layer in cb.result.layers.items()} == {"net.0": 8, "net.2": 4}
+    assert all(layer.axis == 0 for layer in cb.result.layers.values())
+    assert_on_grid(cli.model, cb.result)
+    for bad in ({"bits": 3, "config": config}, {"config": {"granularity": "per_tensor"}}):  # refused, before any work
+        with pytest.raises((SystemExit, ValueError)):
+            _cli(pl, tmp_path, {"class_path": "lightning_adaround.AdaRoundCallback", "init_args": bad}, run=False)
+
+
+def test_every_config_field_is_reachable_from_lightning_cli_yaml(tmp_path):
+    """A non-default value for every AdaRoundConfig field, written as YAML (the plain-mapping form)."""
+    import lightning.pytorch as pl
+
+    from lightning_adaround import PerTensor
+
+    yaml_values = {
+        "bits": 3, "symmetric": False, "granularity": {"class_path": "lightning_adaround.PerTensor"},
+        "scale_method": "minmax", "loss_form": "minibatch", "reconstruction": "block", "blocks": ["net"],
+        "block_loss": "fisher", "iterations": 10, "batch_size": 8, "lr": 0.01, "reg_lambda": 0.02,
+        "warm_start": 0.1, "beta_start": 16.0, "beta_end": 3.0, "include_activation": False,
+        "holdout_fraction": 0.0, "cache_on_cpu": True, "device_cache_bytes": 1000, "host_cache_bytes": 2000,
+        "cache_dir": str(tmp_path), "cache_dtype": "torch.bfloat16", "carry_activations": False, "seed": 7,
+        "layers": ["net.*"], "exclude": ["net.1"], "layer_types": ["torch.nn.Linear", "torch.nn.Conv2d"],
+        "layer_bits": {"net.0": 8}, "log_every_n_steps": 5, "keep_float_weights": True,
+        "fold_batchnorm": False, "equalize": True, "bias_correction": True,
+    }
+    assert set(yaml_values) == CONFIG_FIELDS, "a new AdaRoundConfig field needs a YAML value here"
+    cli = _cli(pl, tmp_path, {"class_path": "lightning_adaround.AdaRoundCallback",
+                              "init_args": {"config": yaml_values, "run_on": "validate", "verbose": False}}, run=False)
+    cb = _the_callback(cli)
+    expected = dict(yaml_values, granularity=PerTensor(), cache_dtype=torch.bfloat16, exclude=("net.1",),
+                    layer_types=(nn.Linear, nn.Conv2d))
+    got = {name: getattr(cb.config, name) for name in CONFIG_FIELDS}
+    assert {k: got[k] for k in expected if got[k] != expected[k]} == {}, "fields the YAML did not set"
+    assert cb.run_on == "validate" and cb.verbose is False
 
 
 def test_report_png_is_saved_and_logged_to_tensorboard(tmp_path):

@@ -24,6 +24,7 @@ import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 # cuBLAS reads this when its first handle is made: bit-identical minibatch reruns under
 # torch.use_deterministic_algorithms need it (before any CUDA work in this process).
@@ -34,7 +35,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from lightning_adaround import AdaRoundConfig, adaround, export_quantized, load_quantized  # noqa: E402
+from lightning_adaround import AdaRoundConfig, PerTensor, adaround, export_quantized, load_quantized  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEVICE = torch.device(os.environ.get("LIGHTNING_ADAROUND_TEST_DEVICE") or "cuda")
@@ -234,7 +235,7 @@ def warm_batchnorms(model: nn.Module) -> None:
     model.eval()
 
 
-def make_callback(**kwargs):
+def make_callback(config: Optional[AdaRoundConfig] = None, **kwargs):
     from lightning_adaround import AdaRoundCallback
 
     class Recording(AdaRoundCallback):
@@ -247,8 +248,9 @@ def make_callback(**kwargs):
             return result
 
     options = dict(
-        bits=4, iterations=60, batch_size=16, num_calibration_samples=128, log_every_n_steps=10,
-        calibration_data=DataLoader(labelled(), batch_size=32), verbose=False, report=False,
+        config=config or AdaRoundConfig(bits=4, iterations=60, batch_size=16, log_every_n_steps=10),
+        num_calibration_samples=128, calibration_data=DataLoader(labelled(), batch_size=32), verbose=False,
+        report=False,
     )
     options.update(kwargs)
     return Recording(**options)
@@ -311,7 +313,8 @@ def test_callback_per_tensor_folds_and_equalizes_on_the_device(tmp_path, run_on)
 
     Under validate the module is on the GPU while equalization runs.
     """
-    model, callback, rows = run_callback(tmp_path, run_on, kind="cbr", granularity="per_tensor")
+    per_tensor = AdaRoundConfig(bits=4, iterations=60, batch_size=16, log_every_n_steps=10, granularity=PerTensor())
+    model, callback, rows = run_callback(tmp_path, run_on, kind="cbr", config=per_tensor)
     assert all(layer.axis is None for layer in callback.result.layers.values())
     assert_on_grid(model, callback.result)
     assert_logged(rows, callback.result)

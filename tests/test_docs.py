@@ -4,7 +4,10 @@
   Blocks in docs/ are self-contained. README blocks use ``model``, ``dm`` and
   ``calibration_batches`` without defining them; ``README_SETUP`` supplies them (see
   ``_readme_namespace``). Blocks run in a temporary working directory, so logs and
-  checkpoints they write land there. Other fences (bash, text, yaml) are not executed.
+  checkpoints they write land there.
+- Every ```yaml block that names ``lightning_adaround.AdaRoundCallback`` is a LightningCLI
+  config file: it fits a small model with it, and each ``config:`` value must reach the
+  callback's ``AdaRoundConfig``. Other fences (bash, text, other yaml) are not executed.
 - docs/configuration.md must equal what docs/gen_config_reference.py generates.
 - Every error message quoted in docs/troubleshooting.md is produced by the library as quoted.
 - ``mkdocs build --strict`` succeeds, and fails on a broken link, anchor or nav entry.
@@ -39,6 +42,11 @@ DOC_FILES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 
 def python_blocks(path: Path) -> list[tuple[int, str]]:
     """``(line of the opening fence, source)`` for each top-level ```python block in ``path``."""
+    return code_blocks(path, ("python", "py"))
+
+
+def code_blocks(path: Path, languages: tuple[str, ...]) -> list[tuple[int, str]]:
+    """``(line of the opening fence, source)`` for each top-level block fenced as one of ``languages``."""
     blocks, current, start, fence_lang = [], None, 0, None
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if current is None:
@@ -47,7 +55,7 @@ def python_blocks(path: Path) -> list[tuple[int, str]]:
                 fence_lang = match.group(1).lower()
                 current, start = [], number
         elif line.startswith("```"):
-            if fence_lang in ("python", "py"):
+            if fence_lang in languages:
                 blocks.append((start, "\n".join(current) + "\n"))
             current = None
         else:
@@ -114,9 +122,91 @@ def test_python_block_runs(rel, line, source, tmp_path, monkeypatch):
 
 
 def test_every_page_has_blocks_collected():
-    """Guards the fence parser: the pages with examples really yield python blocks."""
+    """Guards the fence parser: the pages with examples really yield python (and CLI YAML) blocks."""
     for name in ("README.md", "docs/index.md", "docs/quickstart.md", "docs/export.md"):
         assert python_blocks(ROOT / name), name
+    assert any(rel == "docs/quickstart.md" for rel, _, _ in (p.values for p in _cli_yaml_params()))
+
+
+def _cli_yaml_params() -> list[Any]:
+    return [
+        pytest.param(path.relative_to(ROOT).as_posix(), line, source, id=f"{path.relative_to(ROOT).as_posix()}:{line}")
+        for path in DOC_FILES for line, source in code_blocks(path, ("yaml", "yml"))
+        if "lightning_adaround.AdaRoundCallback" in source
+    ]
+
+
+def _cli_classes():
+    """The model and datamodule of the quickstart's examples (layers ``net.0`` and ``net.2``)."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Classifier(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    class RandomData(L.LightningDataModule):
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(128, 16, generator=g)
+            return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=32)
+
+    return Classifier, RandomData
+
+
+def _yaml_value_matches(value: Any, got: Any) -> bool:
+    """A YAML value against the config field it set: objects by import path / class_path, the rest by value."""
+    if isinstance(value, dict) and "class_path" in value:
+        fields = value.get("init_args", {})
+        return type(got).__name__ == value["class_path"].rsplit(".", 1)[-1] and all(
+            getattr(got, k) == v for k, v in fields.items()
+        )
+    if isinstance(value, list):
+        return len(value) == len(got) and all(_yaml_value_matches(v, g) for v, g in zip(value, got))
+    if isinstance(got, type):
+        return value.rsplit(".", 1)[-1] == got.__name__
+    if isinstance(got, torch.dtype):
+        return value == str(got)
+    return value == got
+
+
+@pytest.mark.parametrize("rel, line, source", _cli_yaml_params())
+def test_lightning_cli_yaml_block_runs(rel, line, source, tmp_path, monkeypatch):
+    import yaml
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_adaround import AdaRoundCallback
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "config.yaml"
+    path.write_text(source, encoding="utf-8")
+    overrides = ["--trainer.max_epochs=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                 f"--trainer.default_root_dir={tmp_path}"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = LightningCLI(*_cli_classes(), args=["fit", "--config", str(path), *overrides],
+                           save_config_kwargs={"overwrite": True})
+    written = [c["init_args"] for c in yaml.safe_load(source)["trainer"]["callbacks"]
+               if c["class_path"] == "lightning_adaround.AdaRoundCallback"]
+    built = [c for c in cli.trainer.callbacks if isinstance(c, AdaRoundCallback)]
+    assert len(built) == len(written) >= 1
+    for init_args, callback in zip(written, built):
+        assert callback.result is not None and callback.result.layers, f"{rel}:{line}: nothing was rounded"
+        for name, value in init_args.get("config", {}).items():
+            assert _yaml_value_matches(value, getattr(callback.config, name)), (name, value)
+        for name, value in init_args.items():
+            if name != "config":
+                assert getattr(callback, name) == value, (name, value)
 
 
 # --------------------------------------------------------------------------- generated reference
@@ -342,7 +432,8 @@ def _error_cases() -> list[Any]:
         "cache dtype": lambda: AdaRoundConfig(cache_dtype=torch.int8),
         "cache dir": lambda: AdaRoundConfig(cache_dir="/no/such/dir"),
         "run_on": lambda: AdaRoundCallback(run_on="test"),
-        "granularity callback": lambda: AdaRoundCallback(granularity="per_row"),
+        "bits twice callback": lambda: AdaRoundCallback(bits=3, config=AdaRoundConfig(iterations=20)),
+        "config type callback": lambda: AdaRoundCallback(config={"bits": 4}),
         "num_calibration_samples": lambda: AdaRoundCallback(num_calibration_samples=0),
         "forward_fn": lambda: AdaRoundCallback(forward_fn="model"),
         "empty": lambda: adaround(_tiny(), [], AdaRoundConfig(**fast)),
@@ -421,7 +512,7 @@ def _block_cases() -> dict[str, Callable[[], Any]]:
 
     def ddp():
         trainer = SimpleNamespace(strategy=SimpleNamespace(), world_size=2)
-        AdaRoundCallback(reconstruction="block").setup(trainer, None, "validate")
+        AdaRoundCallback(config=AdaRoundConfig(reconstruction="block")).setup(trainer, None, "validate")
 
     fisher = {"block_loss": "fisher"}
     return {
@@ -541,7 +632,7 @@ def _equalize_cases() -> dict[str, Callable[[], Any]]:
         "equalize: not a layer": as_error(linear, pairs=[("0", "1")]),
         "equalize: parametrized (warning)": as_error(between(nn.ReLU(), second=nn.utils.parametrizations.weight_norm(
             nn.Conv2d(4, 4, 1)))),
-        "equalize option": lambda: AdaRoundCallback(equalize="yes"),
+        "equalize option": lambda: AdaRoundCallback(config=AdaRoundConfig(equalize="yes")),
         "equalize config option": lambda: AdaRoundConfig(equalize="yes"),
         "fold_batchnorm option": lambda: AdaRoundConfig(fold_batchnorm="yes"),
         "bias_correction option": lambda: AdaRoundConfig(bias_correction="yes"),

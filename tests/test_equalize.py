@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_adaround import AdaRoundConfig, PerTensor, adaround, equalize_layers, fold_batchnorm, round_to_nearest
+from lightning_adaround import (
+    AdaRoundConfig, PerChannel, PerTensor, adaround, equalize_layers, fold_batchnorm, round_to_nearest,
+)
 from lightning_adaround.equalize import ChannelClip, channel_range_balance, find_equalization_pairs
 from test_fold import _module as _folding_module, _no_warning, _trainer
 
@@ -450,7 +452,8 @@ def test_callback_equalizes_for_per_tensor_only_and_restores_on_failure():
     from lightning_adaround import AdaRoundCallback
 
     data = DataLoader(TensorDataset(_images((32, 3, 8, 8))), batch_size=16)
-    options = dict(run_on="validate", iterations=5, calibration_data=data, verbose=False, report=False)
+    options = dict(run_on="validate", calibration_data=data, verbose=False, report=False)
+    grids = {"per_tensor": PerTensor(), "per_channel": PerChannel()}
     module = _module()
     original = {k: v.clone() for k, v in module.state_dict().items()}
     balance = channel_range_balance(module.net.blocks[1].expand.weight)
@@ -464,7 +467,8 @@ def test_callback_equalizes_for_per_tensor_only_and_restores_on_failure():
         raise RuntimeError("stop after equalizing")
 
     with pytest.raises(ValueError, match="stop after equalizing"):
-        _trainer(AdaRoundCallback(granularity="per_tensor", forward_fn=failing, **options)).validate(
+        _trainer(AdaRoundCallback(config=AdaRoundConfig(iterations=5, granularity=PerTensor()), forward_fn=failing,
+                                  **options)).validate(
             module, dataloaders=data, verbose=False)
     for key, value in module.state_dict().items():
         assert torch.equal(value, original[key]), key
@@ -472,11 +476,12 @@ def test_callback_equalizes_for_per_tensor_only_and_restores_on_failure():
     for granularity, equalize, equalized in (("per_tensor", None, True), ("per_channel", None, False),
                                              ("per_channel", True, True), ("per_tensor", False, False)):
         seen.clear()
-        callback = AdaRoundCallback(granularity=granularity, equalize=equalize, forward_fn=spy, **options)
+        config = AdaRoundConfig(iterations=5, granularity=grids[granularity], equalize=equalize)
+        callback = AdaRoundCallback(config=config, forward_fn=spy, **options)
         _trainer(callback).validate(_module(), dataloaders=data, verbose=False)
         assert (seen[0] > 3 * balance) == equalized, (granularity, equalize)
     with pytest.raises(ValueError, match="equalize='yes' must be True, False or None"):
-        AdaRoundCallback(equalize="yes")
+        AdaRoundCallback(config=AdaRoundConfig(equalize="yes"))
 
 
 def _relu6_module():
@@ -502,8 +507,8 @@ def test_validate_rounds_a_per_tensor_relu6_net_under_inference_mode(loss_form):
 
     data = DataLoader(TensorDataset(_images((32, 3, 8, 8))), batch_size=16)
     module = _relu6_module()
-    callback = AdaRoundCallback(bits=4, run_on="validate", granularity="per_tensor", loss_form=loss_form,
-                                iterations=5, calibration_data=data, verbose=False, report=False)
+    config = AdaRoundConfig(bits=4, granularity=PerTensor(), loss_form=loss_form, iterations=5)
+    callback = AdaRoundCallback(config=config, run_on="validate", calibration_data=data, verbose=False, report=False)
     trainer = _trainer(callback)
     assert trainer.validate_loop.inference_mode  # the default Trainer(inference_mode=True)
     trainer.validate(module, dataloaders=data, verbose=False)
@@ -542,8 +547,9 @@ def test_validate_failure_restores_the_relu6_modules_and_raises_the_original_err
             raise _Stop("stop in the middle")
         return model(batch[0])
 
-    callback = AdaRoundCallback(bits=4, run_on="validate", granularity="per_tensor", loss_form=loss_form,
-                                iterations=5, calibration_data=data, forward_fn=failing, verbose=False, report=False)
+    config = AdaRoundConfig(bits=4, granularity=PerTensor(), loss_form=loss_form, iterations=5)
+    callback = AdaRoundCallback(config=config, run_on="validate", calibration_data=data, forward_fn=failing,
+                                verbose=False, report=False)
     with pytest.raises(_Stop, match="stop in the middle"):
         _trainer(callback).validate(module, dataloaders=data, verbose=False)
     assert (module.net[2], module.net[5]) == relu6  # the very modules given, not ChannelClips

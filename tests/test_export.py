@@ -420,7 +420,7 @@ def test_switch_needs_kept_weights(digits_cnn, images):
 
 
 def test_callback_forwards_keep_float_weights():
-    from lightning_adaround import AdaRoundCallback
+    from lightning_adaround import AdaRoundCallback, AdaRoundConfig
 
-    assert AdaRoundCallback(keep_float_weights=True).config.keep_float_weights is True
+    assert AdaRoundCallback(config=AdaRoundConfig(keep_float_weights=True)).config.keep_float_weights is True
     assert AdaRoundCallback().config.keep_float_weights is False

@@ -218,18 +218,20 @@ def test_callback_folds_by_default_and_restores_on_failure():
             raise RuntimeError("stop after folding")  # the weights seen here are already folded
         return model(batch[0])
 
-    callback = AdaRoundCallback(run_on="validate", iterations=10, calibration_data=data, forward_fn=failing,
+    fast = AdaRoundConfig(iterations=10)
+    callback = AdaRoundCallback(config=fast, run_on="validate", calibration_data=data, forward_fn=failing,
                                 verbose=False, report=False)
     with pytest.raises(ValueError, match="stop after folding"):
         _trainer(callback).validate(module, dataloaders=data, verbose=False)
     for key, value in module.state_dict().items():  # weights and BatchNorm statistics as given
         assert torch.equal(value, original[key]), key
 
-    callback = AdaRoundCallback(run_on="validate", iterations=10, calibration_data=data, verbose=False, report=False)
+    callback = AdaRoundCallback(config=fast, run_on="validate", calibration_data=data, verbose=False, report=False)
     _trainer(callback).validate(module, dataloaders=data, verbose=False)
     assert list(module.state_dict()) == list(original)
     assert torch.all(module.net.blocks[0].bn2.running_var + module.net.blocks[0].bn2.eps == 1.0)
     unfolded = _module()
-    _trainer(AdaRoundCallback(run_on="validate", iterations=10, calibration_data=data, verbose=False, report=False,
-                              fold_batchnorm=False)).validate(unfolded, dataloaders=data, verbose=False)
+    _trainer(AdaRoundCallback(config=AdaRoundConfig(iterations=10, fold_batchnorm=False), run_on="validate",
+                              calibration_data=data, verbose=False, report=False)).validate(
+        unfolded, dataloaders=data, verbose=False)
     assert torch.equal(unfolded.net.blocks[0].bn2.running_var, original["net.blocks.0.bn2.running_var"])

@@ -7,6 +7,7 @@ run. Run with ``-s`` to see how many interruptions were tried.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -451,11 +452,12 @@ def test_callback_resumes_in_a_validate_pass(tmp_path):
     dataset = TensorDataset(x, (x[:, 0] > 0).long())
     shuffled = DataLoader(dataset, batch_size=16, shuffle=True)  # the callback reads it with a fixed seed
 
-    def run(callback_class, **kwargs):
+    def run(callback_class, carry_activations=True, **kwargs):
         model = Tiny()
+        config = AdaRoundConfig(bits=3, iterations=20, batch_size=16, log_every_n_steps=5,
+                                carry_activations=carry_activations)
         callback = callback_class(
-            bits=3, run_on="validate", iterations=20, batch_size=16, calibration_data=shuffled,
-            verbose=False, report=False, log_every_n_steps=5, **kwargs,
+            config=config, run_on="validate", calibration_data=shuffled, verbose=False, report=False, **kwargs,
         )
         trainer = pl.Trainer(
             accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -542,12 +544,15 @@ def test_fit_end_run_resumes_from_the_float_checkpoint_in_a_validate_pass(tmp_pa
                 raise RuntimeError("preempted")
             return super().forward_batch(module, batch)
 
-    options = dict(bits=3, iterations=20, batch_size=16, verbose=False, report=False)
+    config = AdaRoundConfig(bits=3, iterations=20, batch_size=16)
+    options = dict(config=config, verbose=False, report=False)
     folder = tmp_path / "adaround-ckpt"
     common = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     torch.manual_seed(0)
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    failing = FailsInSecondLayer(checkpoint_dir=folder, carry_activations=False, **options)  # counts full passes
+    failing = FailsInSecondLayer(  # counts full passes: no carried block inputs
+        config=dataclasses.replace(config, carry_activations=False), checkpoint_dir=folder, verbose=False, report=False,
+    )
     trainer = pl.Trainer(max_epochs=2, callbacks=[checkpoints, failing],
                          default_root_dir=tmp_path, **common)
     with pytest.raises(RuntimeError, match="preempted"):
