@@ -282,7 +282,7 @@ def _checkpoint_cases() -> dict[str, Callable[[], Any]]:
     from lightning_adaround import AdaRoundCallback, AdaRoundConfig, adaround
 
     fast = AdaRoundConfig(iterations=2)
-    x = [torch.randn(4, 8, generator=torch.Generator().manual_seed(0))]
+    x = [torch.randn(16, 8, generator=torch.Generator().manual_seed(0))]
 
     def other_run():
         adaround(_seeded(_tiny), x, fast, checkpoint_dir="ckpt")
@@ -377,6 +377,10 @@ def _bad_weight_cases() -> dict[str, Callable[[], Any]]:
         "grid of nan": lambda: choose_grid(torch.tensor([1.0, float("nan")]), 4),
         "grid of nothing": lambda: choose_grid(torch.zeros(0, 3), 4),
         "overflow nearest": lambda: overflow("minibatch"),
+        "exclude unmatched (warning)": lambda: as_warning_error(
+            lambda: adaround(_seeded(_tiny), [torch.randn(16, 8)], AdaRoundConfig(iterations=2, exclude=["fc*"]))),
+        "nothing held out (warning)": lambda: as_warning_error(
+            lambda: adaround(_seeded(_tiny), [torch.randn(3, 8)], fast)),
         "overflow loss": lambda: overflow("moments"),
     }
 
@@ -499,7 +503,7 @@ def _block_cases() -> dict[str, Callable[[], Any]]:
     """Block reconstruction's errors and warning (raised as an error so its text can be checked)."""
     from lightning_adaround import AdaRoundCallback, AdaRoundConfig, adaround
 
-    x = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    x = [torch.randn(8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
 
     def run(blocks=None, how="", **kwargs):
         config = AdaRoundConfig(iterations=2, reconstruction="block", blocks=blocks, **kwargs.pop("config", {}))
@@ -703,6 +707,13 @@ def _export_error_cases() -> dict[str, Callable[[], Any]]:
         "onnx no initializer": lambda: quantize_initializers(onnx_graph(), rounded()[1]),
         "onnx initializer type": lambda: quantize_initializers(onnx_graph(initializers=[fp16_initializer()]), rounded()[1]),
     }
+
+
+def as_warning_error(run: Callable[[], Any]) -> Any:
+    """Run with warnings raised as errors, so a warning's text can be checked like an error's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return run()
 
 
 def _normalized(text: str) -> str:
