@@ -12,7 +12,7 @@ from lightning_adaround.equalize import equalize_layers
 from lightning_adaround.fold import fold_batchnorm
 from lightning_adaround.export import export_quantized, load_quantized, use_float_weights, use_rounded_weights
 from lightning_adaround.onnx_export import export_onnx
-from lightning_adaround.observer import AdaRoundObserver
+from lightning_adaround.observer import AdaRoundObserver, RoundingStopped
 from lightning_adaround.quant import PerChannel, PerTensor, QuantGrid
 from lightning_adaround.result import AdaRoundResult, LayerResult
 
@@ -25,6 +25,7 @@ __all__ = [
     "PerChannel",
     "PerTensor",
     "QuantGrid",
+    "RoundingStopped",
     "adaround",
     "equalize_layers",
     "export_onnx",

@@ -33,7 +33,7 @@ from lightning_adaround.layers import (
     select_layers, weight_channel_axis,
 )
 from lightning_adaround.loss import BetaSchedule
-from lightning_adaround.observer import AdaRoundObserver
+from lightning_adaround.observer import AdaRoundObserver, RoundingStopped
 from lightning_adaround.optimize import GradReduce, optimize_rounding
 from lightning_adaround.prepare import ModelSnapshot, prepare_model
 from lightning_adaround.reconstruct import TaskLoss, build_objective
@@ -346,6 +346,8 @@ def _round_layers(
     resuming = checkpoint is not None
     for index, unit in enumerate(units):
         names, label, kind = unit.layers, unit.name, unit.kind
+        if observer.should_stop():
+            raise RoundingStopped(f"stopped on request before {kind} {label!r}")
         positions = [order.index(n) for n in names]
         if resuming:
             assert checkpoint is not None
@@ -404,6 +406,7 @@ def _round_layers(
         optimize_rounding(
             roundings, objective, config.iterations, config.lr, config.reg_lambda,
             schedule, grad_reduce=grad_reduce, on_log=on_log, log_every_n_steps=_log_interval(config),
+            should_stop=observer.should_stop,
         )
         notes = [prepared.note]
         if config.scale_method == "output" and channel_error is None:

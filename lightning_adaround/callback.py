@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from lightning_adaround.api import adaround
@@ -221,6 +222,10 @@ class _AdaRoundCallbackBase:
                 move_batch=lambda batch, device: precision.convert_input(strategy.batch_to_device(batch, device)),
                 **options,
             )
+        except Exception as error:
+            if observer.should_stop():  # not a failure: stop as Lightning's own loops do on SIGTERM
+                raise SIGTERMException() from error
+            raise
         finally:
             observer.progress.close()
         return self.result

@@ -742,9 +742,14 @@ class _RankZeroObserver(AdaRoundObserver):
     """Runs the collectives of the end of a layer on every rank; forwards to ``inner`` on rank 0 only."""
 
     def __init__(self, inner: Optional[AdaRoundObserver], sync: _Sync) -> None:
+        self._stop = inner.should_stop if inner is not None else None  # every rank's own stop request
         self.inner = inner if inner is not None and sync.rank == 0 else None
         self.sync = sync
         self.global_recon: dict[int, float] = {}
+
+    def should_stop(self) -> bool:
+        """A rank asked to stop raises inside the failure protocol, which stops every rank."""
+        return self._stop is not None and self._stop()
 
     def on_start(self, layer_names: list[str]) -> None:
         if self.inner is not None:

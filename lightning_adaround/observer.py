@@ -12,8 +12,20 @@ if TYPE_CHECKING:
     from lightning_adaround.result import AdaRoundResult, LayerResult
 
 
+class RoundingStopped(RuntimeError):
+    """Raised when :meth:`AdaRoundObserver.should_stop` asked the run to stop (a SIGTERM, say).
+
+    Like any failure it leaves the model as given; with ``checkpoint_dir`` the finished layers
+    are kept, and running again resumes with the integer weights of an uninterrupted run.
+    """
+
+
 class AdaRoundObserver:
     """Override any subset; every method is a no-op here."""
+
+    def should_stop(self) -> bool:
+        """Asked before every step and every layer; ``True`` stops the run with :class:`RoundingStopped`."""
+        return False
 
     def on_start(self, layer_names: list[str]) -> None:
         """Called once with the layers (and blocks, by name) that will be rounded, in execution order."""

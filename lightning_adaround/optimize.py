@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lightning_adaround.loss import BetaSchedule
 from lightning_adaround.objective import ReconstructionObjective
+from lightning_adaround.observer import RoundingStopped
 from lightning_adaround.rounding import RoundingVariable, soft_backward
 
 GradReduce = Callable[[list[Tensor]], None]
@@ -29,6 +30,7 @@ def optimize_rounding(
     grad_reduce: Optional[GradReduce] = None,
     on_log: Optional[StepLogger] = None,
     log_every_n_steps: int = 50,
+    should_stop: Optional[Callable[[], bool]] = None,
 ) -> None:
     """Run ``iterations`` Adam steps on ``rounding.v``; V is left at its final value.
 
@@ -41,6 +43,8 @@ def optimize_rounding(
     optimizer = torch.optim.Adam([r.v for r in group], lr=lr)
     value_and_grad = getattr(objective, "value_and_grad", None) if len(group) == 1 else None
     for step in range(iterations):
+        if should_stop is not None and should_stop():
+            raise RoundingStopped(f"stopped on request at step {step} of {iterations}")
         optimizer.zero_grad(set_to_none=True)
         regularizing = schedule.regularizing(step)
         beta = schedule.beta(step)

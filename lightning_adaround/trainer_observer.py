@@ -28,6 +28,10 @@ class TrainerObserver(AdaRoundObserver):
         self._done_steps = 0
         self._restored_blocks: set[str] = set()
 
+    def should_stop(self) -> bool:
+        """The Trainer received SIGTERM (a scheduler's preemption, ``docker stop``): stop between steps."""
+        return bool(getattr(self.trainer, "received_sigterm", False))
+
     def _log(self, metrics: dict[str, float], step: int) -> None:
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics, step=step)

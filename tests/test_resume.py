@@ -24,11 +24,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_adaround.checkpoint as checkpoint_module
-from lightning_adaround import AdaRoundConfig, AdaRoundObserver, adaround
+from lightning_adaround import AdaRoundConfig, AdaRoundObserver, RoundingStopped, adaround
 from lightning_adaround.checkpoint import MANIFEST
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import resume_case  # noqa: E402
+import sigterm_case  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_WRITE = checkpoint_module._atomic_write
@@ -242,6 +243,66 @@ def test_a_process_killed_with_sigterm_resumes_to_the_same_result(tmp_path):
     reference_model = resume_case.model()
     reference = adaround(reference_model, resume_case.data(), resume_case.config())
     _assert_same_result(result, reference, model, reference_model)
+
+
+class _StopAfter(AdaRoundObserver):
+    """Asks the run to stop after ``calls`` should_stop questions (about a step each)."""
+
+    def __init__(self, calls: int) -> None:
+        self.calls = calls
+
+    def should_stop(self) -> bool:
+        self.calls -= 1
+        return self.calls < 0
+
+
+def test_should_stop_ends_the_run_between_steps_and_it_resumes_to_the_same_result(tmp_path):
+    model = _model()
+    given = copy.deepcopy(model.state_dict())
+    with pytest.raises(RoundingStopped, match="stopped on request at step 12 of 30"):
+        adaround(model, _data(), _config(), observer=_StopAfter(2 * 31 + 13), checkpoint_dir=tmp_path)
+    assert all(torch.equal(given[k], v) for k, v in model.state_dict().items())
+    assert _finished(tmp_path) == LAYERS[:2]
+    result = adaround(model, _data(), _config(), checkpoint_dir=tmp_path)
+    assert result.restored == LAYERS[:2]
+    reference, reference_model = _reference(_config())
+    _assert_same_result(result, reference, model, reference_model)
+
+
+def test_a_lightning_run_stops_on_sigterm_and_resumes_to_the_same_result(tmp_path):
+    """Lightning catches SIGTERM (a scheduler's preemption, docker stop): the rounding must stop
+    between steps, leave the model as given, keep its finished layers, and resume exactly."""
+    folder, report = tmp_path / "ckpt", tmp_path / "outcome.txt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), SLOW_STEPS="1")
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "sigterm_case.py"), str(folder), str(report)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not _finished(folder):  # wait for the first finished layer
+            assert process.poll() is None, process.stdout.read().decode()
+            assert time.monotonic() < deadline, "no layer finished within 120 s"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0].decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "Received SIGTERM" in output, output[-2000:]
+    assert report.read_text() == "stopped, model as given", output[-2000:]
+    finished = _finished(folder)
+    assert 1 <= len(finished) < 4, finished
+
+    model = sigterm_case.Net()
+    cb = sigterm_case.callback(str(folder))
+    sigterm_case.trainer(cb).validate(model, sigterm_case.data(), verbose=False)
+    assert cb.result.restored == finished
+    reference = sigterm_case.callback(str(tmp_path / "reference"))
+    reference_model = sigterm_case.Net()
+    sigterm_case.trainer(reference).validate(reference_model, sigterm_case.data(), verbose=False)
+    _assert_same_result(cb.result, reference.result, model, reference_model)
 
 
 # ------------------------------------------------------------------------------ damaged files
