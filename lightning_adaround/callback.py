@@ -20,8 +20,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
-from lightning_adaround.api import adaround
-from lightning_adaround.calibration import take_samples
+from lightning_adaround.api import _check_weights, _selected_layers, adaround
+from lightning_adaround.calibration import batch_size_of, take_samples
 from lightning_adaround.checkpoint import PathLike
 from lightning_adaround.capture import default_forward
 from lightning_adaround.config import AdaRoundConfig
@@ -147,6 +147,68 @@ class _AdaRoundCallbackBase:
                 "trainer.validate(...) call), or use reconstruction='layer'."
             )
 
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Before training: what can fail without trained weights fails now, not after the fit."""
+        if self.run_on == "fit_end":
+            self.check_before_work(trainer, pl_module)
+
+    def check_before_work(self, trainer: Any, pl_module: Any) -> None:
+        """Select the layers, read one calibration batch and run one forward of it on the device.
+
+        A model with no layer to round or with parametrized weights, calibration data that cannot
+        be read, and a batch that ``forward_batch`` cannot run are reported here, in the terms
+        the rounding itself would use. The model's train/eval modes and the random state are kept.
+        """
+        _check_weights(_selected_layers(pl_module, self.config))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            try:
+                batches = take_samples(self._early_source(trainer, pl_module), 1)
+            except ValueError:
+                raise
+            except Exception as err:
+                raise ValueError(
+                    f"reading the calibration data failed with {type(err).__name__}: {err}. Check the loader "
+                    "(AdaRoundCallback(calibration_data=...) or the datamodule's calibration_dataloader())."
+                ) from err
+        if not batches:
+            raise ValueError(
+                "the calibration data gave no batch; pass a non-empty loader with "
+                "AdaRoundCallback(calibration_data=...) or define calibration_dataloader() in the datamodule."
+            )
+        strategy, precision = trainer.strategy, trainer.precision_plugin
+        modes = [(module, module.training) for module in pl_module.modules()]
+        try:
+            batch = precision.convert_input(strategy.batch_to_device(batches[0], strategy.root_device))
+            pl_module.eval()
+            with torch.no_grad():
+                self._forward_in_precision(precision, pl_module, batch)
+        except Exception as err:
+            raise ValueError(
+                f"running the model on the first calibration batch failed with {type(err).__name__}: "
+                f"{str(err).rstrip('.')}. Pass forward_fn=lambda model, batch: ... that turns one of your batches "
+                "into a forward call (checked before training, so no training time was lost)."
+            ) from err
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    def _early_source(self, trainer: Any, pl_module: Any) -> Iterable[Any]:
+        """The calibration source at fit start, when Lightning has not set up its loaders yet:
+        the loader given to ``fit(train_dataloaders=...)`` or the module's ``train_dataloader()``."""
+        try:
+            return self._calibration_source(trainer, pl_module)
+        except ValueError:
+            given = getattr(getattr(getattr(trainer, "fit_loop", None), "_data_source", None), "instance", None)
+            if given is not None and given is not pl_module and isinstance(given, Iterable):
+                return given
+            if callable(getattr(pl_module, "train_dataloader", None)):
+                try:
+                    return pl_module.train_dataloader()
+                except Exception:  # noqa: BLE001 - not defined (Lightning's default raises): the first error stands
+                    pass
+            raise
+
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self.run_on == "fit_end":
             self.round_model(trainer, pl_module)
@@ -181,6 +243,7 @@ class _AdaRoundCallbackBase:
         if _world_size(trainer) > 1:
             return self._calibration_shard(trainer, source)
         batches = self._read_seeded(source, self.num_calibration_samples)
+        _warn_if_short(batches, self.num_calibration_samples)
         if not batches:
             raise ValueError(
                 "the calibration data gave no batch; pass a non-empty loader with "
@@ -265,7 +328,9 @@ class _AdaRoundCallbackBase:
             return take_samples(source, share)
         # Every rank reads the same samples, then keeps its block; distributed_adaround checks
         # that the ranks read the same data.
-        return shard_calibration(self._read_seeded(source, total), rank, world)
+        batches = self._read_seeded(source, total)
+        _warn_if_short(batches, total)
+        return shard_calibration(batches, rank, world)
 
     def _read_seeded(self, source: Iterable[Any], num_samples: Optional[int]) -> list[Any]:
         """A shuffling or augmenting loader draws from ``seed`` here: same seed, same samples.
@@ -302,6 +367,17 @@ class _AdaRoundCallbackBase:
 
     def _info(self, message: str) -> None:
         rank_zero_info(message)
+
+
+def _warn_if_short(batches: list[Any], asked: Optional[int]) -> None:
+    read = sum(batch_size_of(b) or 1 for b in batches)
+    if asked is not None and 0 < read < asked:
+        warnings.warn(
+            f"AdaRoundCallback read {read} calibration samples, fewer than num_calibration_samples={asked}: the "
+            "loader ran out. Rounding goes on with these; pass a larger loader (AdaRound wants a few hundred to a "
+            "thousand samples) or set num_calibration_samples to what you have.",
+            stacklevel=3,
+        )
 
 
 # ----------------------------------------------------------------- argument checks, one per concern

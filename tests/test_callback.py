@@ -636,3 +636,80 @@ def test_half_precision_trainers_round_on_the_grid_in_the_models_dtype(tmp_path,
     for layer in cb.result.layers.values():
         assert layer.scale.dtype == torch.float32
         assert layer.adaround_mse <= layer.nearest_mse * 1.05
+
+
+class _CountsTraining:
+    steps = 0
+
+
+def _dict_model(pl):
+    """A module whose forward takes keyword tensors, trained on (x, y) tuples: the default forward fails."""
+
+    class DictInput(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+
+        def forward(self, *, features):
+            return self.net(features)
+
+        def training_step(self, batch, batch_idx):
+            _CountsTraining.steps += 1
+            return nn.functional.cross_entropy(self(features=batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return DictInput()
+
+
+def test_fit_mode_reports_a_forward_that_cannot_run_a_calibration_batch_before_training(namespace, tmp_path):
+    pl, Callback = namespace
+    _, BoringData, _ = make_classes(pl)
+    _CountsTraining.steps = 0
+    cb = make_callback(Callback)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=False))
+    with pytest.raises(ValueError, match="running the model on the first calibration batch failed .*checked before training"):
+        trainer.fit(_dict_model(pl), datamodule=BoringData())
+    assert _CountsTraining.steps == 0 and trainer.global_step == 0
+
+    # the fix the message names works, and the check keeps the module's train/eval modes
+    _CountsTraining.steps = 0
+    model = _dict_model(pl)
+    cb = make_callback(Callback, forward_fn=lambda module, batch: module(features=batch[0]))
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=False, max_steps=3))
+    trainer.fit(model, train_dataloaders=BoringData().train_dataloader())
+    assert _CountsTraining.steps == 3 and cb.result is not None
+
+
+def test_fit_mode_reports_unreadable_calibration_data_before_training(tmp_path):
+    import lightning.pytorch as pl
+    from lightning_adaround import AdaRoundCallback
+
+    class Broken:
+        def __iter__(self):
+            raise OSError("the dataset's files are gone")
+
+    Boring, BoringData, _ = make_classes(pl)
+    model = Boring()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cb = make_callback(AdaRoundCallback, calibration_data=Broken())
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=False))
+    with pytest.raises(ValueError, match="reading the calibration data failed with OSError: the dataset's files are gone"):
+        trainer.fit(model, datamodule=BoringData())
+    assert trainer.global_step == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fewer_calibration_samples_than_asked_warns(tmp_path):
+    import lightning.pytorch as pl
+    from lightning_adaround import AdaRoundCallback
+
+    Boring, _, _ = make_classes(pl)
+    loader = DataLoader(TensorDataset(torch.randn(100, 16)), batch_size=32)
+    cb = make_callback(AdaRoundCallback, run_on="validate", calibration_data=loader, num_calibration_samples=1024)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=False))
+    with pytest.warns(UserWarning, match="read 100 calibration samples, fewer than num_calibration_samples=1024"):
+        trainer.validate(Boring(), dataloaders=DataLoader(TensorDataset(torch.randn(8, 16), torch.zeros(8).long())),
+                         verbose=False)
+    assert cb.result is not None
