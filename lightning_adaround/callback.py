@@ -258,7 +258,8 @@ class _AdaRoundCallbackBase:
         if self.result is not None and _weights_match(pl_module, self.result):
             warnings.warn(
                 "AdaRoundCallback: the model's weights are already the rounded ones from the last run; "
-                "not rounding twice. Create a new callback to round a retrained model.",
+                "not rounding twice. A model with other weights (retrained, say) is rounded again, and callback.result "
+                "then holds the new run.",
                 stacklevel=2,
             )
             return self.result

@@ -713,3 +713,17 @@ def test_fewer_calibration_samples_than_asked_warns(tmp_path):
         trainer.validate(Boring(), dataloaders=DataLoader(TensorDataset(torch.randn(8, 16), torch.zeros(8).long())),
                          verbose=False)
     assert cb.result is not None
+
+
+def test_the_same_callback_rounds_a_retrained_model_again_and_replaces_its_result(tmp_path):
+    import lightning.pytorch as pl
+    from lightning_adaround import AdaRoundCallback
+
+    Boring, BoringData, _ = make_classes(pl)
+    model, dm = Boring(), BoringData()
+    cb = make_callback(AdaRoundCallback)
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=False)).fit(model, datamodule=dm)
+    first = cb.result
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=False)).fit(model, datamodule=dm)  # retrained
+    assert cb.result is not first
+    assert_on_grid(model, cb.result)
