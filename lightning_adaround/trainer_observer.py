@@ -7,7 +7,6 @@ The callback hands :class:`TrainerObserver` to the core as its observer; nothing
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightning_adaround.observer import AdaRoundObserver
@@ -93,24 +92,55 @@ class TrainerObserver(AdaRoundObserver):
             self._save_report(result)
 
     def _save_report(self, result: AdaRoundResult) -> None:
+        """Write the PNG where the run's files go (:func:`~lightning_adaround.report.report_file`) and hand
+        the figure to every logger that takes images: TensorBoard (``experiment.add_figure``), W&B
+        (``log_image``), MLflow (``experiment.log_figure``), found by what they offer, not by import.
+        A logger that fails to take it costs a warning, not the rounded model."""
+        self.callback.report_path = None
         try:
-            from lightning_adaround.report import report_figure
             import matplotlib.pyplot as plt
+
+            from lightning_adaround.report import report_figure, report_file
         except ImportError:
             warnings.warn("AdaRoundCallback(report=True) needs matplotlib; skipping the PNG report.", stacklevel=2)
             return
-        log_dirs = [lg.log_dir for lg in self.trainer.loggers if getattr(lg, "log_dir", None)]
-        folder = Path(log_dirs[0] if log_dirs else self.trainer.default_root_dir)
-        folder.mkdir(parents=True, exist_ok=True)
         fig = report_figure(result)
-        path = folder / "adaround_report.png"
-        fig.savefig(path, dpi=110)
-        self.callback.report_path = str(path)
-        for logger in self.trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_figure"):  # TensorBoard's SummaryWriter
-                experiment.add_figure("adaround/report", fig, global_step=self.callback._log_step, close=False)
-        plt.close(fig)
+        try:
+            path, source = report_file(self.trainer)
+            if path is None:
+                self.callback._info(
+                    f"AdaRound: report PNG not written ({source}); it would land in the working directory. "
+                    "Attach a logger or give Trainer(default_root_dir=...) to get adaround_report.png."
+                )
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fig.savefig(path, dpi=100)
+                self.callback.report_path = str(path)
+            step = self.callback._log_step
+            for logger in self.trainer.loggers:
+                try:
+                    _send_figure(logger, fig, step)
+                except Exception as err:  # noqa: BLE001 - an upload must not lose a finished rounding
+                    warnings.warn(f"AdaRound: could not send the report to {type(logger).__name__}: {err!r}",
+                                  stacklevel=2)
+        finally:
+            plt.close(fig)
+
+
+def _send_figure(logger: Any, fig: Any, step: int) -> None:
+    """The report to one logger, by what it offers (no import of wandb or mlflow); CSV takes no images."""
+    experiment = logger.experiment
+    if callable(getattr(experiment, "add_figure", None)):  # TensorBoard's SummaryWriter
+        experiment.add_figure("adaround/report", fig, global_step=step, close=False)
+    elif callable(getattr(experiment, "log_figure", None)) and getattr(logger, "run_id", None):  # MlflowClient
+        experiment.log_figure(logger.run_id, fig, "adaround_report.png")
+    elif callable(getattr(logger, "log_image", None)):  # WandbLogger.log_image(key, images, step)
+        import numpy as np
+        from PIL import Image  # matplotlib's own dependency
+
+        fig.canvas.draw()
+        image = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
+        logger.log_image(key="adaround/report", images=[image], step=step)
 
 
 class TrainerProgress:
