@@ -63,9 +63,10 @@ class _AdaRoundCallbackBase:
             (an exception, Ctrl-C, a killed job) resumes from it when started again with the same
             model, data and settings, with the same result. Single process only (refused under DDP).
         verbose: Print the per-layer summary table at the end.
-        report: Save a PNG report (per-layer error, loss curves) as ``adaround_report.png``
-            in the first logger's directory (else ``default_root_dir``) and add it to
-            TensorBoard; needs matplotlib.
+        report: Save a PNG report (held-out error ratio and errors per layer, the loss curves
+            labelled for what they are) as ``adaround_report.png`` in the first logger's folder
+            (else a ``default_root_dir`` you gave; never the working directory) and send it to
+            every logger that takes images (TensorBoard, W&B, MLflow); needs matplotlib.
 
     Raises:
         ValueError: ``bits`` and ``config.bits`` that differ, an unknown ``run_on``, a
