@@ -22,15 +22,15 @@ from torch import Tensor, nn
 
 from lightning_adaround.bias_correction import SumReduce, correct_biases
 from lightning_adaround.calibration import batch_size_of
-from lightning_adaround.capture import ForwardFn, InputCapture, default_forward, execution_order
+from lightning_adaround.capture import FirstPass, ForwardFn, InputCapture, default_forward, first_pass, parameters_read
 from lightning_adaround.blocks import find_blocks
 from lightning_adaround.chain import find_block_chains
 from lightning_adaround.checkpoint import PathLike, Restored, RoundingCheckpoint, run_fingerprint
 from lightning_adaround.config import DEFAULT_LOG_EVERY_N_STEPS, AdaRoundConfig
 from lightning_adaround.fold import computed_weight_fix
 from lightning_adaround.layers import (
-    SUPPORTED_LAYER_TYPES, OutputOps, bits_for, following_ops, output_major, per_channel_to_weight_layout,
-    select_layers, weight_channel_axis,
+    SUPPORTED_LAYER_TYPES, OutputOps, bits_for, float_modules, following_ops, output_major,
+    per_channel_to_weight_layout, select_layers, weight_channel_axis,
 )
 from lightning_adaround.loss import BetaSchedule
 from lightning_adaround.observer import AdaRoundObserver, RoundingStopped
@@ -38,7 +38,7 @@ from lightning_adaround.optimize import GradReduce, optimize_rounding
 from lightning_adaround.prepare import ModelSnapshot, prepare_model
 from lightning_adaround.reconstruct import TaskLoss, build_objective
 from lightning_adaround.quant import ChannelError, PerChannel, PerTensor, QuantGrid, choose_grid, weight_problem
-from lightning_adaround.result import AdaRoundResult, LayerResult, compact_integer
+from lightning_adaround.result import EXCLUDED, NORM_OR_BIAS, AdaRoundResult, FloatModule, LayerResult, compact_integer
 from lightning_adaround.unit import Unit
 from lightning_adaround.rounding import RoundingVariable
 
@@ -171,9 +171,10 @@ def adaround(
             # move between the cache and the device is a plain tensor move
             staged = [move_to_device(_clone_inference_tensors(move_batch(b, device)), cache_device) for b in batches]
             run = (lambda m, b: forward_fn(m, move_to_device(b, device))) if cache_device != device else forward_fn
-            order = _first_pass_order(model, layers, staged[0], run)
+            seen = _first_pass(model, layers, staged[0], run)
+            order = seen.order
             chains = find_block_chains(model, order, staged[0], run) if config.carry_activations else []
-            capture = InputCapture(model, staged, run, chains, device, cache_device)
+            capture = InputCapture(model, staged, run, chains, device, cache_device, seen.calls)
             blocks = _blocks(model, config, order, staged[0], run)
             loss_on_device = None  # the task loss is only used for the Fisher weights
             if config.block_loss == "fisher" and task_loss is not None:
@@ -185,15 +186,57 @@ def adaround(
                 objective_builder or build_objective, checkpoint, blocks, loss_on_device,
             )
             if config.bias_correction:  # fresh captures: inputs change as earlier biases are corrected
-                fresh = lambda: InputCapture(model, staged, run, chains, device, cache_device)  # noqa: E731
+                fresh = lambda: InputCapture(model, staged, run, chains, device, cache_device, seen.calls)  # noqa: E731
                 correct_biases(model, result, fresh, float_weights, device, statistics_reduce)
             result.folded, result.equalized = prepared.folded, prepared.equalized
+            result.float_modules = _account_for_float(model, result, config, seen, staged[0], run)
         except BaseException as error:
             snapshot.restore(error)  # the model exactly as given; never raises over ``error``
             raise
         snapshot.restore_settings()
+    _warn_float_matrices(result.float_modules)
     observer.on_end(result)
     return result
+
+
+FLOAT_WARN_ELEMENTS = 4096  # a float weight matrix larger than this is worth a warning
+
+
+def _account_for_float(
+    model: nn.Module, result: AdaRoundResult, config: AdaRoundConfig, seen: FirstPass, batch: Any, run: ForwardFn,
+) -> dict[str, FloatModule]:
+    """Every module that owns parameters and kept them in float, with the reason (see ``layers.float_modules``).
+
+    Only when a selected layer was never called does one more forward pass (under a torch function
+    mode) tell whether the model reads its weight without calling it.
+    """
+    read = None
+    if result.unreached:
+        weights = [model.get_submodule(name).weight for name in result.unreached]
+        read = parameters_read(model, batch, run, weights)
+    return float_modules(model, result.layers, config, result.unreached, read, seen.ran)
+
+
+def _warn_float_matrices(found: dict[str, FloatModule]) -> None:
+    """One warning naming every weight matrix above ``FLOAT_WARN_ELEMENTS`` left in float by no choice of the user.
+
+    Layers kept out with ``layers``/``exclude``/``layer_types`` were the user's choice; norm scales and
+    biases are normally kept in float. Both are listed in the summary table, not warned about.
+    """
+    big = {
+        name: m for name, m in found.items()
+        if m.kind not in (EXCLUDED, NORM_OR_BIAS) and m.largest_matrix > FLOAT_WARN_ELEMENTS
+    }
+    if not big:
+        return
+    listed = "; ".join(f"{name!r} ({m.type}, {m.parameters:,} parameters): {m.reason}" for name, m in big.items())
+    advice = " ".join(dict.fromkeys(f"{m.advice}." for m in big.values() if m.advice))
+    warnings.warn(
+        f"{len(big)} module{'s' if len(big) != 1 else ''} with a weight matrix of more than {FLOAT_WARN_ELEMENTS:,} "
+        f"elements stay in float, not rounded, so the model is not fully quantized: {listed}. {advice} "
+        "result.float_modules and the summary table's 'left in float' section list every module left in float.",
+        stacklevel=3,
+    )
 
 
 def _warn_unmatched_excludes(model: nn.Module, config: AdaRoundConfig) -> None:
@@ -278,19 +321,20 @@ def _clone_inference_tensors(batch: Any) -> Any:
     return batch
 
 
-def _first_pass_order(
+def _first_pass(
     model: nn.Module, layers: list[tuple[str, nn.Module]], batch: Any, forward_fn: ForwardFn
-) -> list[str]:
-    """Execution order from one forward pass; layers it misses go last (maybe unreached)."""
+) -> FirstPass:
+    """Execution order and call counts from one forward pass; layers it misses go last (maybe unreached)."""
     try:
-        order = execution_order(model, layers, batch, forward_fn)
+        seen = first_pass(model, layers, batch, forward_fn)
     except Exception as err:
         raise ValueError(
             f"running the model on the first calibration batch failed with {type(err).__name__}: "
             f"{str(err).rstrip('.')}. "
             "Pass forward_fn=lambda model, batch: ... that turns one of your batches into a forward call."
         ) from err
-    return order + [name for name, _ in layers if name not in order]
+    seen.order += [name for name, _ in layers if name not in seen.order]
+    return seen
 
 
 def _blocks(model: nn.Module, config: AdaRoundConfig, order: list[str], batch: Any, run: ForwardFn) -> list[Unit]:

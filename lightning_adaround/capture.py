@@ -1,13 +1,16 @@
 """Collecting what one layer sees: its input in the partly rounded model, its float target.
 
 Each pass stops at the layer (a pre-forward hook raises), so nothing past it is computed,
-and only that layer's tensors are kept.
+and only that layer's tensors are kept. A layer the first pass saw called more than once per
+forward (weight sharing) is the exception: its passes run to the end and keep every call.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import groupby
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -41,15 +44,39 @@ def execution_order(
     model: nn.Module, layers: Sequence[tuple[str, nn.Module]], batch: Any, forward_fn: ForwardFn
 ) -> list[str]:
     """Names of ``layers`` in the order one forward pass first calls them."""
-    order: list[str] = []
+    return first_pass(model, layers, batch, forward_fn).order
+
+
+@dataclass
+class FirstPass:
+    """What one forward pass showed: the layers' order, how often each was called, which modules ran."""
+
+    order: list[str]  # ``layers`` in the order first called
+    calls: dict[str, int]  # layer name -> calls in the pass (more than one: a shared layer)
+    ran: set[str]  # names of every module of the model that was called
+
+
+def first_pass(
+    model: nn.Module, layers: Sequence[tuple[str, nn.Module]], batch: Any, forward_fn: ForwardFn
+) -> FirstPass:
+    """One forward pass over ``batch`` watching ``layers`` (order, call counts) and every module (ran)."""
+    seen = FirstPass([], {}, set())
     handles = []
     for name, module in layers:
         def record(_module, _args, name=name):
-            if name not in order:
-                order.append(name)
+            if name not in seen.calls:
+                seen.order.append(name)
+            seen.calls[name] = seen.calls.get(name, 0) + 1
         handles.append(module.register_forward_pre_hook(record))
+    for name, module in model.named_modules():
+        def ran(_module, _args, name=name):
+            seen.ran.add(name)
+        try:
+            handles.append(module.register_forward_pre_hook(ran))
+        except Exception:  # noqa: BLE001 - a module that takes no hooks (scripted) is only not watched
+            pass
     forward_with_hooks(model, batch, forward_fn, handles)
-    return order
+    return seen
 
 
 def call_reaching(module: nn.Module, target: nn.Module, batch: Any, forward_fn: ForwardFn) -> Optional[Call]:
@@ -65,6 +92,63 @@ def call_reaching(module: nn.Module, target: nn.Module, batch: Any, forward_fn: 
     except _StopForward:
         pass
     return seen[0] if seen else None
+
+
+def every_call(module: nn.Module, target: nn.Module, batch: Any, forward_fn: ForwardFn) -> list[Call]:
+    """``(args, kwargs)`` of every call of ``target`` when ``module`` runs on ``batch`` (the whole pass).
+
+    Tensor arguments are copied as they are called with: a later in-place operation of the
+    forward pass cannot change what an earlier call saw.
+    """
+    seen: list[Call] = []
+
+    def keep(value: Any) -> Any:
+        return value.detach().clone() if isinstance(value, Tensor) else value
+
+    def record(_module, args, kwargs):
+        seen.append((tuple(keep(a) for a in args), {k: keep(v) for k, v in kwargs.items()}))
+
+    forward_with_hooks(module, batch, forward_fn, [target.register_forward_pre_hook(record, with_kwargs=True)])
+    return seen
+
+
+def parameters_read(
+    model: nn.Module, batch: Any, forward_fn: ForwardFn, params: Sequence[Tensor]
+) -> Optional[set[int]]:
+    """``id``s of those ``params`` that one forward pass hands to a torch function, or ``None`` if the
+    pass fails under the watch.
+
+    A layer's weight read by another module's functional call (``nn.MultiheadAttention`` passes
+    ``out_proj.weight`` to ``F.multi_head_attention_forward``) shows up here although the layer's
+    own forward never runs.
+    """
+    wanted = {id(p) for p in params}
+    found: set[int] = set()
+
+    def look(value: Any) -> None:
+        if isinstance(value, Tensor):
+            if id(value) in wanted:
+                found.add(id(value))
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                look(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                look(v)
+
+    class Watch(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            look(args)
+            look(kwargs)
+            return func(*args, **kwargs)
+
+    try:
+        with Watch():
+            forward_with_hooks(model, batch, forward_fn, [])
+    except Exception:  # noqa: BLE001 - a forward that cannot run watched only loses the detail
+        return None
+    return found
 
 
 @contextmanager
@@ -107,13 +191,19 @@ class InputCapture:
         chains: Sequence[BlockChain] = (),
         device: torch.device = torch.device("cpu"),
         cache_device: torch.device = torch.device("cpu"),
+        call_counts: Optional[dict[str, int]] = None,
     ) -> None:
         self.model = model
         self.batches = batches
         self.forward_fn = forward_fn
         self.device = device
         self.cache_device = cache_device
+        self.call_counts = dict(call_counts or {})  # module name -> calls per forward (first pass)
         self._carried = [_CarriedInputs(self, chain) for chain in chains]
+
+    def calls_per_batch(self, name: str) -> int:
+        """How often one forward pass calls ``name`` (as the first pass saw it; 1 when not counted)."""
+        return max(1, self.call_counts.get(name, 1))
 
     def pairs(
         self,
@@ -123,12 +213,20 @@ class InputCapture:
         float_weight_of: dict[str, Tensor],
         only: Optional[Sequence[int]] = None,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Streamed per batch that reaches ``layer`` (all batches, or the indices in ``only``)."""
-        for _, rounded_call, float_call in self.calls(name, layer, rounded, float_weight_of, only):
-            rounded_input = rounded_call[0][0].detach()
-            float_input = rounded_input if float_call is rounded_call else float_call[0][0].detach()
-            check_finite(f"layer {name!r}", [("input", rounded_input), ("float-model input", float_input)])
-            yield rounded_input, float_input
+        """Streamed per batch that reaches ``layer`` (all batches, or the indices in ``only``).
+
+        A shared layer's calls in one batch come as one pair, their inputs stacked along the first
+        dim (a Linear's fed with different shapes as rows); calls that cannot be stacked (a
+        convolution run at two resolutions) come one pair each.
+        """
+        for _, group in groupby(self.calls(name, layer, rounded, float_weight_of, only), key=lambda c: c[0]):
+            found = []
+            for _, rounded_call, float_call in group:
+                rounded_input = rounded_call[0][0].detach()
+                float_input = rounded_input if float_call is rounded_call else float_call[0][0].detach()
+                check_finite(f"layer {name!r}", [("input", rounded_input), ("float-model input", float_input)])
+                found.append((rounded_input, float_input))
+            yield from _stack_calls(found, isinstance(layer, nn.Linear))
 
     def calls(
         self,
@@ -138,12 +236,17 @@ class InputCapture:
         float_weight_of: dict[str, Tensor],
         only: Optional[Sequence[int]] = None,
     ) -> Iterator[tuple[int, Call, Call]]:
-        """``(batch index, call in the rounded model, call in the float model)`` of ``module``'s first call.
+        """``(batch index, call in the rounded model, call in the float model)`` of ``module``'s first call,
+        or of each of its calls when the first pass saw it called more than once (a shared layer: one
+        item per call, in call order, several with the same batch index).
 
         A call is ``(args, kwargs)``; the float call *is* the rounded one while both models agree.
         """
         indices = range(len(self.batches)) if only is None else only
         originals = {n: float_weight_of[n] for n in rounded}
+        if self.calls_per_batch(name) > 1:
+            yield from self._every_call(name, module, rounded, originals, indices)
+            return
         for carried in self._carried:
             if carried.holds(name):
                 yield from carried.calls(name, module, rounded, originals, indices)
@@ -158,6 +261,44 @@ class InputCapture:
                 with float_weights(rounded, originals):
                     float_call = call_reaching(self.model, module, batch, self.forward_fn)
             yield index, rounded_call, float_call
+
+    def _every_call(
+        self, name: str, module: nn.Module, rounded: dict[str, nn.Module], originals: dict[str, Tensor],
+        indices: Sequence[int],
+    ) -> Iterator[tuple[int, Call, Call]]:
+        """Every call of a shared layer, per batch: whole forward passes, in both models."""
+        for index in indices:
+            batch = self.batches[index]
+            rounded_calls = every_call(self.model, module, batch, self.forward_fn)
+            float_calls = rounded_calls  # nothing rounded yet: both models agree
+            if rounded and rounded_calls:
+                with float_weights(rounded, originals):
+                    float_calls = every_call(self.model, module, batch, self.forward_fn)
+                if len(float_calls) != len(rounded_calls):
+                    raise ValueError(
+                        f"layer {name!r} is called {len(rounded_calls)} times in the partly rounded model but "
+                        f"{len(float_calls)} times in the float model on calibration batch {index}: the number of "
+                        "calls depends on the weights, so the calls cannot be paired; leave it in float with "
+                        f"exclude=[{name!r}]."
+                    )
+            for rounded_call, float_call in zip(rounded_calls, float_calls):
+                yield index, rounded_call, float_call
+
+
+def _stack_calls(found: list[tuple[Tensor, Tensor]], linear: bool) -> Iterator[tuple[Tensor, Tensor]]:
+    """One batch's ``(rounded input, float input)`` per call, as one pair where the shapes allow."""
+    if len(found) == 1:
+        yield found[0]
+        return
+    tails = {tuple(x.shape[1:]) for x, _ in found}
+    if len(tails) > 1 and linear and len({x.shape[-1] for x, _ in found}) == 1:
+        found = [(x.reshape(-1, x.shape[-1]), x_float.reshape(-1, x_float.shape[-1])) for x, x_float in found]
+    elif len(tails) > 1:
+        yield from found
+        return
+    rounded_input = torch.cat([x for x, _ in found])
+    same = all(x_float is x for x, x_float in found)
+    yield rounded_input, rounded_input if same else torch.cat([x_float for _, x_float in found])
 
 
 def _call_in(block: nn.Module, module: nn.Module, args: tuple, kwargs: dict) -> Optional[Call]:

@@ -152,6 +152,118 @@ def select_layers(
     return chosen
 
 
+_MHA_ADVICE = (
+    "nn.MultiheadAttention computes its projections with F.multi_head_attention_forward from in_proj_weight "
+    "and out_proj.weight, never calling a layer, and the library cannot round a weight outside a layer's own "
+    "forward yet; for a quantized attention write it with nn.Linear q/k/v/out projections that its forward "
+    "calls (with F.scaled_dot_product_attention), or keep it in float knowingly"
+)
+_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
+
+
+def _own_parameters(module: nn.Module, skip: set[int]) -> list[tuple[str, Tensor]]:
+    return [(n, p) for n, p in module._parameters.items() if p is not None and id(p) not in skip]
+
+
+def _unsupported_reason(module: nn.Module, params: list[tuple[str, Tensor]]) -> tuple[str, str, str]:
+    """``(kind, reason, advice)`` for a module of a type the library does not round."""
+    from lightning_adaround.result import NORM_OR_BIAS, UNSUPPORTED
+
+    kind = type(module).__name__
+    matrices = ", ".join(n for n, p in params if p.dim() >= 2)
+    if isinstance(module, nn.MultiheadAttention):
+        return UNSUPPORTED, f"MultiheadAttention's own {matrices or 'biases'} not rounded", _MHA_ADVICE
+    if not matrices:
+        return NORM_OR_BIAS, "1-D parameters only (norm scales, biases)", "Normally kept in float"
+    if isinstance(module, nn.Embedding):
+        return UNSUPPORTED, f"unsupported type {kind} (a lookup table)", (
+            "Looked-up rows are not multiplied, so AdaRound's output reconstruction does not apply; round the rows "
+            "to nearest on an MSE grid yourself (docs/troubleshooting.md, 'Weights left in float') or keep it in float"
+        )
+    if isinstance(module, _RECURRENT):
+        return UNSUPPORTED, f"unsupported type {kind} (a fused recurrent kernel)", (
+            "Its gate weights run inside a fused recurrent kernel, not through layers the library can call; keep it "
+            "in float or write the cell with nn.Linear gates"
+        )
+    supported = ", ".join(t.__name__ for t in SUPPORTED_LAYER_TYPES)
+    return UNSUPPORTED, f"unsupported type {kind} ({matrices})", f"The library rounds {supported} weights only"
+
+
+def float_modules(
+    model: nn.Module,
+    rounded: Iterable[str],
+    config: Any,
+    unreached: Sequence[str] = (),
+    read: Optional[set[int]] = None,
+    ran: Optional[set[str]] = None,
+) -> dict[str, Any]:
+    """Every module of ``model`` that owns parameters and kept them all in float: name -> ``FloatModule``.
+
+    ``rounded``: the layers rounded; ``config``: the run's ``AdaRoundConfig`` (``layers``, ``exclude``,
+    ``layer_types`` say why a supported layer was not selected); ``unreached``: selected layers no
+    calibration batch called; ``read``: ``id``s of weights the forward pass handed to some torch function
+    (``None``: unknown); ``ran``: names of the modules one forward pass called. A parameter shared with a
+    rounded weight (tied weights) was rounded with it and does not count.
+    """
+    from lightning_adaround.result import FloatModule
+
+    modules = dict(model.named_modules())
+    rounded = set(rounded)
+    done = {id(modules[n].weight) for n in rounded}
+    unreached = set(unreached)
+    found: dict[str, Any] = {}
+    for name, module in modules.items():
+        if name in rounded:
+            continue
+        params = _own_parameters(module, done)
+        if not params:
+            continue
+        weight = getattr(module, "weight", None)
+        if is_supported(module) and isinstance(weight, Tensor) and id(weight) not in done:
+            kind, reason, advice = _supported_reason(name, module, config, name in unreached, read, ran, modules)
+        else:
+            kind, reason, advice = _unsupported_reason(module, params)
+        matrices = [p.numel() for _, p in params if p.dim() >= 2]
+        found[name] = FloatModule(
+            type(module).__name__, kind, reason, advice, sum(p.numel() for _, p in params), max(matrices, default=0),
+        )
+    return found
+
+
+def _supported_reason(
+    name: str, module: nn.Module, config: Any, unreached: bool, read: Optional[set[int]],
+    ran: Optional[set[str]], modules: dict[str, nn.Module],
+) -> tuple[str, str, str]:
+    from lightning_adaround.result import EXCLUDED, NOT_CALLED, UNREACHED
+
+    if not isinstance(module, tuple(config.layer_types)):
+        return EXCLUDED, f"excluded by layer_types (not a {'/'.join(t.__name__ for t in config.layer_types)})", ""
+    if config.layers is not None and not _matches(name, config.layers):
+        return EXCLUDED, f"excluded: matches none of layers={list(config.layers)!r}", ""
+    pattern = next((p for p in config.exclude if fnmatch.fnmatchcase(name, p)), None)
+    if pattern is not None:
+        return EXCLUDED, f"excluded by exclude={pattern!r}", ""
+    parent_name = name.rpartition(".")[0]
+    parent = modules.get(parent_name)
+    if isinstance(parent, nn.MultiheadAttention):
+        return NOT_CALLED, "used without a module call (by MultiheadAttention)", _MHA_ADVICE
+    if unreached and read is not None and id(module.weight) in read:
+        who = f"{type(parent).__name__} {parent_name!r}" if parent_name else "the model"
+        return NOT_CALLED, f"used without a module call (its weight is read in {who}'s forward)", (
+            "The library rounds a layer through its own forward, so a weight read directly (F.linear(x, "
+            "layer.weight)) cannot be rounded; call the layer there instead, or exclude it to keep it in float "
+            "knowingly"
+        )
+    if unreached and read is None and ran is not None and parent_name in ran:
+        return UNREACHED, "unreached: never called although its parent ran", (
+            "If the parent reads its weight directly, call the layer there instead (the library rounds a layer "
+            "through its own forward); if it is a branch these inputs never take, use calibration data that takes it"
+        )
+    return UNREACHED, "unreached: no calibration batch called it", (
+        "Use calibration data that takes the branch that calls it, or exclude it to keep it in float knowingly"
+    )
+
+
 def bits_for(name: str, default_bits: int, overrides: dict[str, int]) -> int:
     """The bit width for layer ``name``: the first matching glob in ``overrides`` wins."""
     for pattern, bits in overrides.items():

@@ -135,6 +135,8 @@ def build_objective(
 
     Per calibration batch: the unit's input in the rounded model, its other per-sample
     arguments and its output in the float model, split into training and held-out rows. A
+    layer called several times per forward (weight sharing) contributes every call's rows (or
+    moments), each call split on its own. A
     unit of one layer may take the moments form, which keeps second moments instead of rows.
     With ``task_loss`` (a block's Fisher loss) the cache also holds the squared gradient of the
     task loss at the unit's output.
@@ -154,7 +156,7 @@ def build_objective(
     cache = _Cache(CachePlan(
         device, config.device_cache_bytes, config.host_cache_bytes, config.cache_dir, config.cache_dtype,
         skip_device=config.cache_on_cpu,
-    ), len(capture.batches))
+    ), len(capture.batches) * getattr(capture, "calls_per_batch", lambda _: 1)(first_name))
     arguments = _UnitArguments(unit, first[1], first[1][0][0].shape)
     for index, rounded_call, float_call in chain([first], calls):
         x = rounded_call[0][0].detach()

@@ -62,6 +62,30 @@ class LayerResult:
         return cls(**state)
 
 
+# why a module kept float weights (``FloatModule.kind``)
+UNSUPPORTED = "unsupported"  # a type the library does not round (Embedding, LSTM, MultiheadAttention...)
+EXCLUDED = "excluded"  # a supported layer left out by ``layers``, ``exclude`` or ``layer_types``
+UNREACHED = "unreached"  # a selected layer no calibration batch called
+NOT_CALLED = "not called"  # a selected layer whose weight the forward pass reads without calling the layer
+NORM_OR_BIAS = "norm/bias"  # only 1-D parameters (norm scales, biases): normally kept in float
+FLOAT_KINDS = (UNSUPPORTED, EXCLUDED, UNREACHED, NOT_CALLED, NORM_OR_BIAS)
+
+
+@dataclass
+class FloatModule:
+    """A module that owns parameters none of which were rounded, and why."""
+
+    type: str  # the module's class name
+    kind: str  # one of ``FLOAT_KINDS``
+    reason: str  # why, in a few words
+    advice: str = ""  # what to do about it
+    parameters: int = 0  # elements of its own (not its children's) parameters
+    largest_matrix: int = 0  # elements of its largest 2-D+ parameter (0: vectors only)
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.advice}" if self.advice else self.reason
+
+
 @dataclass
 class AdaRoundResult:
     layers: dict[str, LayerResult] = field(default_factory=dict)
@@ -69,6 +93,8 @@ class AdaRoundResult:
     restored: list[str] = field(default_factory=list)  # layers read back from checkpoint_dir, not recomputed
     folded: list[tuple[str, str]] = field(default_factory=list)  # (layer, BatchNorm) pairs folded before rounding
     equalized: list[tuple[str, str]] = field(default_factory=list)  # (layer1, layer2) pairs equalized before rounding
+    # every module that owns parameters and kept them all in float: name -> type, kind and reason
+    float_modules: dict[str, FloatModule] = field(default_factory=dict)
 
     def summary_table(self) -> str:
         """A plain-text per-layer table: what a user reads at the end of a run."""
@@ -81,18 +107,43 @@ class AdaRoundResult:
             )
             for r in self.layers.values()
         ]
-        rows += [(name, "-", "-", "0", "-", "-", "-", "-", "unreached: left in float") for name in self.unreached]
         if any(r.bias_shift is not None for r in self.layers.values()):  # bias correction ran
             header = header[:-1] + ("bias shift",) + header[-1:]
-            shifts = [_shift_cell(r) for r in self.layers.values()] + ["-"] * len(self.unreached)
+            shifts = [_shift_cell(r) for r in self.layers.values()]
             rows = [row[:-1] + (shift,) + row[-1:] for row, shift in zip(rows, shifts)]
-        widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
-        lines = [
-            "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
-            "  ".join("-" * w for w in widths),
-        ]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-        return "\n".join(lines)
+        return "\n".join(_table(header, rows) + self._float_section())
+
+    def _float_section(self) -> list[str]:
+        """The "left in float" section: one row per module with a weight matrix, norm/bias-only ones counted."""
+        found = dict(self.float_modules)
+        for name in self.unreached:  # a result saved before float_modules existed
+            found.setdefault(name, FloatModule("-", UNREACHED, "unreached: no calibration batch called it"))
+        if not found:
+            return []
+        listed = {n: m for n, m in found.items() if m.kind != NORM_OR_BIAS}
+        small = {n: m for n, m in found.items() if m.kind == NORM_OR_BIAS}
+        total = sum(m.parameters for m in found.values())
+        lines = ["", f"left in float: {len(found)} module{'s' if len(found) != 1 else ''}, {total:,} parameters not rounded"]
+        advice: list[str] = []  # numbered once each, below the table
+        rows = []
+        for n, m in listed.items():
+            if m.advice and m.advice not in advice:
+                advice.append(m.advice)
+            mark = f" [{advice.index(m.advice) + 1}]" if m.advice else ""
+            rows.append((n, m.type, f"{m.parameters:,}" if m.parameters else "-", m.reason + mark))
+        if rows:
+            lines += _table(("module", "type", "parameters", "why"), rows)
+        if small:
+            counts: dict[str, int] = {}
+            for m in small.values():
+                counts[m.type] = counts.get(m.type, 0) + 1
+            kinds = ", ".join(f"{c} {t}" for t, c in counts.items())
+            lines.append(
+                f"norm/bias parameters only (normally kept in float): {kinds} "
+                f"({sum(m.parameters for m in small.values()):,} parameters)"
+            )
+        lines += [f"[{i}] {text}" for i, text in enumerate(advice, start=1)]
+        return lines
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -101,6 +152,7 @@ class AdaRoundResult:
             "restored": list(self.restored),
             "folded": [list(pair) for pair in self.folded],
             "equalized": [list(pair) for pair in self.equalized],
+            "float_modules": {name: dict(m.__dict__) for name, m in self.float_modules.items()},
         }
 
     @classmethod
@@ -111,7 +163,18 @@ class AdaRoundResult:
             restored=list(state.get("restored", [])),
             folded=[tuple(pair) for pair in state.get("folded", [])],
             equalized=[tuple(pair) for pair in state.get("equalized", [])],
+            float_modules={name: FloatModule(**m) for name, m in state.get("float_modules", {}).items()},
         )
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Left-aligned columns under a header and a rule."""
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = [
+        "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
+        "  ".join("-" * w for w in widths),
+    ]
+    return lines + ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
 
 
 def _shift_cell(r: LayerResult) -> str:
