@@ -91,7 +91,8 @@ class Recording(AdaRoundCallback):
 def forward_fn(module, batch):
     calls = getattr(module, "_calls", 0) + 1
     module._calls = calls
-    if OPTS.get("raise_on_rank1") and module.trainer.global_rank == 1 and calls > 4:
+    # call 1 is the callback's check before training (on_fit_start); the rounding's start after it
+    if OPTS.get("raise_on_rank1") and module.trainer.global_rank == 1 and calls > 5:
         raise RuntimeError("simulated failure in rank 1's forward")
     return module(batch[0])
 
