@@ -14,13 +14,14 @@ from lightning_adaround.export import export_quantized, load_quantized, use_floa
 from lightning_adaround.onnx_export import export_onnx
 from lightning_adaround.observer import AdaRoundObserver, RoundingStopped
 from lightning_adaround.quant import PerChannel, PerTensor, QuantGrid
-from lightning_adaround.result import AdaRoundResult, LayerResult
+from lightning_adaround.result import AdaRoundResult, FloatModule, LayerResult
 
 __all__ = [
     "AdaRoundCallback",
     "AdaRoundConfig",
     "AdaRoundObserver",
     "AdaRoundResult",
+    "FloatModule",
     "LayerResult",
     "PerChannel",
     "PerTensor",
