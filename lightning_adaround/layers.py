@@ -91,20 +91,28 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
+def cast_tensors(module: nn.Module, dtype: torch.dtype, skip: Iterable[str] = ()) -> dict[str, Tensor]:
+    """``module``'s float parameters and buffers not already in ``dtype`` (but those in ``skip``), cast."""
+    skip = set(skip)
+    return {
+        name: t.to(dtype)
+        for name, t in [*module.named_parameters(), *module.named_buffers()]
+        if t.is_floating_point() and t.dtype != dtype and name not in skip
+    }
+
+
 def call_in_dtype(
     module: nn.Module, args: tuple, kwargs: dict, overrides: dict[str, Tensor], dtype: torch.dtype,
+    cast: Optional[dict[str, Tensor]] = None,
 ) -> Any:
     """``module``'s own forward with ``overrides`` in place and every float tensor it uses in ``dtype``.
 
     A bfloat16/float16 model is optimised in float32: its other parameters and buffers (bias,
     BatchNorm statistics, clip bounds) and the float arguments are cast for the call, so one
-    dtype runs through the forward. A model already in ``dtype`` costs nothing extra.
+    dtype runs through the forward. A model already in ``dtype`` costs nothing extra. ``cast``:
+    :func:`cast_tensors` computed once by a caller that runs the module many times.
     """
-    params = {
-        name: t.to(dtype)
-        for name, t in [*module.named_parameters(), *module.named_buffers()]
-        if t.is_floating_point() and t.dtype != dtype and name not in overrides
-    }
+    params = dict(cast if cast is not None else cast_tensors(module, dtype, overrides))
     params.update(overrides)
     args = tuple(_cast(a, dtype) for a in args)
     kwargs = {k: _cast(v, dtype) for k, v in kwargs.items()}

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.layers import OutputOps, call_in_dtype, output_channel_dim
+from lightning_adaround.layers import OutputOps, call_in_dtype, cast_tensors, output_channel_dim
 
 
 @dataclass
@@ -27,6 +27,13 @@ class Unit:
     layers: list[str]  # the rounded layers inside, in execution order
     weight_paths: dict[str, str]  # layer name -> its weight's name inside ``module``
     ops: Optional[OutputOps] = None  # what the loss applies to the output (a unit of one only)
+    _cast: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # fixed for a unit's run: whether it is a single layer, and its other tensors cast per dtype
+        self._single = (
+            self.module is self.first[1] and self.layers == [self.first[0]] and self.weight_paths == {self.name: "weight"}
+        )
 
     @classmethod
     def of_layer(cls, name: str, layer: nn.Module, ops: Optional[OutputOps] = None) -> "Unit":
@@ -35,7 +42,7 @@ class Unit:
     @property
     def is_layer(self) -> bool:
         """A single layer rounded against its own output (not a block that holds one layer)."""
-        return self.module is self.first[1] and self.layers == [self.first[0]] and self.weight_paths == {self.name: "weight"}
+        return self._single
 
     @property
     def kind(self) -> str:
@@ -71,8 +78,11 @@ class Unit:
         """
         if x.dim() == 4 and x.device.type == "cpu" and not self.is_layer:
             x = x.contiguous(memory_format=torch.channels_last)
+        dtype = weights[0].dtype
+        if dtype not in self._cast:  # the unit's other parameters do not change while it is optimised
+            self._cast[dtype] = cast_tensors(self.module, dtype, self.weight_paths.values())
         params = dict(zip(self.weight_paths.values(), weights))
-        return self.output(call_in_dtype(self.module, (x, *args), kwargs or {}, params, weights[0].dtype))
+        return self.output(call_in_dtype(self.module, (x, *args), kwargs or {}, params, dtype, self._cast[dtype]))
 
 
 @dataclass
