@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_adaround.bias_correction import SumReduce, correct_biases
-from lightning_adaround.calibration import batch_size_of
+from lightning_adaround.cache import CachePlan
+from lightning_adaround.calibration import batch_size_of, tensors_in
 from lightning_adaround.capture import FirstPass, ForwardFn, InputCapture, default_forward, first_pass, parameters_read
 from lightning_adaround.blocks import find_blocks
 from lightning_adaround.chain import find_block_chains
@@ -166,7 +167,7 @@ def adaround(
             for param in model.parameters():  # gradients for V only: the model's .grad stay untouched
                 param.requires_grad_(False)
             model.to(device).eval()
-            cache_device = torch.device("cpu") if config.cache_on_cpu else device
+            cache_device = _staging_device(batches, device, config)
             # move_batch (Lightning: the module's transfer hooks) runs once per batch; every later
             # move between the cache and the device is a plain tensor move
             staged = [move_to_device(_clone_inference_tensors(move_batch(b, device)), cache_device) for b in batches]
@@ -237,6 +238,13 @@ def _warn_float_matrices(found: dict[str, FloatModule]) -> None:
         "result.float_modules and the summary table's 'left in float' section list every module left in float.",
         stacklevel=3,
     )
+
+
+def _staging_device(batches: list[Any], device: torch.device, config: AdaRoundConfig) -> torch.device:
+    """The calibration batches, like every cache, stay on the device when they fit ``device_cache_bytes``."""
+    nbytes = sum(t.numel() * t.element_size() for b in batches for t in tensors_in(b))
+    plan = CachePlan(device, config.device_cache_bytes, config.host_cache_bytes)
+    return device if plan.tier_for(nbytes) == "device" else torch.device("cpu")
 
 
 def _warn_unmatched_excludes(model: nn.Module, config: AdaRoundConfig) -> None:

@@ -43,7 +43,6 @@ class CachePlan:
     host_bytes: Optional[int] = None
     directory: Optional[str] = None
     dtype: Optional[torch.dtype] = None  # a compact storage dtype the user allowed, e.g. bfloat16
-    skip_device: bool = False  # ``cache_on_cpu``
 
     def budget(self, tier: str) -> Optional[int]:
         if tier == "device":
@@ -61,8 +60,7 @@ class CachePlan:
 
     def tier_for(self, nbytes: int) -> str:
         """The first tier whose budget holds ``nbytes``; disk when none does."""
-        on_host = self.device.type == "cpu" or self.skip_device
-        for tier in (("host",) if on_host else ("device", "host")):
+        for tier in (("host",) if self.device.type == "cpu" else ("device", "host")):
             budget = self.budget(tier)
             if budget is None or nbytes <= budget:
                 return tier

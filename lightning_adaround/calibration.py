@@ -5,7 +5,7 @@ Plain PyTorch: the callback and plain-PyTorch users both bound calibration data 
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from torch import Tensor
 
@@ -25,6 +25,18 @@ def batch_size_of(batch: Any) -> Optional[int]:
         if size is not None:
             return size
     return None
+
+
+def tensors_in(batch: Any) -> Iterator[Tensor]:
+    """Every tensor inside tuples, lists and dicts of ``batch``."""
+    if isinstance(batch, Tensor):
+        yield batch
+    elif isinstance(batch, (tuple, list)):
+        for item in batch:
+            yield from tensors_in(item)
+    elif isinstance(batch, dict):
+        for item in batch.values():
+            yield from tensors_in(item)
 
 
 def _head(batch: Any, count: int, size: int) -> Any:

@@ -34,7 +34,7 @@ VERSION = 2
 MANIFEST = "manifest.json"
 # Settings that change no integer weight: a resumed run may change them.
 NOT_FINGERPRINTED = (
-    "cache_on_cpu", "device_cache_bytes", "host_cache_bytes", "cache_dir", "carry_activations", "log_every_n_steps",
+    "device_cache_bytes", "host_cache_bytes", "cache_dir", "carry_activations", "log_every_n_steps",
 )
 
 

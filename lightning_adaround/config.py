@@ -64,10 +64,11 @@ class AdaRoundConfig:
             ``nn.Sequential`` into its reconstruction loss.
         holdout_fraction: Share of calibration samples kept out of optimisation to report
             nearest vs AdaRound error (0: report on the training samples).
-        cache_on_cpu: Keep cached activations in host memory (for a short device).
         device_cache_bytes: Per-layer budget for cached activations on the compute device
             (``None``: half the free GPU memory when the layer starts; on a CPU device the
-            host budget applies). A layer over budget is cached in host memory, pinned.
+            host budget applies). A layer over budget is cached in host memory; so are the
+            calibration batches when they do not fit it (``0``: everything in host memory, for
+            a device short of memory).
         host_cache_bytes: Per-layer budget in host memory (``None``: half the available
             memory). A layer over it is cached in a memory-mapped file in ``cache_dir``.
         cache_dir: Directory for the memory-mapped caches (``None``: the system temp dir);
@@ -128,7 +129,6 @@ class AdaRoundConfig:
     beta_end: float = 2.0
     include_activation: bool = True
     holdout_fraction: float = 0.1
-    cache_on_cpu: bool = False
     device_cache_bytes: Optional[int] = None
     host_cache_bytes: Optional[int] = None
     cache_dir: Optional[str] = None

@@ -155,7 +155,6 @@ def build_objective(
     moments = LayerMoments(unit.module, device) if form == "moments" else None
     cache = _Cache(CachePlan(
         device, config.device_cache_bytes, config.host_cache_bytes, config.cache_dir, config.cache_dtype,
-        skip_device=config.cache_on_cpu,
     ), len(capture.batches) * getattr(capture, "calls_per_batch", lambda _: 1)(first_name))
     arguments = _UnitArguments(unit, first[1], first[1][0][0].shape)
     for index, rounded_call, float_call in chain([first], calls):

@@ -44,7 +44,18 @@ def test_tier_follows_the_budgets():
     assert cpu.tier_for(1000) == "host" and cpu.tier_for(1001) == "disk"
     gpu = CachePlan(torch.device("cuda"), device_bytes=10, host_bytes=100)  # budgets given: no CUDA query
     assert [gpu.tier_for(n) for n in (10, 100, 101)] == ["device", "host", "disk"]
-    assert CachePlan(torch.device("cuda"), device_bytes=10, host_bytes=100, skip_device=True).tier_for(5) == "host"
+
+
+def test_calibration_batches_stay_on_the_device_only_while_they_fit_its_budget():
+    """``device_cache_bytes=0`` keeps the batches in host memory too (what ``cache_on_cpu`` did)."""
+    from lightning_adaround.api import _staging_device
+
+    batches = [torch.zeros(4, 8), (torch.zeros(4, 8), {"mask": torch.zeros(4, dtype=torch.bool)})]  # 260 bytes
+    cuda = torch.device("cuda")  # budgets given: no CUDA query, so this runs on any machine
+    assert _staging_device(batches, cuda, AdaRoundConfig(device_cache_bytes=260)) == cuda
+    assert _staging_device(batches, cuda, AdaRoundConfig(device_cache_bytes=259, host_cache_bytes=10**6)) == torch.device("cpu")
+    assert _staging_device(batches, cuda, AdaRoundConfig(device_cache_bytes=0, host_cache_bytes=10**6)) == torch.device("cpu")
+    assert _staging_device(batches, torch.device("cpu"), AdaRoundConfig()) == torch.device("cpu")
 
 
 def test_rounding_is_identical_wherever_the_cache_lives(tmp_path):

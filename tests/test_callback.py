@@ -447,7 +447,7 @@ def test_every_config_field_is_reachable_from_lightning_cli_yaml(tmp_path):
         "scale_method": "minmax", "loss_form": "minibatch", "reconstruction": "block", "blocks": ["net"],
         "block_loss": "fisher", "iterations": 10, "batch_size": 8, "lr": 0.01, "reg_lambda": 0.02,
         "warm_start": 0.1, "beta_start": 16.0, "beta_end": 3.0, "include_activation": False,
-        "holdout_fraction": 0.0, "cache_on_cpu": True, "device_cache_bytes": 1000, "host_cache_bytes": 2000,
+        "holdout_fraction": 0.0, "device_cache_bytes": 1000, "host_cache_bytes": 2000,
         "cache_dir": str(tmp_path), "cache_dtype": "torch.bfloat16", "carry_activations": False, "seed": 7,
         "layers": ["net.*"], "exclude": ["net.1"], "layer_types": ["torch.nn.Linear", "torch.nn.Conv2d"],
         "layer_bits": {"net.0": 8}, "log_every_n_steps": 5, "keep_float_weights": True,
@@ -530,8 +530,8 @@ def _calibration(generator_seed=0):
     return DataLoader(TensorDataset(x, (x[:, 0] > 1).long()), batch_size=8)
 
 
-@pytest.mark.parametrize("cache_on_cpu", [False, True])
-def test_transfer_hooks_run_once_per_calibration_batch_with_a_host_cache(tmp_path, cache_on_cpu):
+@pytest.mark.parametrize("device_cache_bytes", [None, 0])
+def test_transfer_hooks_run_once_per_calibration_batch_with_a_host_cache(tmp_path, device_cache_bytes):
     """Lightning's transfer hooks (a normalization here) run once per batch, also when the cache lives on
     the host and batches go back and forth (a plain tensor move after the first transfer)."""
     import lightning.pytorch as pl
@@ -544,7 +544,7 @@ def test_transfer_hooks_run_once_per_calibration_batch_with_a_host_cache(tmp_pat
     for device in ("cpu", torch.device("cpu", 0)):  # cpu:0 is not the host cache's device: batches are moved
         module = _normalizing_module(pl)()
         recorder = _TransfersDuringRounding(pl.Callback)
-        cb = make_callback(AdaRoundCallback, run_on="validate", calibration_data=data, cache_on_cpu=cache_on_cpu,
+        cb = make_callback(AdaRoundCallback, run_on="validate", calibration_data=data, device_cache_bytes=device_cache_bytes,
                            num_calibration_samples=32, verbose=False, report=False)
         trainer = pl.Trainer(**trainer_kwargs(
             tmp_path, callbacks=[cb, recorder.callback], logger=False, devices="auto",

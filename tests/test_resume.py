@@ -191,7 +191,7 @@ def test_settings_that_change_no_weight_may_change_on_resume(tmp_path):
     with pytest.raises(_Injected):
         adaround(_model(), _data(), config, observer=_Interrupt("layer_start", 2, 0, _Injected), checkpoint_dir=tmp_path)
     model = _model()
-    result = adaround(model, _data(), _config(cache_on_cpu=True, log_every_n_steps=7), checkpoint_dir=tmp_path)
+    result = adaround(model, _data(), _config(device_cache_bytes=0, host_cache_bytes=10**9, log_every_n_steps=7), checkpoint_dir=tmp_path)
     assert result.restored == LAYERS[:2]
     _assert_same_result(result, reference, model, reference_model)
 
@@ -470,9 +470,9 @@ def test_files_are_loaded_weights_only(tmp_path, monkeypatch):
 @pytest.mark.parametrize("loss_form", ["minibatch", "moments"])
 def test_same_seed_same_integer_weights_wherever_the_cache_lives(loss_form):
     results = []
-    for cache_on_cpu in (False, True, False):
+    for budgets in ({}, {"host_cache_bytes": 0}, {}):  # host memory, then a memory-mapped file, on a CPU
         model = _model()
-        results.append((adaround(model, _data(), _config(loss_form=loss_form, cache_on_cpu=cache_on_cpu)), model))
+        results.append((adaround(model, _data(), _config(loss_form=loss_form, **budgets)), model))
     for result, model in results[1:]:
         _assert_same_result(result, results[0][0], model, results[0][1])
 
