@@ -216,12 +216,12 @@ def test_unreached_layers_are_remembered(tmp_path):
 # ------------------------------------------------------------------------------ a killed process
 
 
-def test_a_process_killed_with_sigterm_resumes_to_the_same_result(tmp_path):
-    folder = tmp_path / "ckpt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+def _sigterm_after_first_layer(script_and_args: list[str], folder: Path, **env: str) -> tuple[int, str]:
+    """Run ``tests/<script>``, send it SIGTERM once a layer is in ``folder``; (return code, output)."""
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "resume_case.py"), str(folder), "0.005"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [sys.executable, str(ROOT / "tests" / script_and_args[0]), *script_and_args[1:]],
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 120
@@ -230,11 +230,18 @@ def test_a_process_killed_with_sigterm_resumes_to_the_same_result(tmp_path):
             assert time.monotonic() < deadline, "no layer finished within 120 s"
             time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == -signal.SIGTERM
+        output = process.communicate(timeout=60)[0].decode()
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+    return process.returncode, output
+
+
+def test_a_process_killed_with_sigterm_resumes_to_the_same_result(tmp_path):
+    folder = tmp_path / "ckpt"
+    returncode, _ = _sigterm_after_first_layer(["resume_case.py", str(folder), "0.005"], folder)
+    assert returncode == -signal.SIGTERM
     finished = _finished(folder)
     assert 1 <= len(finished) < 4, finished
     model = resume_case.model()
@@ -273,23 +280,7 @@ def test_a_lightning_run_stops_on_sigterm_and_resumes_to_the_same_result(tmp_pat
     """Lightning catches SIGTERM (a scheduler's preemption, docker stop): the rounding must stop
     between steps, leave the model as given, keep its finished layers, and resume exactly."""
     folder, report = tmp_path / "ckpt", tmp_path / "outcome.txt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), SLOW_STEPS="1")
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "sigterm_case.py"), str(folder), str(report)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not _finished(folder):  # wait for the first finished layer
-            assert process.poll() is None, process.stdout.read().decode()
-            assert time.monotonic() < deadline, "no layer finished within 120 s"
-            time.sleep(0.02)
-        process.send_signal(signal.SIGTERM)
-        output = process.communicate(timeout=60)[0].decode()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    _, output = _sigterm_after_first_layer(["sigterm_case.py", str(folder), str(report)], folder, SLOW_STEPS="1")
     assert "Received SIGTERM" in output, output[-2000:]
     assert report.read_text() == "stopped, model as given", output[-2000:]
     finished = _finished(folder)
