@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lightning_adaround.bias_correction import SumReduce, correct_biases
 from lightning_adaround.cache import CachePlan
-from lightning_adaround.calibration import batch_size_of, tensors_in
+from lightning_adaround.calibration import batch_size_of, map_tensors, tensors_in
 from lightning_adaround.capture import FirstPass, ForwardFn, InputCapture, default_forward, first_pass, parameters_read
 from lightning_adaround.blocks import find_blocks
 from lightning_adaround.chain import find_block_chains
@@ -48,14 +48,8 @@ MoveBatch = Callable[[Any, torch.device], Any]
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
-    """Tensors anywhere inside tuples, lists and dicts go to ``device``; the rest is untouched."""
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: move_to_device(v, device) for k, v in batch.items()}
-    return batch
+    """Tensors anywhere inside tuples, lists and mappings go to ``device``; the rest is untouched."""
+    return map_tensors(batch, lambda t: t.to(device))
 
 
 def adaround(
@@ -320,13 +314,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def _clone_inference_tensors(batch: Any) -> Any:
     """Batches made under ``torch.inference_mode`` cannot feed autograd; copy those out."""
-    if isinstance(batch, Tensor):
-        return batch.clone() if batch.is_inference() else batch
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_clone_inference_tensors(b) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _clone_inference_tensors(v) for k, v in batch.items()}
-    return batch
+    return map_tensors(batch, lambda t: t.clone() if t.is_inference() else t)
 
 
 def _first_pass(

@@ -1,53 +1,52 @@
-"""Reading a bounded number of calibration samples from any iterable of batches.
+"""Calibration batches: the one walker over their tensors, and reading a bounded number of samples.
 
 Plain PyTorch: the callback and plain-PyTorch users both bound calibration data this way.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 from torch import Tensor
 
 
-def batch_size_of(batch: Any) -> Optional[int]:
-    """Leading dim of the first tensor found in the batch (``None``: no tensor)."""
+def map_tensors(batch: Any, fn: Callable[[Tensor], Any]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor inside tuples (named ones too), lists and mappings.
+
+    The one walker over a batch's structure: moving, cloning and cutting batches all go through
+    it. A mapping keeps its type where it can be rebuilt from a dict (``OrderedDict``, a
+    tokenizer's ``BatchEncoding``); anything else that is not a tensor is passed through.
+    """
     if isinstance(batch, Tensor):
-        return batch.shape[0] if batch.dim() > 0 else None
+        return fn(batch)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple takes positional fields
+        return type(batch)(*(map_tensors(b, fn) for b in batch))
     if isinstance(batch, (tuple, list)):
-        items: Iterable[Any] = batch
-    elif isinstance(batch, dict):
-        items = batch.values()
-    else:
-        return None
-    for item in items:
-        size = batch_size_of(item)
-        if size is not None:
-            return size
-    return None
+        return type(batch)(map_tensors(b, fn) for b in batch)
+    if isinstance(batch, Mapping):
+        mapped = {k: map_tensors(v, fn) for k, v in batch.items()}
+        try:
+            return type(batch)(mapped)
+        except Exception:  # noqa: BLE001 - a mapping that cannot be rebuilt from a dict: a plain dict
+            return mapped
+    return batch
 
 
 def tensors_in(batch: Any) -> Iterator[Tensor]:
-    """Every tensor inside tuples, lists and dicts of ``batch``."""
-    if isinstance(batch, Tensor):
-        yield batch
-    elif isinstance(batch, (tuple, list)):
-        for item in batch:
-            yield from tensors_in(item)
-    elif isinstance(batch, dict):
-        for item in batch.values():
-            yield from tensors_in(item)
+    """Every tensor inside ``batch``, in the order :func:`map_tensors` visits them."""
+    found: list[Tensor] = []
+    map_tensors(batch, found.append)
+    return iter(found)
 
 
-def _head(batch: Any, count: int, size: int) -> Any:
-    """The first ``count`` samples of every tensor whose leading dim is the batch size."""
-    if isinstance(batch, Tensor):
-        return batch[:count] if batch.dim() > 0 and batch.shape[0] == size else batch
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_head(b, count, size) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _head(v, count, size) for k, v in batch.items()}
-    return batch
+def batch_size_of(batch: Any) -> Optional[int]:
+    """Leading dim of the first tensor with one (``None``: no such tensor)."""
+    return next((t.shape[0] for t in tensors_in(batch) if t.dim() > 0), None)
+
+
+def leading_rows(batch: Any, start: int, stop: int, size: int) -> Any:
+    """Samples ``start:stop`` of every tensor whose leading dim is the batch size ``size``."""
+    return map_tensors(batch, lambda t: t[start:stop] if t.dim() > 0 and t.shape[0] == size else t)
 
 
 def take_samples(batches: Iterable[Any], num_samples: Optional[int]) -> list[Any]:
@@ -67,6 +66,6 @@ def take_samples(batches: Iterable[Any], num_samples: Optional[int]) -> list[Any
             seen += size or 1
             continue
         keep = min(size, num_samples - seen)
-        taken.append(batch if keep == size else _head(batch, keep, size))
+        taken.append(batch if keep == size else leading_rows(batch, 0, keep, size))
         seen += keep
     return taken

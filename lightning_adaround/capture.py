@@ -16,6 +16,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_adaround.calibration import tensors_in
 from lightning_adaround.chain import BlockChain
 from lightning_adaround.layers import ForwardFn, forward_with_hooks
 
@@ -125,22 +126,10 @@ def parameters_read(
     wanted = {id(p) for p in params}
     found: set[int] = set()
 
-    def look(value: Any) -> None:
-        if isinstance(value, Tensor):
-            if id(value) in wanted:
-                found.add(id(value))
-        elif isinstance(value, (tuple, list)):
-            for v in value:
-                look(v)
-        elif isinstance(value, dict):
-            for v in value.values():
-                look(v)
-
     class Watch(torch.overrides.TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            look(args)
-            look(kwargs)
+            found.update(id(t) for t in tensors_in((args, kwargs)) if id(t) in wanted)
             return func(*args, **kwargs)
 
     try:

@@ -55,7 +55,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_adaround.api import Activation, MoveBatch, adaround, move_to_device
-from lightning_adaround.calibration import batch_size_of
+from lightning_adaround.calibration import batch_size_of, leading_rows, tensors_in
 from lightning_adaround.capture import InputCapture
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.layers import ForwardFn, compute_dtype
@@ -126,7 +126,7 @@ def shard_calibration(batches: Iterable[Any], rank: int, world_size: int) -> Cal
         lo, hi = max(start, position), min(stop, position + size)
         if lo < hi:
             cut = lo - position, hi - position
-            local.append(batch if cut == (0, size) else _slice(batch, cut[0], cut[1], size))
+            local.append(batch if cut == (0, size) else leading_rows(batch, cut[0], cut[1], size))
             pieces.append((index, lo - position, hi - lo))
         position += size
     return CalibrationShard(local, pieces, sizes, _fingerprint(batches, sizes))
@@ -154,35 +154,13 @@ def _samples_in(batch: Any) -> int:
     return 1 if size is None else size
 
 
-def _slice(batch: Any, start: int, stop: int, size: int) -> Any:
-    """Samples ``start:stop`` of every tensor whose leading dim is the batch size."""
-    if isinstance(batch, Tensor):
-        return batch[start:stop] if batch.dim() > 0 and batch.shape[0] == size else batch
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_slice(b, start, stop, size) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _slice(v, start, stop, size) for k, v in batch.items()}
-    return batch
-
-
-def _tensors(batch: Any) -> Iterator[Tensor]:
-    if isinstance(batch, Tensor):
-        yield batch
-    elif isinstance(batch, (tuple, list)):
-        for b in batch:
-            yield from _tensors(b)
-    elif isinstance(batch, dict):
-        for b in batch.values():
-            yield from _tensors(b)
-
-
 @torch.no_grad()
 def _fingerprint(batches: Sequence[Any], sizes: Sequence[int]) -> tuple[float, float]:
     """Two numbers that change when the samples or their order change (shuffled loaders)."""
     plain, ordered = 0.0, float(zlib.crc32(repr(list(sizes)).encode()))
     first = 0
     for batch, size in zip(batches, sizes):
-        for t in _tensors(batch):
+        for t in tensors_in(batch):
             if t.is_complex() or t.numel() == 0:
                 continue
             t = t.detach()

@@ -481,3 +481,20 @@ def test_model_parameters_get_no_gradient_and_keep_requires_grad():
     adaround(model, batches(), AdaRoundConfig(**FAST, loss_form="minibatch"))
     assert all(p.grad is None for p in model.parameters())
     assert [p.requires_grad for p in model.parameters()] == [True] * 5 + [False]
+
+
+def test_namedtuple_and_mapping_batches_keep_their_type_when_moved():
+    """One walker moves, clones and cuts batches: a namedtuple or an OrderedDict comes back as itself."""
+    import collections
+
+    from lightning_adaround.api import move_to_device
+    from lightning_adaround.calibration import batch_size_of, leading_rows, take_samples
+
+    Pair = collections.namedtuple("Pair", "x y")
+    batch = Pair(torch.randn(6, 3), collections.OrderedDict(mask=torch.ones(6), note="kept"))
+    moved = move_to_device(batch, torch.device("cpu"))
+    assert isinstance(moved, Pair) and isinstance(moved.y, collections.OrderedDict) and moved.y["note"] == "kept"
+    assert batch_size_of(batch) == 6
+    cut = leading_rows(batch, 1, 4, 6)
+    assert isinstance(cut, Pair) and cut.x.shape == (3, 3) and cut.y["mask"].shape == (3,)
+    assert [batch_size_of(b) for b in take_samples([batch, batch], 8)] == [6, 2]
