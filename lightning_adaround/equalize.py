@@ -17,9 +17,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.fold import _BATCH_NORMS, computed_weight_fix, traced_graph
+from lightning_adaround.fold import computed_weight_fix, traced_graph
+from lightning_adaround.layers import _ELEMENTWISE_ACTIVATIONS, BATCH_NORMS, SUPPORTED_LAYER_TYPES, ChannelClip
 
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # Modules with f(x / s) = f(x) / s per channel for every s > 0.
 _COMMUTING = (
@@ -33,34 +33,6 @@ _CLIPPING_FUNCTIONS = {torch.nn.functional.relu6, torch.nn.functional.hardtanh}
 _FLATTEN_FUNCTIONS = {torch.flatten}
 MAX_SWEEPS = 100
 TOLERANCE = 1e-6  # stop when no scale moves by more than this (relative)
-
-
-class ChannelClip(nn.Module):
-    """``min(max(x, lower), upper)`` with one bound per channel: what a ReLU6 or Hardtanh becomes
-    when equalization scales the channels it clips.
-
-    ``clip(x / s, l, u) = clip(x, l s, u s) / s``, so ``clip(x, l / s, u / s)`` after a layer whose
-    channel ``i`` was divided by ``s_i`` gives the old output divided by ``s_i``: exactly what the
-    next layer, multiplied by ``s_i``, expects. ``lower`` and ``upper`` are buffers shaped to
-    broadcast against the channel dim (``(C, 1, 1)`` after a Conv2d, ``(C,)`` after a Linear).
-    They are saved in the ``state_dict`` (as ``<activation>.lower``/``.upper``): a checkpoint of an
-    equalized model loaded into a model with the original ReLU6 fails loudly on those keys,
-    instead of silently clipping at the wrong place.
-    """
-
-    lower: Tensor
-    upper: Tensor
-
-    def __init__(self, lower: Tensor, upper: Tensor) -> None:
-        super().__init__()
-        self.register_buffer("lower", lower)
-        self.register_buffer("upper", upper)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.minimum(torch.maximum(x, self.lower), self.upper)
-
-    def extra_repr(self) -> str:
-        return f"channels={self.lower.shape[0]}"
 
 
 _CLIPPING = (nn.Hardtanh, ChannelClip)  # nn.ReLU6 is a Hardtanh(0, 6)
@@ -81,13 +53,12 @@ def _step(module: Any, name: str) -> tuple[str, Optional[str]]:
     ``flatten``, ``block`` or ``stop``."""
     if isinstance(module, _COMMUTING):
         return "pass", None
-    if isinstance(module, _BATCH_NORMS):
+    if isinstance(module, BATCH_NORMS):
         return "shift", None
     if isinstance(module, nn.Flatten):
         return ("flatten", None) if module.start_dim == 1 and module.end_dim == -1 else ("stop", None)
     if isinstance(module, _CLIPPING):
         return "clip", None
-    from lightning_adaround.layers import _ELEMENTWISE_ACTIVATIONS
 
     if isinstance(module, _ELEMENTWISE_ACTIVATIONS):
         return "block", f"the {type(module).__name__} {name!r} between them does not commute with a per-channel scale"
@@ -133,7 +104,7 @@ def _traced_pairs(model: nn.Module) -> Optional[list[_Pair]]:
         if node.op != "call_module":
             return None
         module = modules.get(node.target)
-        return module if isinstance(module, _LAYERS + _TRANSPOSED) else None
+        return module if isinstance(module, SUPPORTED_LAYER_TYPES) else None
 
     pairs = []
     for node in graph.nodes:
@@ -183,11 +154,11 @@ def _sequential_pairs(model: nn.Module) -> list[_Pair]:
         prefix = f"{name}." if name else ""
         children = [(n, c) for n, c in module._modules.items() if c is not None]  # repeats kept, unlike named_children
         for i, (a, first) in enumerate(children):
-            if not isinstance(first, _LAYERS + _TRANSPOSED):
+            if not isinstance(first, SUPPORTED_LAYER_TYPES):
                 continue
             pair = _Pair(prefix + a, "")
             for b, child in children[i + 1:]:
-                if isinstance(child, _LAYERS + _TRANSPOSED):
+                if isinstance(child, SUPPORTED_LAYER_TYPES):
                     pair.second = prefix + b
                     pairs.append(pair)
                     break
@@ -381,7 +352,7 @@ def equalize_layers(model: nn.Module, pairs: Optional[Sequence[tuple[str, str]]]
             for name in (first, second):
                 if name not in modules:
                     raise ValueError(f"equalize_layers pairs name {name!r}, which is not a module of {type(model).__name__}.")
-                if not isinstance(modules[name], _LAYERS + _TRANSPOSED):
+                if not isinstance(modules[name], SUPPORTED_LAYER_TYPES):
                     raise ValueError(
                         f"equalize_layers pairs {name!r}, a {type(modules[name]).__name__}; pairs are Linear or "
                         "convolution layers."

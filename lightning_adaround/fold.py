@@ -15,8 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+from lightning_adaround.layers import BATCH_NORMS, SUPPORTED_LAYER_TYPES
 
 
 def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -26,7 +25,7 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
             continue
         children = list(module.named_children())
         for (a, layer), (b, bn) in zip(children, children[1:]):
-            if isinstance(layer, _FOLDABLE) and isinstance(bn, _BATCH_NORMS):
+            if isinstance(layer, SUPPORTED_LAYER_TYPES) and isinstance(bn, BATCH_NORMS):
                 prefix = f"{name}." if name else ""
                 pairs.append((prefix + a, prefix + b))
     return pairs
@@ -56,12 +55,12 @@ def _traced_pairs(model: nn.Module) -> Optional[list[tuple[str, str]]]:
     graph, modules, calls = traced
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _BATCH_NORMS):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), BATCH_NORMS):
             continue
         source = node.args[0] if node.args else None
         if (
             isinstance(source, torch.fx.Node) and source.op == "call_module"
-            and isinstance(modules.get(source.target), _FOLDABLE)
+            and isinstance(modules.get(source.target), SUPPORTED_LAYER_TYPES)
             and len(source.users) == 1 and calls[source.target] == 1 and calls[node.target] == 1
         ):
             pairs.append((source.target, node.target))
@@ -99,7 +98,7 @@ def computed_weight_fix(module: nn.Module, name: str) -> Optional[str]:
 
 
 def _why_not(layer: nn.Module, bn: nn.Module, layer_name: str) -> Optional[str]:
-    if not isinstance(layer, _FOLDABLE):
+    if not isinstance(layer, SUPPORTED_LAYER_TYPES):
         return f"it follows a {type(layer).__name__}, not a Linear or convolution"
     fix = computed_weight_fix(layer, layer_name)
     if fix is not None:
@@ -155,7 +154,7 @@ def fold_batchnorm(model: nn.Module, pairs: Optional[Sequence[tuple[str, str]]] 
         for name in (layer_name, bn_name):
             if name not in modules:
                 raise ValueError(f"fold_batchnorm pairs name {name!r}, which is not a module of {type(model).__name__}.")
-        if not isinstance(modules[bn_name], _BATCH_NORMS):
+        if not isinstance(modules[bn_name], BATCH_NORMS):
             raise ValueError(f"fold_batchnorm pairs {bn_name!r} as a BatchNorm, but it is a {type(modules[bn_name]).__name__}.")
     folded = []
     for layer_name, bn_name in chosen:
@@ -167,7 +166,7 @@ def fold_batchnorm(model: nn.Module, pairs: Optional[Sequence[tuple[str, str]]] 
         folded.append((layer_name, bn_name))
     done = {bn for _, bn in folded} | {bn for _, bn in chosen}
     for name, module in modules.items():
-        if isinstance(module, _BATCH_NORMS) and name not in done:
+        if isinstance(module, BATCH_NORMS) and name not in done:
             warnings.warn(
                 f"BatchNorm {name!r} is not folded: no Linear/convolution feeds it directly; "
                 "name the pair with fold_batchnorm(model, pairs=[(layer, batchnorm)]) if one does.",

@@ -13,8 +13,6 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.equalize import ChannelClip
-
 SUPPORTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
     nn.Conv1d,
@@ -280,11 +278,39 @@ def bits_for(name: str, default_bits: int, overrides: dict[str, int]) -> int:
     return default_bits
 
 
+class ChannelClip(nn.Module):
+    """``min(max(x, lower), upper)`` with one bound per channel: what a ReLU6 or Hardtanh becomes
+    when equalization scales the channels it clips.
+
+    ``clip(x / s, l, u) = clip(x, l s, u s) / s``, so ``clip(x, l / s, u / s)`` after a layer whose
+    channel ``i`` was divided by ``s_i`` gives the old output divided by ``s_i``: exactly what the
+    next layer, multiplied by ``s_i``, expects. ``lower`` and ``upper`` are buffers shaped to
+    broadcast against the channel dim (``(C, 1, 1)`` after a Conv2d, ``(C,)`` after a Linear).
+    They are saved in the ``state_dict`` (as ``<activation>.lower``/``.upper``): a checkpoint of an
+    equalized model loaded into a model with the original ReLU6 fails loudly on those keys,
+    instead of silently clipping at the wrong place.
+    """
+
+    lower: Tensor
+    upper: Tensor
+
+    def __init__(self, lower: Tensor, upper: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("lower", lower)
+        self.register_buffer("upper", upper)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.minimum(torch.maximum(x, self.lower), self.upper)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.lower.shape[0]}"
+
+
 _ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish,
     nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Mish, ChannelClip,
 )
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass
@@ -329,7 +355,7 @@ def following_ops(model: nn.Module, layer_name: str) -> Optional[OutputOps]:
     children = list(parent.named_children())
     position = [n for n, _ in children].index(child) + 1
     ops = OutputOps(detected=True)
-    if position < len(children) and isinstance(children[position][1], _BATCH_NORMS):
+    if position < len(children) and isinstance(children[position][1], BATCH_NORMS):
         ops.batchnorm = children[position][1]
         position += 1
     if position < len(children) and isinstance(children[position][1], _ELEMENTWISE_ACTIVATIONS):

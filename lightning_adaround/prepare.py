@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.equalize import clips_restorer, equalize_layers
-from lightning_adaround.fold import _BATCH_NORMS, _FOLDABLE, fold_batchnorm
-from lightning_adaround.layers import SUPPORTED_LAYER_TYPES
+from lightning_adaround.fold import fold_batchnorm
+from lightning_adaround.layers import BATCH_NORMS, SUPPORTED_LAYER_TYPES
 
 
 @dataclass
@@ -38,7 +38,7 @@ def prepare_model(model: nn.Module, config: AdaRoundConfig) -> Preparation:
     """Fold BatchNorms, then equalize, as ``config`` asks; in place. Call under ``inference_mode(False)``
     so that the new ``ChannelClip`` bounds can feed autograd."""
     done = Preparation()
-    if config.fold_batchnorm and any(isinstance(m, _BATCH_NORMS) for m in model.modules()):
+    if config.fold_batchnorm and any(isinstance(m, BATCH_NORMS) for m in model.modules()):
         done.folded = fold_batchnorm(model)
     if config.equalizes:
         done.equalized = equalize_layers(model)
@@ -55,7 +55,7 @@ class ModelSnapshot:
 
     def __init__(self, model: nn.Module, layer_types: Sequence[type[nn.Module]] = ()) -> None:
         self.model = model
-        kinds = tuple(SUPPORTED_LAYER_TYPES) + tuple(layer_types) + _FOLDABLE + (nn.modules.batchnorm._BatchNorm,)
+        kinds = tuple(SUPPORTED_LAYER_TYPES) + tuple(layer_types) + (nn.modules.batchnorm._BatchNorm,)
         self._restore_clips = clips_restorer(model)  # saves the clip modules and their bounds
         self._tensors: list[tuple[nn.Module, str, Tensor, Tensor]] = []
         with torch.no_grad():
