@@ -115,7 +115,7 @@ def adaround(
     layers = _selected_layers(model, config)
     _check_weights(layers)
     names = [n for n, _ in layers]
-    unused = [p for p in config.layer_bits if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    unused = _matching_nothing(config.layer_bits, names)
     if unused:
         warnings.warn(
             f"layer_bits patterns {unused} match none of the layers being rounded ({names[:8]}"
@@ -241,10 +241,15 @@ def _staging_device(batches: list[Any], device: torch.device, config: AdaRoundCo
     return device if plan.tier_for(nbytes) == "device" else torch.device("cpu")
 
 
+def _matching_nothing(patterns: Iterable[str], names: Sequence[str]) -> list[str]:
+    """The name globs in ``patterns`` that match none of ``names``."""
+    return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+
 def _warn_unmatched_excludes(model: nn.Module, config: AdaRoundConfig) -> None:
     """An ``exclude`` glob that matches no layer is a typo the user would otherwise never see."""
     candidates = [name for name, _ in select_layers(model, config.layers, (), config.layer_types)]
-    unused = [p for p in config.exclude if not any(fnmatch.fnmatchcase(n, p) for n in candidates)]
+    unused = _matching_nothing(config.exclude, candidates)
     if unused:
         warnings.warn(
             f"exclude patterns {unused} match none of the layers that would be rounded ({candidates[:8]}"
@@ -324,13 +329,18 @@ def _first_pass(
     try:
         seen = first_pass(model, layers, batch, forward_fn)
     except Exception as err:
-        raise ValueError(
-            f"running the model on the first calibration batch failed with {type(err).__name__}: "
-            f"{str(err).rstrip('.')}. "
-            "Pass forward_fn=lambda model, batch: ... that turns one of your batches into a forward call."
-        ) from err
+        raise forward_failure(err) from err
     seen.order += [name for name, _ in layers if name not in seen.order]
     return seen
+
+
+def forward_failure(err: Exception, when: str = "") -> ValueError:
+    """The error for a forward that cannot run a calibration batch (``when``: a note appended)."""
+    return ValueError(
+        f"running the model on the first calibration batch failed with {type(err).__name__}: "
+        f"{str(err).rstrip('.')}. "
+        f"Pass forward_fn=lambda model, batch: ... that turns one of your batches into a forward call{when}."
+    )
 
 
 def _blocks(model: nn.Module, config: AdaRoundConfig, order: list[str], batch: Any, run: ForwardFn) -> list[Unit]:

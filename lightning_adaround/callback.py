@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
-from lightning_adaround.api import _check_weights, _selected_layers, adaround
+from lightning_adaround.api import _check_weights, _selected_layers, adaround, forward_failure
 from lightning_adaround.calibration import batch_size_of, take_samples
 from lightning_adaround.checkpoint import PathLike
 from lightning_adaround.capture import default_forward
@@ -172,11 +172,7 @@ class _AdaRoundCallbackBase:
                     f"reading the calibration data failed with {type(err).__name__}: {err}. Check the loader "
                     "(AdaRoundCallback(calibration_data=...) or the datamodule's calibration_dataloader())."
                 ) from err
-        if not batches:
-            raise ValueError(
-                "the calibration data gave no batch; pass a non-empty loader with "
-                "AdaRoundCallback(calibration_data=...) or define calibration_dataloader() in the datamodule."
-            )
+        _check_nonempty(batches)
         strategy, precision = trainer.strategy, trainer.precision_plugin
         modes = [(module, module.training) for module in pl_module.modules()]
         try:
@@ -185,11 +181,7 @@ class _AdaRoundCallbackBase:
             with torch.no_grad():
                 self._forward_in_precision(precision, pl_module, batch)
         except Exception as err:
-            raise ValueError(
-                f"running the model on the first calibration batch failed with {type(err).__name__}: "
-                f"{str(err).rstrip('.')}. Pass forward_fn=lambda model, batch: ... that turns one of your batches "
-                "into a forward call (checked before training, so no training time was lost)."
-            ) from err
+            raise forward_failure(err, " (checked before training, so no training time was lost)") from err
         finally:
             for module, training in modes:
                 module.training = training
@@ -245,11 +237,7 @@ class _AdaRoundCallbackBase:
             return self._calibration_shard(trainer, source)
         batches = self._read_seeded(source, self.num_calibration_samples)
         _warn_if_short(batches, self.num_calibration_samples)
-        if not batches:
-            raise ValueError(
-                "the calibration data gave no batch; pass a non-empty loader with "
-                "AdaRoundCallback(calibration_data=...) or define calibration_dataloader() in the datamodule."
-            )
+        _check_nonempty(batches)
         return batches
 
     # ----------------------------------------------------------------- the run
@@ -369,6 +357,14 @@ class _AdaRoundCallbackBase:
 
     def _info(self, message: str) -> None:
         rank_zero_info(message)
+
+
+def _check_nonempty(batches: list[Any]) -> None:
+    if not batches:
+        raise ValueError(
+            "the calibration data gave no batch; pass a non-empty loader with "
+            "AdaRoundCallback(calibration_data=...) or define calibration_dataloader() in the datamodule."
+        )
 
 
 def _warn_if_short(batches: list[Any], asked: Optional[int]) -> None:
