@@ -189,7 +189,7 @@ def render() -> str:
         "",
         "`AdaRoundConfig(...)` from `lightning_adaround`: a frozen dataclass, validated when it is built;",
         "`dataclasses.replace(config, iterations=2_000)` gives a changed (and checked) copy.",
-        "`PerChannel` and `PerTensor` are importable from `lightning_adaround` too.",
+        "`PerChannel`, `PerGroup` and `PerTensor` are importable from `lightning_adaround` too.",
         "",
     ]
     parts += render_params("AdaRoundConfig", AdaRoundConfig.__doc__, _dataclass_params(AdaRoundConfig))

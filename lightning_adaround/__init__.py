@@ -13,7 +13,7 @@ from lightning_adaround.fold import fold_batchnorm
 from lightning_adaround.export import export_quantized, load_quantized, use_float_weights, use_rounded_weights
 from lightning_adaround.onnx_export import export_onnx
 from lightning_adaround.observer import AdaRoundObserver, RoundingStopped
-from lightning_adaround.quant import PerChannel, PerTensor, QuantGrid
+from lightning_adaround.quant import PerChannel, PerGroup, PerTensor, QuantGrid
 from lightning_adaround.result import AdaRoundResult, FloatModule, LayerResult
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "FloatModule",
     "LayerResult",
     "PerChannel",
+    "PerGroup",
     "PerTensor",
     "QuantGrid",
     "RoundingStopped",

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lightning_adaround.layers import SUPPORTED_LAYER_TYPES, check_layer_types
-from lightning_adaround.quant import SCALE_METHODS, PerChannel, PerTensor, check_bits
+from lightning_adaround.quant import SCALE_METHODS, PerChannel, PerGroup, PerTensor, check_bits
 
 LOSS_FORMS = ("auto", "minibatch", "moments")
 RECONSTRUCTIONS = ("layer", "block")
@@ -33,13 +33,19 @@ class AdaRoundConfig:
         bits: Weight bit width, 2-8.
         symmetric: Signed grid with zero point 0 (``True``) or an unsigned affine grid.
         granularity: ``PerChannel()`` (one scale per output channel; ``PerChannel(axis=0)`` names
-            the weight axis) or ``PerTensor()``.
+            the weight axis), ``PerTensor()``, or ``PerGroup(group_size=128)``: one scale per output
+            channel and group of ``group_size`` consecutive inputs (the row of ``weight.reshape(out,
+            -1)``: ``in_features``, or ``in_channels/groups * prod(kernel_size)`` for a convolution;
+            a row that ``group_size`` does not divide is split into ``ceil(K / group_size)`` groups
+            of ``ceil(K / G)``, the last shorter), the usual weight-only int4 grid of LLM toolkits.
+            Not for transposed convolutions.
         scale_method: ``"mse"`` searches the clipping range that minimises rounding error;
             ``"minmax"`` covers the full weight range; ``"output"`` searches the same ranges but
             judges them by the layer's output error on the calibration data (per output channel,
             round-to-nearest), which matters for layers with few weights per channel (depthwise
             convolutions). Where no single layer's output is measured (a block's layers, transposed
-            convolutions) ``"output"`` falls back to ``"mse"``.
+            convolutions) and for ``PerGroup`` grids (a channel's groups share one output error)
+            ``"output"`` falls back to ``"mse"``.
         loss_form: ``"minibatch"`` (the paper: a random minibatch of cached activations per
             step), ``"moments"`` (the exact loss over every calibration row from second
             moments; no activation in the loss) or ``"auto"`` (moments where it is cheaper and
@@ -102,8 +108,8 @@ class AdaRoundConfig:
         equalize: Cross-layer equalization after folding (:func:`~lightning_adaround.equalize_layers`):
             rescales the channels of consecutive layers so one per-tensor grid fits them all,
             outputs unchanged; a ReLU6/Hardtanh module between them becomes a ``ChannelClip``.
-            ``None`` (default): on for ``PerTensor()`` grids, off for ``PerChannel()`` (per-channel
-            scales already fit each channel).
+            ``None`` (default): on for ``PerTensor()`` grids, off for ``PerChannel()`` and ``PerGroup()``
+            (their scales already fit each channel).
         bias_correction: After rounding, add each rounded layer's mean output error on the
             calibration data to its bias: per output channel, its mean output in the float model
             minus its mean output in the model whose earlier layers are rounded and corrected. A
@@ -114,7 +120,7 @@ class AdaRoundConfig:
 
     bits: int = 4
     symmetric: bool = True
-    granularity: Union[PerChannel, PerTensor] = field(default_factory=PerChannel)
+    granularity: Union[PerChannel, PerTensor, PerGroup] = field(default_factory=PerChannel)
     scale_method: str = "mse"
     loss_form: str = "auto"
     reconstruction: str = "layer"
@@ -170,7 +176,7 @@ class AdaRoundConfig:
                 "blocks= and block_loss= apply to block reconstruction; add reconstruction='block' "
                 f"(got blocks={self.blocks!r}, block_loss={self.block_loss!r})."
             )
-        if not isinstance(self.granularity, (PerTensor, PerChannel)):
+        if not isinstance(self.granularity, (PerTensor, PerChannel, PerGroup)):
             raise TypeError(
                 f"granularity={self.granularity!r}: use PerChannel() or PerTensor() "
                 "from lightning_adaround."

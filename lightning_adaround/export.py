@@ -15,13 +15,16 @@ from typing import IO, Any, Mapping, NoReturn, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.quant import MAX_BITS, MIN_BITS, integer_range
+from lightning_adaround.quant import MAX_BITS, MIN_BITS, group_count, integer_range
 from lightning_adaround.result import AdaRoundResult, LayerResult
 
 FORMAT = "lightning-adaround/quantized"
 VERSION = 1
 PACKED_MAX_BITS = 4  # at this width and below, two values share a byte
 LAYER_KEYS = ("shape", "bits", "qmin", "qmax", "axis", "packed", "data", "scale", "zero_point")
+# Optional, added in version 1 without a change of version: an older reader refuses a per-group
+# scale (out, G) as not broadcasting against the weight, so it cannot misread one.
+GROUP_KEY = "group_size"
 _REEXPORT = "re-export the model with export_quantized(model, result, path)"
 
 FileLike = Union[str, "os.PathLike[str]", IO[bytes]]
@@ -69,6 +72,7 @@ def _layer_entry(layer: LayerResult) -> dict[str, Any]:
         "qmin": int(layer.qmin),
         "qmax": int(layer.qmax),
         "axis": layer.axis,
+        GROUP_KEY: layer.group_size,
         "packed": packed,
         "data": pack_int4(q) if packed else q.contiguous().clone(),
         "scale": layer.scale.detach().cpu().float().clone(),
@@ -171,8 +175,14 @@ def _layer_from_entry(name: str, entry: Any) -> LayerResult:
     values = _entry_values(name, entry, shape, bits, qmin)
     int_dtype = values.dtype
     scale, zero_point = entry["scale"], entry["zero_point"]
-    if not (isinstance(scale, Tensor) and scale.is_floating_point() and _broadcasts(tuple(scale.shape), shape)):
-        _malformed(f"layer {name!r} scale is not a float tensor that broadcasts against the weight shape {shape}")
+    group_size = entry.get(GROUP_KEY)
+    if group_size is None:
+        if not (isinstance(scale, Tensor) and scale.is_floating_point() and _broadcasts(tuple(scale.shape), shape)):
+            _malformed(f"layer {name!r} scale is not a float tensor that broadcasts against the weight shape {shape}")
+    else:
+        groups = _entry_groups(name, group_size, shape, axis)
+        if not (isinstance(scale, Tensor) and scale.is_floating_point() and tuple(scale.shape) == groups):
+            _malformed(f"layer {name!r} scale is not a float tensor of shape {groups} (output channels, groups)")
     if not (isinstance(zero_point, Tensor) and zero_point.dtype == int_dtype and zero_point.shape == scale.shape):
         _malformed(f"layer {name!r} zero point is not a {int_dtype} tensor of the scale's shape {tuple(scale.shape)}")
     if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
@@ -198,6 +208,17 @@ def _entry_grid(name: str, entry: dict[str, Any]) -> tuple[tuple[int, ...], int,
     if axis is not None and not (_is_int(axis) and 0 <= axis < len(shape)):
         _malformed(f"layer {name!r} has axis={axis!r} for a weight of shape {tuple(shape)}")
     return tuple(shape), bits, qmin, qmax, axis
+
+
+def _entry_groups(name: str, group_size: Any, shape: tuple[int, ...], axis: Optional[int]) -> tuple[int, int]:
+    """The per-group scale shape ``(out, G)`` that ``group_size`` implies for ``shape``; damaged if it cannot be one."""
+    inputs = math.prod(shape[1:]) if len(shape) >= 2 else 0
+    if not (_is_int(group_size) and group_size >= 1 and axis == 0 and inputs >= 1):
+        _malformed(f"layer {name!r} has group_size={group_size!r} with axis={axis!r} for a weight of shape {shape}")
+    groups, block = group_count(inputs, group_size)
+    if block != group_size or groups < 2:
+        _malformed(f"layer {name!r} has group_size={group_size!r}, not a group size of {inputs} inputs in 2 groups or more")
+    return shape[0], groups
 
 
 def _entry_values(name: str, entry: dict[str, Any], shape: tuple[int, ...], bits: int, qmin: int) -> Tensor:

@@ -9,7 +9,7 @@ weights as 8-bit integers. ``onnx`` and ``onnxscript`` are optional and imported
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import onnx
 
 MIN_OPSET = 18  # torch's exporter starts there; per-channel DequantizeLinear needs 13
+BLOCK_OPSET = 21  # DequantizeLinear's block_size (per-group scales)
 _SET_BY_US = ("dynamo", "optimize", "do_constant_folding", "keep_initializers_as_inputs", "f")
 
 
@@ -42,7 +43,7 @@ def export_onnx(
     path: Union[str, "os.PathLike[str]"],
     args: Any,
     *,
-    opset_version: int = MIN_OPSET,
+    opset_version: Optional[int] = None,
     **export_kwargs: Any,
 ) -> "onnx.ModelProto":
     """Write ``model`` to ONNX with each layer of ``result`` as integers plus ``DequantizeLinear``.
@@ -51,14 +52,15 @@ def export_onnx(
     lost to the runtime. The graph comes from ``torch.onnx.export(model, args, dynamo=True)``
     in eval mode (extra keyword arguments such as ``input_names`` or ``dynamic_shapes`` are
     passed on); the rounded layers' weights in it are those of ``result`` whatever the model
-    holds, per tensor or per channel (``axis``). The graph is checked with ``onnx.checker``,
-    saved to ``path`` and returned.
+    holds, per tensor or per channel (``axis``) or per group (``block_size``, opset 21).
+    ``opset_version=None`` is 18, or 21 when ``result`` has a per-group layer. The graph is
+    checked with ``onnx.checker``, saved to ``path`` and returned.
 
     Raises:
         ImportError: onnx or onnxscript is not installed.
         TypeError: ``result`` is not an ``AdaRoundResult``, or ``export_kwargs`` sets what this
             function must set itself.
-        ValueError: ``opset_version`` below 18, a layer of ``result`` missing from ``model``
+        ValueError: ``opset_version`` below 18 (below 21 with per-group layers), a layer of ``result`` missing from ``model``
             (or of another shape), or a weight the exporter did not keep as a float32
             initializer of that name.
     """
@@ -69,8 +71,13 @@ def export_onnx(
             f"export_onnx sets {fixed} itself (the weights must stay float initializers named like the "
             "state_dict); remove them from the call."
         )
+    grouped = sorted(name for name, layer in result.layers.items() if layer.group_size is not None)
+    if opset_version is None:
+        opset_version = BLOCK_OPSET if grouped else MIN_OPSET
     if isinstance(opset_version, bool) or not isinstance(opset_version, int) or opset_version < MIN_OPSET:
         raise ValueError(f"opset_version={opset_version!r} is too old; use {MIN_OPSET} or later.")
+    if grouped and opset_version < BLOCK_OPSET:
+        raise ValueError(_block_opset_message(opset_version, grouped))
     for name, layer in result.layers.items():
         model_weight(model, name, tuple(layer.integer_weight.shape), "the result")
     onnx = _require_onnx()
@@ -96,7 +103,9 @@ def quantize_initializers(proto: "onnx.ModelProto", result: AdaRoundResult) -> N
     Works on any graph whose weight initializers are named like the model's ``state_dict``
     keys (``net.0.weight``), in place. A scale that varies along one weight axis becomes a
     per-axis ``DequantizeLinear``; a grouped ``ConvTranspose``'s per-channel scale varies
-    along two axes and is written as ``Cast``, ``Sub``, ``Mul`` over the same integers.
+    along two axes and is written as ``Cast``, ``Sub``, ``Mul`` over the same integers. A
+    per-group scale becomes a blocked ``DequantizeLinear`` (``axis=1``, ``block_size``, opset 21)
+    over the integers as ``(out, K)``, then a ``Reshape`` to a convolution's weight shape.
     """
     onnx = _require_onnx()
     from onnx import TensorProto, helper
@@ -105,6 +114,9 @@ def quantize_initializers(proto: "onnx.ModelProto", result: AdaRoundResult) -> N
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 13:
         raise ValueError(f"the ONNX graph uses opset {opset}; per-channel DequantizeLinear needs 13 or later.")
+    grouped = sorted(name for name, layer in result.layers.items() if layer.group_size is not None)
+    if grouped and opset < BLOCK_OPSET:
+        raise ValueError(_block_opset_message(opset, grouped))
     index = {init.name: i for i, init in enumerate(graph.initializer)}
     taken = set(index) | {v.name for v in graph.input} | {o for n in graph.node for o in n.output}
     new_nodes = []
@@ -138,6 +150,14 @@ def quantize_initializers(proto: "onnx.ModelProto", result: AdaRoundResult) -> N
     graph.node.extend(nodes)
 
 
+def _block_opset_message(opset: int, grouped: list[str]) -> str:
+    return (
+        f"opset {opset} has no blocked DequantizeLinear for the per-group layers {grouped[:5]}"
+        f"{' ...' if len(grouped) > 5 else ''}; export with opset_version={BLOCK_OPSET} or later (the default "
+        "for a result with per-group layers), or round them with PerChannel()."
+    )
+
+
 def _dequantize(onnx: Any, helper: Any, layer: LayerResult, key: str, unique: Any) -> tuple[list, list]:
     """Initializers and nodes that compute ``key`` = ``(integers - zero_point) * scale`` in float32."""
     numpy_helper = onnx.numpy_helper
@@ -145,6 +165,25 @@ def _dequantize(onnx: Any, helper: Any, layer: LayerResult, key: str, unique: An
     scale = layer.scale.detach().cpu().float()
     zero_point = layer.zero_point.detach().cpu().round().to(q.dtype)
     q_name, s_name, z_name = unique(f"{key}_quantized"), unique(f"{key}_scale"), unique(f"{key}_zero_point")
+    group_size = layer.group_size
+    if group_size is not None:  # blocked along the inputs of each output channel: the weight as (out, K)
+        rows = q.reshape(q.shape[0], -1)
+        flat = q.dim() > 2
+        out_name = unique(f"{key}_rows") if flat else key
+        inits = [
+            numpy_helper.from_array(rows.numpy(), q_name),
+            numpy_helper.from_array(scale.numpy(), s_name),
+            numpy_helper.from_array(zero_point.numpy(), z_name),
+        ]
+        nodes = [helper.make_node(
+            "DequantizeLinear", [q_name, s_name, z_name], [out_name], name=unique(f"{key}_DequantizeLinear"),
+            axis=1, block_size=group_size,
+        )]
+        if flat:  # a convolution's (out, in/groups, k...) weight, restored from its rows
+            shape_name = unique(f"{key}_shape")
+            inits.append(numpy_helper.from_array(torch.tensor(q.shape, dtype=torch.int64).numpy(), shape_name))
+            nodes.append(helper.make_node("Reshape", [out_name, shape_name], [key], name=unique(f"{key}_Reshape")))
+        return inits, nodes
     varying = [d for d, size in enumerate(scale.shape) if size != 1]
     if len(varying) <= 1:  # per tensor (scalar scale) or per axis (1-D scale): DequantizeLinear
         attrs = {"axis": varying[0]} if varying else {}

@@ -12,6 +12,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from lightning_adaround.quant import expand_groups, group_size_of
+
 
 @dataclass
 class LayerResult:
@@ -51,8 +53,22 @@ class LayerResult:
         """Nearest MSE over AdaRound MSE (>1: AdaRound did better)."""
         return self.nearest_mse / self.adaround_mse if self.adaround_mse > 0 else float("inf")
 
+    @property
+    def group_size(self) -> Optional[int]:
+        """Inputs per scale of a ``PerGroup`` grid (scale ``(out, G)``); ``None`` per tensor or per channel.
+
+        Read from the shapes (see ``quant.group_count``), so results and files need no extra field.
+        """
+        return group_size_of(self.scale.shape, self.integer_weight.shape)
+
     def dequantized_weight(self) -> Tensor:
-        return (self.integer_weight.float() - self.zero_point) * self.scale
+        """``(integer_weight - zero_point) * scale``: the weight written into the model, bit for bit."""
+        group_size = self.group_size
+        scale, zero_point = self.scale, self.zero_point
+        if group_size is not None:
+            shape = self.integer_weight.shape
+            scale, zero_point = expand_groups(scale, shape, group_size), expand_groups(zero_point, shape, group_size)
+        return (self.integer_weight.float() - zero_point) * scale
 
     def state(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -96,31 +96,34 @@ class RoundingVariable:
         w = weight.detach().float()
         grid = grid.to(w.device)
         self.grid = grid
-        scaled = w / grid.scale
+        # per group: each group's scale and zero point repeated over its weights, once, so the
+        # steps stay elementwise (for per-tensor/per-channel grids these are the grid's own tensors)
+        self.scale, self.zero_point = grid.broadcastable(w.shape)
+        scaled = w / self.scale
         self.weight_floor = torch.floor(scaled)
         # Bounds of floor(W/s) + h so that the integer weight stays in [qmin, qmax].
-        self.low = grid.qmin - grid.zero_point
-        self.high = grid.qmax - grid.zero_point
+        self.low = grid.qmin - self.zero_point
+        self.high = grid.qmax - self.zero_point
         self.v = inverse_rectified_sigmoid(scaled - self.weight_floor).requires_grad_(True)
 
     def soft(self) -> tuple[Tensor, Tensor]:
         """``(weight, h)``: the differentiable weight used during optimisation and its h(V)."""
         h = rectified_sigmoid(self.v)
-        return torch.clamp(self.weight_floor + h, self.low, self.high) * self.grid.scale, h
+        return torch.clamp(self.weight_floor + h, self.low, self.high) * self.scale, h
 
     def soft_with_regularizer(self, beta: Optional[float]) -> tuple[Tensor, Tensor]:
         """``(weight, sum(1 - |2h - 1|^beta))`` in one fused op; ``beta=None``: regularizer 0."""
-        return _SoftRounding.apply(self.v, self.weight_floor, self.low, self.high, self.grid.scale, beta)
+        return _SoftRounding.apply(self.v, self.weight_floor, self.low, self.high, self.scale, beta)
 
     @torch.no_grad()
     def soft_step(self, beta: Optional[float]) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         """:meth:`soft_with_regularizer` without autograd, plus what :func:`soft_backward` needs."""
-        return soft_forward(self.v, self.weight_floor, self.low, self.high, self.grid.scale, beta)
+        return soft_forward(self.v, self.weight_floor, self.low, self.high, self.scale, beta)
 
     @torch.no_grad()
     def use_nearest(self, weight: Tensor, channels: Tensor) -> None:
         """Set V so that the output channels where ``channels`` (bool, weight dim 0) is true round to nearest."""
-        up = (self.grid.quantize(weight.float()) - self.grid.zero_point - self.weight_floor).clamp(0.0, 1.0)
+        up = (self.grid.quantize(weight.float()) - self.zero_point - self.weight_floor).clamp(0.0, 1.0)
         mask = channels.to(self.v.device).reshape(-1, *((1,) * (self.v.dim() - 1)))
         self.v.copy_(torch.where(mask, up * 2.0 - 1.0, self.v))
 
@@ -128,7 +131,7 @@ class RoundingVariable:
     def integer_weight(self) -> Tensor:
         """Hard rounding, ``h = (V >= 0)``: the integer weight in ``[qmin, qmax]``."""
         up = (self.v >= 0).to(self.weight_floor.dtype)
-        return torch.clamp(self.weight_floor + up + self.grid.zero_point, self.grid.qmin, self.grid.qmax)
+        return torch.clamp(self.weight_floor + up + self.zero_point, self.grid.qmin, self.grid.qmax)
 
     @torch.no_grad()
     def hard_weight(self) -> Tensor:
