@@ -33,12 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 from bench import print_table  # noqa: E402  (same folder)
-from lightning_adaround import AdaRoundConfig, PerChannel, PerTensor, adaround, fold_batchnorm, round_to_nearest  # noqa: E402
+from lightning_adaround import AdaRoundConfig, PerChannel, PerGroup, PerTensor, adaround, fold_batchnorm, round_to_nearest  # noqa: E402
 
 GRIDS = {
     "w8pc": dict(bits=8, granularity=PerChannel()),  # a reference: how far agreement goes on these crops
     "w4pc": dict(bits=4, granularity=PerChannel()),
     "w4pt": dict(bits=4, granularity=PerTensor()),
+    "w4g128": dict(bits=4, granularity=PerGroup(128)),  # one scale per output channel and 128 inputs
     "w3pc": dict(bits=3, granularity=PerChannel()),
 }
 SHOW_SUMMARY = False  # --summary: print each AdaRound run's per-layer table
