@@ -15,11 +15,9 @@ from torch import Tensor, nn
 
 from lightning_adaround.capture import InputCapture, float_weights
 from lightning_adaround.layers import following_ops
+from lightning_adaround.reducer import Reducer
 from lightning_adaround.result import AdaRoundResult
 
-# ``reduce(layer name, numel, compute)``: ``compute()`` gives this process's float64 sums; the
-# result is their sum over every process (``distributed_adaround`` passes one that all-reduces).
-SumReduce = Callable[[str, int, Callable[[], Tensor]], Tensor]
 MakeCapture = Callable[[], InputCapture]
 
 
@@ -30,10 +28,6 @@ def following_batchnorm(model: nn.Module, name: str) -> Optional[nn.modules.batc
     if batchnorm is None or getattr(batchnorm, "running_mean", None) is None:
         return None
     return batchnorm
-
-
-def _local(name: str, numel: int, compute: Callable[[], Tensor]) -> Tensor:
-    return compute()
 
 
 def _output_channels(layer: nn.Module) -> int:
@@ -53,13 +47,15 @@ def _output_sums(layer: nn.Module, capture: InputCapture, name: str, device: tor
 
 
 def _means(model: nn.Module, names: list[str], capture: InputCapture, device: torch.device,
-           reduce: SumReduce, on_layer: Optional[Callable[[str, Optional[Tensor]], None]] = None,
+           reducer: Reducer, on_layer: Optional[Callable[[str, Optional[Tensor]], None]] = None,
            ) -> dict[str, Optional[Tensor]]:
     """Each layer's mean output per channel in ``model`` as it is (``on_layer`` may change it in between)."""
     found: dict[str, Optional[Tensor]] = {}
     for name in names:
         layer = model.get_submodule(name)
-        totals = reduce(name, _output_channels(layer) + 1, lambda: _output_sums(layer, capture, name, device))
+        reducer.where = f"correcting the bias of layer {name!r}"
+        totals = _output_sums(layer, capture, name, device)
+        reducer.sum([totals], reducer.where, finite=True)  # every process's sums
         found[name] = totals[:-1] / totals[-1] if float(totals[-1]) > 0 else None  # None: never reached
         if on_layer is not None:
             on_layer(name, found[name])
@@ -73,7 +69,7 @@ def correct_biases(
     make_capture: MakeCapture,
     float_weight_of: dict[str, Tensor],
     device: torch.device,
-    reduce: Optional[SumReduce] = None,
+    reducer: Optional[Reducer] = None,
 ) -> None:
     """Add each rounded layer's mean output error to its bias, in place; record it in ``result``.
 
@@ -90,12 +86,12 @@ def correct_biases(
     so its rounding already offsets part of the error it inherits; measuring against the float
     weight on the rounded input would undo that (on the digits CNN it doubled the output error).
     """
-    reduce = reduce if reduce is not None else _local
+    reducer = reducer if reducer is not None else Reducer()
     names = list(result.layers)
     layers = {name: model.get_submodule(name) for name in names}
     weights = {name: float_weight_of[name].to(device=device, dtype=layers[name].weight.dtype) for name in names}
     with float_weights(layers, weights):
-        targets = _means(model, names, make_capture(), device, reduce)
+        targets = _means(model, names, make_capture(), device, reducer)
 
     def correct(name: str, mean: Optional[Tensor]) -> None:
         layer, target = layers[name], targets[name]
@@ -110,4 +106,4 @@ def correct_biases(
         result.layers[name].bias_shift = shift.float().cpu()
         result.layers[name].bias_corrected = layer.bias is not None or batchnorm is not None
 
-    _means(model, names, make_capture(), device, reduce, on_layer=correct)
+    _means(model, names, make_capture(), device, reducer, on_layer=correct)

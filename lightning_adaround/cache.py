@@ -133,9 +133,13 @@ class ChunkStore:
             self._file.write(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
             self._dtype_on_disk = t.dtype
 
-    def tensor(self, name: str) -> Tensor:
-        """All chunks as one tensor, samples (or, for varying-length Linear inputs, rows) first."""
-        shape = stacked_shape(self.shapes, name)
+    def tensor(self, name: str, flatten: Optional[bool] = None) -> Tensor:
+        """All chunks as one tensor, samples (or, for varying-length Linear inputs, rows) first.
+
+        ``flatten``: stack rows of the last dim (decided with the other processes); ``None``: when
+        the chunks' shapes differ.
+        """
+        shape = stacked_shape(self.shapes, name, flatten)
         if self.tier != "disk" and self._buffer is not None:
             out = self._buffer[:self._used].reshape(shape)
             self._buffer = None

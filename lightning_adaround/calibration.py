@@ -5,8 +5,11 @@ Plain PyTorch: the callback and plain-PyTorch users both bound calibration data 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
+import torch
 from torch import Tensor
 
 
@@ -42,6 +45,42 @@ def tensors_in(batch: Any) -> Iterator[Tensor]:
 def batch_size_of(batch: Any) -> Optional[int]:
     """Leading dim of the first tensor with one (``None``: no such tensor)."""
     return next((t.shape[0] for t in tensors_in(batch) if t.dim() > 0), None)
+
+
+def samples_in(batch: Any) -> int:
+    """Samples in ``batch``: its batch size, or 1 for a batch without a tensor."""
+    size = batch_size_of(batch)
+    return 1 if size is None else size
+
+
+@dataclass
+class SampleLayout:
+    """Where each calibration batch of this process sits among all processes' samples.
+
+    One process: the batches in order. Data-parallel: rank ``r``'s batches follow rank
+    ``r - 1``'s (or are pieces cut from batches every rank read), so numbering the samples
+    this way is the order one process would read them in.
+    """
+
+    starts: list[int]  # global index of each local batch's first sample
+    sizes: list[int]  # samples in each local batch
+    total: int  # samples over all processes
+
+    @classmethod
+    def of(cls, batches: Sequence[Any]) -> "SampleLayout":
+        sizes = [samples_in(b) for b in batches]
+        starts = [sum(sizes[:j]) for j in range(len(sizes))]
+        return cls(starts, sizes, sum(sizes))
+
+    def held_out(self, fraction: float, generator: torch.Generator) -> list[Tensor]:
+        """Per local batch, which samples are held out: ``floor(total * fraction)`` samples drawn once.
+
+        The same samples are held out for every layer, so no layer's reported error is on samples an
+        earlier layer was fitted to, and every process draws the same set from the shared generator.
+        """
+        chosen = torch.zeros(self.total, dtype=torch.bool)
+        chosen[torch.randperm(self.total, generator=generator)[:math.floor(self.total * fraction)]] = True
+        return [chosen[start:start + size] for start, size in zip(self.starts, self.sizes)]
 
 
 def leading_rows(batch: Any, start: int, stop: int, size: int) -> Any:

@@ -20,7 +20,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
-from lightning_adaround.api import _check_weights, _selected_layers, adaround, forward_failure
+from lightning_adaround.api import adaround
+from lightning_adaround.checks import check_weights, forward_failure, selected_layers
 from lightning_adaround.calibration import batch_size_of, take_samples
 from lightning_adaround.checkpoint import PathLike
 from lightning_adaround.capture import default_forward
@@ -61,7 +62,8 @@ class _AdaRoundCallbackBase:
             ``lambda out, batch: F.cross_entropy(out, batch[1])``.
         checkpoint_dir: A folder where each finished layer is saved; a run stopped part way
             (an exception, Ctrl-C, a killed job) resumes from it when started again with the same
-            model, data and settings, with the same result. Single process only (refused under DDP).
+            model, data and settings, with the same result. Under DDP every rank reads it and rank 0
+            writes it, so it must be a folder every rank sees.
         verbose: Print the per-layer summary table at the end.
         report: Save a PNG report (held-out error ratio and errors per layer, the loss curves
             labelled for what they are) as ``adaround_report.png`` in the first logger's folder
@@ -72,9 +74,8 @@ class _AdaRoundCallbackBase:
         ValueError: ``bits`` and ``config.bits`` that differ, an unknown ``run_on``, a
             non-positive ``num_calibration_samples`` (and any invalid ``AdaRoundConfig`` value
             when the config is built), and, when the run starts, missing or empty calibration
-            data, a sharded strategy (FSDP, DeepSpeed: refused in ``setup``), ``checkpoint_dir`` or
-            ``reconstruction="block"`` with more than one process, or a ``checkpoint_dir`` holding
-            another run's checkpoint.
+            data, a sharded strategy (FSDP, DeepSpeed: refused in ``setup``), or a ``checkpoint_dir``
+            holding another run's checkpoint.
         TypeError: a ``config`` that is not an ``AdaRoundConfig``, a ``forward_fn`` or ``task_loss``
             that is not callable, a ``checkpoint_dir`` that is not a path.
         AdaRoundDistributedError: under DDP, on every rank, when any rank fails or the ranks
@@ -133,20 +134,7 @@ class _AdaRoundCallbackBase:
                 "only part of every weight. Train with it, save a checkpoint, then round the full "
                 "model with strategy='auto' or 'ddp' in a separate trainer.validate(...) call."
             )
-        self._check_checkpoint_dir(trainer)
 
-    def _check_checkpoint_dir(self, trainer: Any) -> None:
-        if self.checkpoint_dir is not None and _world_size(trainer) > 1:
-            raise ValueError(
-                f"AdaRoundCallback(checkpoint_dir=...) works in a single process, but this Trainer runs "
-                f"{_world_size(trainer)} processes. Round with devices=1 to use checkpoint_dir, or drop it."
-            )
-        if self.config.reconstruction == "block" and _world_size(trainer) > 1:
-            raise ValueError(
-                f"AdaRoundConfig(reconstruction='block') works in a single process for now, but this Trainer "
-                f"runs {_world_size(trainer)} processes. Round with devices=1 (e.g. in a separate "
-                "trainer.validate(...) call), or use reconstruction='layer'."
-            )
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Before training: what can fail without trained weights fails now, not after the fit."""
@@ -160,7 +148,7 @@ class _AdaRoundCallbackBase:
         be read, and a batch that ``forward_batch`` cannot run are reported here, in the terms
         the rounding itself would use. The model's train/eval modes and the random state are kept.
         """
-        _check_weights(_selected_layers(pl_module, self.config))
+        check_weights(selected_layers(pl_module, self.config))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
             try:
@@ -255,14 +243,12 @@ class _AdaRoundCallbackBase:
         config = self.config
         if config.log_every_n_steps is None:  # the Trainer's
             config = dataclasses.replace(config, log_every_n_steps=max(1, trainer.log_every_n_steps))
-        self._check_checkpoint_dir(trainer)
         strategy = trainer.strategy
         distributed = _world_size(trainer) > 1  # DDP: one rounding from every rank's shard
         read = lambda: self.calibration_batches(trainer, pl_module)  # noqa: E731
         batches = read if distributed else read()  # under DDP, read inside the failure protocol
         self._log_step = self._first_log_step(trainer)
         observer = TrainerObserver(self, trainer, config.iterations)
-        options: dict[str, Any] = {} if distributed else {"checkpoint_dir": self.checkpoint_dir, "task_loss": self.task_loss}
         precision = trainer.precision_plugin
         try:
             self.result = (distributed_adaround if distributed else adaround)(
@@ -273,7 +259,7 @@ class _AdaRoundCallbackBase:
                 # the batch as the Trainer's own loops see it: the module's transfer hooks, then the
                 # precision plugin's input conversion (bfloat16 batches for a "bf16-true" model)
                 move_batch=lambda batch, device: precision.convert_input(strategy.batch_to_device(batch, device)),
-                **options,
+                checkpoint_dir=self.checkpoint_dir, task_loss=self.task_loss,
             )
         except Exception as error:
             if observer.should_stop():  # not a failure: stop as Lightning's own loops do on SIGTERM

@@ -389,12 +389,15 @@ class _CarriedInputs:
             yield index, rounded_call, float_call
 
 
-def stacked_shape(shapes: Sequence[torch.Size], name: str) -> tuple[int, ...]:
-    """The shape of per-batch tensors concatenated along samples (varying-length Linear inputs: rows)."""
+def stacked_shape(shapes: Sequence[torch.Size], name: str, flatten: Optional[bool] = None) -> tuple[int, ...]:
+    """The shape of per-batch tensors concatenated along samples (varying-length Linear inputs: rows).
+
+    ``flatten`` forces stacking rows (``True``) or samples (``False``); ``None`` decides from ``shapes``.
+    """
     tails = {tuple(s[1:]) for s in shapes}
-    if len(tails) == 1:
+    if len(tails) == 1 and not flatten:
         return (sum(s[0] for s in shapes), *tails.pop())
-    if all(len(s) >= 2 for s in shapes) and len({s[-1] for s in shapes}) == 1:
+    if flatten is not False and all(len(s) >= 2 for s in shapes) and len({s[-1] for s in shapes}) == 1:
         # Linear layers fed with varying sequence lengths: every row is a sample.
         return (sum(math.prod(s[:-1]) for s in shapes), shapes[0][-1])
     raise ValueError(

@@ -30,7 +30,8 @@ from lightning_adaround.result import LayerResult
 PathLike = Union[str, "os.PathLike[str]"]
 FORMAT = "lightning-adaround checkpoint"
 # 2: moments-form layers keep round-to-nearest on channels where it fits better (other integer weights)
-VERSION = 2
+# 3: the held-out samples are drawn once per run, not per layer (other minibatches, other integer weights)
+VERSION = 3
 MANIFEST = "manifest.json"
 # Settings that change no integer weight: a resumed run may change them.
 NOT_FINGERPRINTED = (

@@ -1,75 +1,73 @@
 """Data-parallel rounding: each process reads its own shard of the calibration data, and all
-processes find ONE rounding together.
+processes find ONE rounding together, the one a single process finds on all of the data.
 
 Plain ``torch.distributed`` (gloo on CPU, NCCL on GPUs, every buffer on the compute device).
 The Lightning callback calls :func:`distributed_adaround` under ``strategy="ddp"`` or
-``"ddp_spawn"``; a script started with ``torchrun`` can call it directly.
+``"ddp_spawn"``; a script started with ``torchrun`` can call it directly. The run is the
+single-process one (``engine.round_model``) with a :class:`DistributedReducer`, which meets
+the other processes at the points ``reducer.py`` names; everything one process can do
+(layer and block reconstruction, both loss forms, cache tiers and ``cache_dtype``,
+``checkpoint_dir`` resume, bias correction, the Fisher block loss) works the same way here.
 
 How W processes find the rounding one process would find
 --------------------------------------------------------
-* Global sample order. The calibration samples are numbered rank by rank: rank 0's shard
-  first, then rank 1's, and so on. :func:`shard_calibration` gives rank ``r`` the ``r``-th
-  contiguous block of the first N samples (blocks differ in size by at most one; a batch on a
-  block boundary is cut in two), so that order is the order one process reads them in, for
-  every layer, including Linear layers fed with token sequences.
-* Hold-out. Per layer every rank replays the single-process hold-out split over ALL global
-  batches with the same seeded generator (the generators never drift apart) and keeps the rows
-  it owns.
-* Minibatch form. Each step's global minibatch indices come from that shared generator over
-  the global row index space, exactly as one process draws them; each rank runs the layer on
-  the rows it owns (about ``batch_size / W`` of them) and returns ``W x`` its part of the global
-  mean. Averaging the gradients then gives the single-process gradient, up to float summation
-  order. One all-reduce per step: V's gradient, the loss and one failure flag per rank travel in
-  one flat buffer; every rank applies the same Adam update.
-* Moments form: the per-rank second-moment sums are added in one all-reduce per layer, so every
-  rank holds the same, exact global objective and steps without communicating (replicated
-  compute; ``sync_every_step=True`` all-reduces these gradients too).
-* At the end of each layer a checksum of the integer weights and the grid is compared across
-  ranks.
-* Reporting. Held-out MSEs are global sums over global counts and the logged reconstruction
-  loss is the global one; the observer (loggers, progress bar) runs on rank 0 only, after the
-  reduction.
-* Faults. Every collective carries a failure flag per rank. A rank that raises (a forward that
-  fails, NaN activations, a non-finite loss) joins the collective the others wait in with its
-  flag set, and every rank raises the same :class:`AdaRoundDistributedError`. A rank that dies
-  outside Python (killed, segfault) ends the others through the backend: gloo raises at once,
-  NCCL when the process group's timeout expires.
-* Limits. A layer's input must be sample-major (its first dim a fixed multiple of the batch's
-  samples; e.g. ``batch_first=True`` transformers), else every rank raises a clear error. If
-  a layer is reached by only some calibration batches, the ranks still agree with each other
-  but the hold-out split no longer matches one process.
+* Global sample order. The samples are numbered rank by rank: rank 0's shard first, then
+  rank 1's. :func:`shard_calibration` gives rank ``r`` the ``r``-th contiguous block of the
+  samples (a batch on a block boundary is cut in two), so that order is the order one
+  process reads them in.
+* Hold-out. The held-out samples are drawn once, over the global sample numbers, from the
+  shared seeded generator; each process holds out its own samples' rows.
+* Minibatch form. Each step's minibatch indices come from that shared generator over every
+  process's rows (laid out in rank order); each process runs the unit on the rows it holds
+  and returns ``W x`` its part of the mean; averaging the gradients gives the one-process
+  gradient, up to float summation order. One all-reduce per step: V's gradient, the loss and
+  one failure flag per rank in one flat buffer; every rank applies the same Adam update.
+* Moments form: the second moments are summed in one all-reduce per layer, so every rank
+  holds the same exact objective and steps without communicating (``sync_every_step=True``
+  averages these gradients too).
+* At the end of each unit a checksum of the integer weights and grids is compared.
+* Reporting. Errors are global sums over global counts and the logged loss is the global
+  one; the observer (loggers, progress bar) runs on rank 0 only.
+* Checkpoints. Every rank reads ``checkpoint_dir`` (a folder all ranks see); rank 0 writes it.
+* Faults. Every meeting point starts with a small fixed-size exchange that carries one
+  failure flag per rank and a tag naming the point. A rank that raises joins the exchange
+  the others wait in with its flag set (inside a unit's optimisation loop: the gradient
+  all-reduce), and every rank raises the same :class:`AdaRoundDistributedError`; ranks
+  reaching different points is the same kind of error, not a hang. A rank that dies outside
+  Python (killed, segfault) ends the others through the backend: gloo raises at once, NCCL
+  when the process group's timeout expires.
+* Limits. A layer whose input rows are not a whole number per sample has none held out. A
+  layer called several times per forward matches one process only when no batch is cut
+  between ranks (its calls' rows are ordered by call within each rank's piece).
 """
 
 from __future__ import annotations
 
-import zlib
-from collections import defaultdict
 import contextlib
-import dataclasses
+import json
+import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_adaround.api import Activation, MoveBatch, adaround, move_to_device
-from lightning_adaround.calibration import batch_size_of, leading_rows, tensors_in
-from lightning_adaround.capture import InputCapture
+from lightning_adaround.calibration import SampleLayout, leading_rows, samples_in, tensors_in
+from lightning_adaround.checkpoint import PathLike
 from lightning_adaround.config import AdaRoundConfig
-from lightning_adaround.layers import ForwardFn, compute_dtype
-from lightning_adaround.moments import LayerMoments
-from lightning_adaround.objective import MinibatchSampler, MomentsObjective, unit_channel_errors
+from lightning_adaround.engine import Activation, MoveBatch, move_to_device, round_model
+from lightning_adaround.layers import ForwardFn
 from lightning_adaround.observer import AdaRoundObserver
-from lightning_adaround.reconstruct import TaskLoss, UnitObjective, _Holdout, choose_form, unit_targets
-from lightning_adaround.result import AdaRoundResult, LayerResult
-from lightning_adaround.unit import Unit, UnitData
+from lightning_adaround.reconstruct import TaskLoss
+from lightning_adaround.reducer import SLOTS, Reducer
+from lightning_adaround.result import AdaRoundResult
 
 __all__ = [
     "AdaRoundDistributedError",
     "CalibrationShard",
-    "ShardedMinibatchObjective",
+    "DistributedReducer",
     "distributed_adaround",
     "is_sharded_loader",
     "shard_calibration",
@@ -115,7 +113,7 @@ def shard_calibration(batches: Iterable[Any], rank: int, world_size: int) -> Cal
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size}).")
     batches = list(batches)
-    sizes = [_samples_in(b) for b in batches]
+    sizes = [samples_in(b) for b in batches]
     total = sum(sizes)
     base, extra = divmod(total, world_size)
     start = rank * base + min(rank, extra)
@@ -149,11 +147,6 @@ def _object_collective_device(device: torch.device) -> Any:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _samples_in(batch: Any) -> int:
-    size = batch_size_of(batch)
-    return 1 if size is None else size
-
-
 @torch.no_grad()
 def _fingerprint(batches: Sequence[Any], sizes: Sequence[int]) -> tuple[float, float]:
     """Two numbers that change when the samples or their order change (shuffled loaders)."""
@@ -173,112 +166,83 @@ def _fingerprint(batches: Sequence[Any], sizes: Sequence[int]) -> tuple[float, f
     return plain, ordered
 
 
-@dataclass
-class _Layout:
-    """Where this rank's local batches sit among the global batches."""
-
-    global_sizes: list[int]
-    pieces: list[tuple[int, int, int]]
-    by_batch: dict[int, list[int]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        grouped: dict[int, list[int]] = defaultdict(list)
-        for j, (b, _, _) in enumerate(self.pieces):
-            grouped[b].append(j)
-        self.by_batch = dict(grouped)
-
-
-# ------------------------------------------------------------------------------ collectives
-
-_SLOTS = 8  # numbers each rank contributes to a status exchange
-_FORMS = ("minibatch", "moments")
-
-
-@dataclass(frozen=True)
-class _Next:
-    """The next collective a rank will enter: payload length and dtype (the flags come after)."""
-
-    numel: int
-    dtype: torch.dtype
+# ------------------------------------------------------------------------------ the reducer
 
 
 def _crc(value: Any) -> float:
     return float(zlib.crc32(repr(value).encode()))
 
 
-class _Sync:
-    """Collectives that carry one failure flag per rank, and the failure protocol.
+class DistributedReducer(Reducer):
+    """The meeting points of ``reducer.py`` over a process group, and the failure protocol.
 
-    Every collective is a SUM all-reduce of ``[payload, flags(W)]``. ``pending`` always
-    describes the collective this rank will enter next, so a rank that fails between two
-    collectives can enter that one with its flag set: the others never wait for it in vain.
+    Each point starts with a header: a SUM all-reduce of ``[tag, flags(W), numbers(W x SLOTS)]``
+    in float64, the same size at every point. ``tag`` names the point (ranks at different
+    points are told so); a rank that fails anywhere outside a unit's optimisation loop joins
+    the next header with its flag set, so the others never wait for it in vain. Inside the loop
+    (:meth:`stepping`) the next collective is the gradient average, which carries the flags.
     """
 
-    def __init__(self, group: Optional[Any], device: torch.device) -> None:
+    def __init__(self, group: Optional[Any], device: torch.device, sync_every_step: bool = False) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.device = device
-        self.status_next = _Next(_SLOTS * self.world_size, torch.float64)
-        self.pending = self.status_next
-        self.broken = False
+        self.sync_every_step = sync_every_step
         self.where = "starting"
-        self.layer = ""
-        self.iterations = 0
-        self.steps_done = 0
-        self.mse_calls = 0
-        self.grad_next = self.status_next
-        self.replicated = False
-        self.local_recon: Optional[Tensor] = None
-        self._global_recon: Union[float, Tensor] = float("nan")
+        self.broken = False  # a peer is gone or the group timed out: no further collectives
+        self._gradient_numel = 0  # inside a unit's loop: the gradient collective's payload size
+        self._steps_left = 0
 
-    # -- the primitive
+    # -- the primitives
 
     def _all_reduce(self, buffer: Tensor) -> None:
         try:
             dist.all_reduce(buffer, group=self.group)
         except Exception:
-            self.broken = True  # a peer is gone or the group timed out: no further collectives
+            self.broken = True
             raise
 
-    def collective(
-        self, payload: Tensor, then: _Next, local_flag: Optional[Tensor] = None,
-        flag_message: str = "", host_tail: int = 0,
-    ) -> tuple[Tensor, list[float]]:
-        """All-reduce ``payload`` with the flags; raise on every rank if any rank flagged.
-
-        Returns the reduced payload and, read in the same device sync as the flags, its last
-        ``host_tail`` values as Python floats.
-        """
+    def _header(self, numbers: Sequence[float], where: str, failed: Optional[str] = None) -> list[list[float]]:
+        """Every rank's ``numbers``; raises on every rank if any rank failed or is at another point."""
         w = self.world_size
-        flags = torch.zeros(w, dtype=payload.dtype, device=payload.device)
-        if local_flag is not None:
-            flags[self.rank] = local_flag.to(payload.dtype)
-        buffer = torch.cat([payload.reshape(-1), flags])
+        buffer = torch.zeros(1 + w + w * SLOTS, dtype=torch.float64, device=self.device)
+        tag = _crc(where)
+        buffer[0] = tag
+        if failed is not None:
+            buffer[1 + self.rank] = 1
+        if numbers:
+            start = 1 + w + self.rank * SLOTS
+            buffer[start:start + len(numbers)] = torch.tensor(list(numbers), dtype=torch.float64)
         self._all_reduce(buffer)
-        tail = buffer[buffer.numel() - w - host_tail:].tolist()
-        flagged = tail[host_tail:]
-        if any(f != 0 for f in flagged):
-            own = (flag_message or "failed") if flagged[self.rank] != 0 else None
-            self._fail_together(flagged, own)
-        self.pending = then
-        return buffer[:-w], tail[:host_tail]
+        values = buffer.tolist()
+        flags = values[1:1 + w]
+        if any(flags):
+            self._fail_together(flags, failed)
+        if values[0] != tag * w:
+            wheres = self._gather_objects(where)
+            raise AdaRoundDistributedError(
+                f"AdaRound stopped on all {w} ranks: the ranks reached different points ("
+                + "; ".join(f"rank {q}: {wq}" for q, wq in enumerate(wheres))
+                + "): the model, its forward pass or the settings differ across ranks."
+            )
+        rows = values[1 + w:]
+        return [rows[q * SLOTS:(q + 1) * SLOTS] for q in range(w)]
 
-    def status(self, values: Sequence[float], then: Optional[_Next] = None) -> list[list[float]]:
-        """Exchange up to ``_SLOTS`` numbers per rank; returns every rank's numbers (float64)."""
-        payload = torch.zeros(self.world_size, _SLOTS, dtype=torch.float64, device=self.device)
-        if values:
-            payload[self.rank, :len(values)] = torch.tensor(list(values), dtype=torch.float64)
-        reduced, _ = self.collective(payload, then or self.status_next)
-        return reduced.reshape(self.world_size, _SLOTS).tolist()
-
-    def _fail_together(self, flags: Sequence[float], own_message: Optional[str]) -> None:
-        messages: list[Optional[str]] = [None] * self.world_size
+    def _gather_objects(self, value: Any) -> list[Any]:
+        found: list[Any] = [None] * self.world_size
         try:
             with _object_collective_device(self.device):
-                dist.all_gather_object(messages, own_message, group=self.group)
+                dist.all_gather_object(found, value, group=self.group)
         except Exception:
             self.broken = True
+            raise
+        return found
+
+    def _fail_together(self, flags: Sequence[float], own_message: Optional[str]) -> None:
+        try:
+            messages = self._gather_objects(own_message)
+        except Exception:
             messages = [own_message if q == self.rank else None for q in range(self.world_size)]
         failed = [q for q, f in enumerate(flags) if f != 0]
         details = "; ".join(f"rank {q}: {messages[q] or 'failed (see its log)'}" for q in failed)
@@ -286,9 +250,66 @@ class _Sync:
             f"AdaRound stopped on all {self.world_size} ranks because {len(failed)} rank(s) failed. {details}"
         )
 
+    # -- the points
+
+    def exchange(self, numbers: Sequence[float], where: str) -> list[list[float]]:
+        if len(numbers) > SLOTS:
+            raise RuntimeError(f"internal: {len(numbers)} numbers exchanged at {where!r}, at most {SLOTS}")
+        return self._header(numbers, where)
+
+    def sum(self, tensors: Sequence[Tensor], where: str, numbers: Sequence[float] = (),
+            finite: bool = False) -> list[list[float]]:
+        failed = None
+        if finite and not all(bool(torch.isfinite(t).all()) for t in tensors):
+            failed = f"non-finite values while {where} (check this rank's calibration data for huge or NaN values)"
+        rows = self._header(numbers, where, failed)
+        flat = torch.cat([t.reshape(-1).to(self.device, torch.float64) for t in tensors])
+        self._all_reduce(flat)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t).to(t.dtype))
+            offset += t.numel()
+        return rows
+
     def disagree(self, message: str) -> None:
-        """Raise for a disagreement every rank detected from the same exchanged numbers."""
         raise AdaRoundDistributedError(f"AdaRound stopped on all {self.world_size} ranks: {message}")
+
+    def gather_text(self, text: str, where: str) -> list[str]:
+        self._header([], where)
+        return self._gather_objects(text)
+
+    @contextmanager
+    def stepping(self, numel: int, iterations: int, what: str = "the unit") -> Iterator[None]:
+        """Until the last step's average, a failing rank joins a gradient-sized collective."""
+        self._gradient_numel, self._steps_left = numel, iterations
+        self._iterations, self._stepping = iterations, what
+        yield
+        self._steps_left = 0  # only on a normal exit: a failure inside still meets the others in a step
+
+    def average_gradients(self, grads: Sequence[Tensor], loss: Tensor) -> Tensor:
+        """Average V's gradients and the loss over ranks in one all-reduce, in place."""
+        self.where = f"step {self._iterations - self._steps_left} of {self._stepping}"
+        grads = [g for g in grads if g is not None]
+        payload = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].dtype)])
+        w = self.world_size
+        buffer = torch.cat([payload, torch.zeros(w, dtype=payload.dtype, device=payload.device)])
+        bad = ~torch.isfinite(payload).all()
+        buffer[payload.numel() + self.rank] = bad.to(payload.dtype)
+        self._all_reduce(buffer)
+        self._steps_left -= 1
+        tail = buffer[payload.numel() - 1:].tolist()
+        if any(tail[1:]):
+            own = None
+            if tail[1 + self.rank]:
+                own = (f"non-finite reconstruction loss or gradient at {self.where} "
+                       "(check this rank's calibration data for huge or NaN values)")
+            self._fail_together(tail[1:], own)
+        reduced = buffer[:payload.numel()] / w
+        offset = 0
+        for g in grads:
+            g.copy_(reduced[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+        return reduced[-1]
 
     @contextmanager
     def guard(self) -> Iterator[None]:
@@ -303,458 +324,22 @@ class _Sync:
             self._announce(err)
 
     def _announce(self, err: Exception) -> None:
-        nxt, w = self.pending, self.world_size
-        buffer = torch.zeros(nxt.numel + w, dtype=nxt.dtype, device=self.device)
-        buffer[nxt.numel + self.rank] = 1
-        try:
-            self._all_reduce(buffer)
-        except Exception:
-            raise err
+        """Meet the others where they wait, with this rank's flag set, and fail together."""
         message = f"{type(err).__name__} while {self.where}: {err}"
         try:
-            self._fail_together(buffer[-w:].tolist(), message)
+            if self._steps_left > 0:
+                w = self.world_size
+                buffer = torch.zeros(self._gradient_numel + 1 + w, dtype=torch.float32, device=self.device)
+                buffer[-w + self.rank] = 1
+                self._all_reduce(buffer)
+                self._steps_left = 0
+                self._fail_together(buffer[-w:].tolist(), message)
+            self._header([], self.where, failed=message)
         except AdaRoundDistributedError as combined:
             raise combined from err
-
-    # -- the sync points of a layer
-
-    def begin_layer(self, name: str, iterations: int, weight_numel: int, replicated: bool) -> None:
-        """``replicated``: every rank holds the same objective; the steps need no collective."""
-        self.layer = name
-        self.iterations = iterations
-        self.steps_done = 0
-        self.mse_calls = 0
-        self.replicated = replicated
-        self.grad_next = self.status_next if replicated else _Next(weight_numel + 1, torch.float32)
-
-    @property
-    def global_recon(self) -> float:
-        """The reconstruction loss of the last step over all ranks' rows."""
-        value = self._global_recon
-        return float(value) if isinstance(value, Tensor) else value
-
-    def record_loss(self, loss: Tensor) -> None:
-        self.local_recon = loss.detach()
-
-    def grad_reduce(self, grads: list[Tensor]) -> None:
-        """Average V's gradient (and the loss) across ranks in one all-reduce, in place."""
-        if self.replicated:  # the same objective and V everywhere: the gradients already agree
-            self._global_recon = self.local_recon if self.local_recon is not None else float("nan")
-            self.steps_done += 1
-            return
-        self.where = f"step {self.steps_done} of layer {self.layer!r}"
-        grads = [g for g in grads if g is not None]
-        dtype = grads[0].dtype if grads else torch.float32
-        recon = self.local_recon if self.local_recon is not None else torch.zeros((), device=self.device)
-        payload = torch.cat([g.reshape(-1) for g in grads] + [recon.reshape(1).to(dtype)])
-        bad = ~torch.isfinite(payload).all()
-        last = self.steps_done + 1 >= self.iterations
-        reduced, tail = self.collective(
-            payload, self.status_next if last else self.grad_next, local_flag=bad,
-            flag_message=f"non-finite reconstruction loss or gradient at {self.where} "
-            "(check this rank's calibration data for huge or NaN values)",
-            host_tail=1,
-        )
-        reduced /= self.world_size
-        offset = 0
-        for g in grads:
-            g.copy_(reduced[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-        self._global_recon = tail[0] / self.world_size
-        self.steps_done += 1
-
-    def reduce_sum(self, tensors: list[Tensor]) -> None:
-        """Sum ``tensors`` across ranks in place, in one all-reduce (for the moments)."""
-        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
-        reduced, _ = self.collective(flat, self.status_next)
-        offset = 0
-        for t in tensors:
-            t.copy_(reduced[offset:offset + t.numel()].view_as(t).to(t.dtype))
-            offset += t.numel()
-
-    def sum_statistics(self, name: str, numel: int, compute: Callable[[], Tensor]) -> Tensor:
-        """Sum this rank's ``compute()`` (``numel`` float64 values) over ranks, for bias correction.
-
-        A status exchange first sets the next collective to this one, so a rank that fails inside
-        ``compute`` meets the others in it with its flag set.
-        """
-        self.where = f"correcting the bias of layer {name!r}"
-        self.status([], then=_Next(numel, torch.float64))
-        local = compute().to(device=self.device, dtype=torch.float64)
-        reduced, _ = self.collective(
-            local, self.status_next, local_flag=~torch.isfinite(local).all(),
-            flag_message=f"non-finite output error while {self.where} (check this rank's calibration data)",
-        )
-        return reduced
-
-    def reduce_error(self, total: float, count: int) -> float:
-        """Global mean squared error from each rank's sum and count (before/after optimisation)."""
-        self.where = f"evaluating layer {self.layer!r}"
-        first = self.mse_calls == 0 and self.iterations > 0
-        self.mse_calls += 1
-        rows = self.status([total, count], then=self.grad_next if first else self.status_next)
-        total_all = sum(r[0] for r in rows)
-        count_all = sum(r[1] for r in rows)
-        return total_all / max(count_all, 1.0)
-
-    def check_same_rounding(self, result: LayerResult) -> None:
-        """Compare a checksum of the integer weights and the grid across ranks."""
-        self.where = f"checking layer {result.name!r}"
-        q = result.integer_weight.to(torch.int64).flatten()
-        w = torch.arange(q.numel(), dtype=torch.int64) % 8191 + 1
-        scale = result.scale.double().flatten()
-        values = [
-            float(q.sum()), float((q * w).sum()), float(scale.sum()),
-            float((scale * torch.arange(1, scale.numel() + 1, dtype=torch.float64)).sum()),
-            float(result.zero_point.double().sum()), _crc(result.name),
-        ]
-        rows = self.status(values)
-        if any(row != rows[0] for row in rows):
-            differing = [q for q, row in enumerate(rows) if row != rows[0]]
-            self.disagree(
-                f"the integer weights of layer {result.name!r} differ between rank 0 and rank(s) {differing} "
-                "(checksums of the integer weights and the grid disagree). The ranks' models or "
-                "calibration layout differ, or the ranks compute differently (mixed hardware or thread counts: "
-                "try distributed_adaround(..., sync_every_step=True))."
-            )
-
-
-# ------------------------------------------------------------------------------ objectives
-
-
-class ShardedMinibatchObjective:
-    """The minibatch form over a calibration set split across ranks.
-
-    Draws the same global minibatch indices as :class:`~lightning_adaround.objective.MinibatchObjective`
-    would over all ranks' rows (same generator, same permutation per pass), runs the layer on
-    the rows this rank owns, and returns ``world_size x`` this rank's part of the global mean:
-    averaging the ranks' gradients then yields the gradient of the global minibatch loss.
-    """
-
-    form = "minibatch"
-
-    def __init__(
-        self,
-        sync: _Sync,
-        unit: Unit,
-        train: Optional[UnitData],
-        train_counts: Sequence[int],
-        evaluation: Optional[UnitData],
-        batch_size: int,
-        generator: torch.Generator,
-        device: torch.device,
-    ) -> None:
-        self.sync = sync
-        self.unit = unit
-        self.train = train
-        self.evaluation = evaluation
-        self.total = int(sum(train_counts))
-        self.lo = int(sum(train_counts[:sync.rank]))
-        self.hi = self.lo + int(train_counts[sync.rank])
-        # The single-process sampler, over the global row index space.
-        self.sampler = MinibatchSampler(self.total, batch_size, generator)
-        self.batch_size = self.sampler.batch_size
-        self.device = device
-        self.channel_dim = unit.channel_dim
-
-    def step_loss(self, weights: Sequence[Tensor]) -> Tensor:
-        weight = weights[0]
-        idx = self.sampler.next_indices()
-        mine = idx[(idx >= self.lo) & (idx < self.hi)] - self.lo
-        if mine.numel() == 0 or self.train is None:
-            loss = weight.sum() * 0.0  # no row of this step here: a zero gradient of the right shape
-        else:
-            x = self.train.inputs[mine.to(self.train.inputs.device)].to(self.device, non_blocking=True)
-            y = self.train.targets[mine.to(self.train.targets.device)].to(self.device, non_blocking=True)
-            per_row = (self.unit.run([weight], x) - y).pow(2).sum(dim=self.channel_dim)
-            share = self.sync.world_size * mine.numel() / (self.batch_size * per_row.numel())
-            loss = per_row.sum() * share
-        self.sync.record_loss(loss)
-        return loss
-
-    def mse(self, weights: Sequence[Tensor]) -> float:
-        total, count = _squared_error(self.unit, self.evaluation, weights, self.device)
-        return self.sync.reduce_error(total, count)
-
-
-class _SharedMoments:
-    """The moments form after the moments were summed over ranks: the same objective everywhere."""
-
-    form = "moments"
-
-    def __init__(
-        self, sync: _Sync, inner: MomentsObjective, evaluation: Optional[UnitData], global_eval: int,
-        device: torch.device,
-    ) -> None:
-        self.sync, self.inner, self.unit = sync, inner, inner.unit
-        self.evaluation, self.global_eval, self.device = evaluation, global_eval, device
-
-    def step_loss(self, weights: Sequence[Tensor]) -> Tensor:
-        loss = self.inner.step_loss(weights)
-        self.sync.record_loss(loss)
-        return loss
-
-    def value_and_grad(self, weight: Tensor) -> tuple[Tensor, Tensor]:
-        value, grad = self.inner.value_and_grad(weight)
-        self.sync.record_loss(value)
-        return value, grad
-
-    def channel_errors(self, weight: Tensor, exact: bool = False) -> Tensor:
-        return self.inner.channel_errors(weight, exact)  # the moments are summed already: no collective
-
-    def mse(self, weights: Sequence[Tensor]) -> float:
-        if self.global_eval:
-            total, count = _squared_error(self.unit, self.evaluation, weights, self.device)
-            return self.sync.reduce_error(total, count)
-        value = self.inner.exact_loss(weights[0]) / weights[0].shape[0]
-        self.sync.reduce_error(0.0, 0)  # keeps the sync points the same for both forms
-        return value
-
-
-@torch.no_grad()
-def _squared_error(
-    unit: Unit, data: Optional[UnitData], weights: Sequence[Tensor], device: torch.device,
-) -> tuple[float, int]:
-    """This rank's sum of squared output errors and element count (the parts of ``unit_mse``)."""
-    if data is None:
-        return 0.0, 0
-    total, count = unit_channel_errors(unit, data, weights, device)
-    return float(total.sum()), count
-
-
-# ------------------------------------------------------------------------------ per layer
-
-_NO_CHUNKS, _MIXED = -2.0, -1.0
-
-
-def _shape_signature(chunks: Sequence[Tensor]) -> tuple[float, float]:
-    """(signature of the per-sample shape or _MIXED/_NO_CHUNKS, last dim or -1)."""
-    if not chunks:
-        return _NO_CHUNKS, -1.0
-    shapes = {tuple(c.shape[1:]) for c in chunks}
-    last = {c.shape[-1] for c in chunks} if all(c.dim() >= 2 for c in chunks) else set()
-    signature = _crc(next(iter(shapes))) if len(shapes) == 1 else _MIXED
-    return signature, (float(next(iter(last))) if len(last) == 1 else -1.0)
-
-
-def _flat_rows(chunks: Sequence[Tensor]) -> int:
-    return sum(c.numel() // c.shape[-1] for c in chunks if c.dim() >= 1 and c.shape[-1])
-
-
-def _stack(chunks: list[Tensor], flatten: bool) -> Tensor:
-    return torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks] if flatten else chunks, dim=0)
-
-
-class _DistributedLayers:
-    """The distributed counterpart of ``reconstruct.build_objective`` (same signature; layers only)."""
-
-    def __init__(self, sync: _Sync, layout: _Layout, sync_moments: bool = False) -> None:
-        self.sync = sync
-        self.layout = layout
-        self.sync_moments = sync_moments
-
-    def _holdout(self, fraction: float, generator: torch.Generator, rows_per_sample: int):
-        """Replay the single-process split over every global batch; keep this rank's rows."""
-        holdout = _Holdout(fraction, generator)
-        keep_of: dict[int, Tensor] = {}
-        held_of: dict[int, Tensor] = {}
-        for b, size in enumerate(self.layout.global_sizes):
-            keep, held = holdout.split(size * rows_per_sample)
-            for j in self.layout.by_batch.get(b, ()):
-                _, offset, n = self.layout.pieces[j]
-                lo, hi = offset * rows_per_sample, (offset + n) * rows_per_sample
-                keep_of[j] = keep[(keep >= lo) & (keep < hi)] - lo
-                held_of[j] = held[(held >= lo) & (held < hi)] - lo
-        return keep_of, held_of
-
-    def __call__(
-        self,
-        capture: InputCapture,
-        unit: Unit,
-        rounded: dict[str, nn.Module],
-        float_weights: dict[str, Tensor],
-        config: AdaRoundConfig,
-        generator: torch.Generator,
-        device: torch.device,
-        cache_device: torch.device,
-        task_loss: Optional[TaskLoss] = None,
-    ) -> Optional[UnitObjective]:
-        name, layer, ops = unit.name, unit.module, unit.ops
-        sync, pieces = self.sync, self.layout.pieces
-        sync.where = f"capturing layer {name!r}"
-        sync.layer = name
-        batches = capture.batches
-        if len(batches) != len(pieces):
-            raise RuntimeError(f"internal: {len(batches)} calibration batches but {len(pieces)} shard pieces")
-        weight = float_weights[name]
-
-        def capture_batch(j: int):
-            return next(capture.pairs(name, layer, rounded, float_weights, only=[j]), None)
-
-        # 1. Capture up to the first batch that reaches the layer, then agree on layer, weights, form.
-        first_j, first = len(batches), None
-        for j in range(len(batches)):
-            first = capture_batch(j)
-            if first is not None:
-                first_j = j
-                break
-        local = choose_form(config.loss_form, layer, ops, config.batch_size, first[0]) if first is not None else None
-        rows_per_sample = -1.0
-        if first is not None:
-            m, n = first[0].shape[0] if first[0].dim() else 1, pieces[first_j][2]
-            rows_per_sample = float(m // n) if m % n == 0 and m >= n else -1.0
-        w64 = weight.detach().double().flatten()
-        rows = sync.status([
-            1.0 if first is not None else 0.0, _crc(name), float(w64.sum()),
-            float((w64 * torch.arange(1, w64.numel() + 1, dtype=torch.float64, device=w64.device)).sum()),
-            float(_FORMS.index(local[0])) if local is not None else -1.0, rows_per_sample,
-        ])
-        if len({r[1] for r in rows}) > 1:
-            sync.disagree(
-                f"the ranks reached different layers at this point (rank 0: {name!r} on this rank): the model "
-                "or its forward pass differs across ranks."
-            )
-        if len({(r[2], r[3]) for r in rows}) > 1:
-            sync.disagree(
-                f"the float weights of layer {name!r} differ across ranks; every rank must hold the same model "
-                "(DDP training keeps them equal; otherwise load the same checkpoint on every rank)."
-            )
-        reached = [q for q, r in enumerate(rows) if r[0]]
-        if not reached:
-            return None
-        ks = {rows[q][5] for q in reached}
-        if len(ks) > 1 or min(ks) < 1:
-            sync.disagree(
-                f"the first dim of layer {name!r}'s input is not the same multiple of the samples in every "
-                "calibration batch; data-parallel rounding needs sample-major layer inputs (e.g. batch_first=True) "
-                "or a single process (strategy='auto')."
-            )
-        k = int(ks.pop())
-        form = _FORMS[int(rows[reached[0]][4])]
-        if local is not None and local[0] == form:
-            _, used_ops, note = local
-        else:
-            first_input = first[0] if first is not None else None
-            _, used_ops, note = choose_form(form, layer, ops, config.batch_size, first_input)
-        unit = dataclasses.replace(unit, ops=used_ops)
-        target_weights = [weight.to(compute_dtype(weight.dtype))]
-
-        # 2. The rest of this rank's batches, split like one process splits the global ones.
-        keep_of, held_of = self._holdout(config.holdout_fraction, generator, k)
-        moments = LayerMoments(layer, device) if form == "moments" else None
-        train_in: list[Tensor] = []
-        train_out: list[Tensor] = []
-        eval_in: list[Tensor] = []
-        eval_out: list[Tensor] = []
-        for j in range(first_j, len(batches)):
-            pair = first if j == first_j else capture_batch(j)
-            if pair is None:
-                continue
-            rounded_input, float_input = pair
-            if rounded_input.shape[0] != pieces[j][2] * k:
-                raise ValueError(
-                    f"layer {name!r} received {rounded_input.shape[0]} rows for a batch of {pieces[j][2]} samples "
-                    f"(expected {k} per sample); data-parallel rounding needs sample-major layer inputs."
-                )
-            keep, held = keep_of[j], held_of[j]
-            if held.numel():
-                eval_in.append(rounded_input[held].to(cache_device))
-                eval_out.append(unit_targets(unit, target_weights, float_input[held]).to(cache_device))
-            if moments is not None:
-                same = float_input is rounded_input
-                moments.add(rounded_input[keep], None if same else float_input[keep])
-            else:
-                train_in.append(rounded_input[keep].to(cache_device))
-                train_out.append(unit_targets(unit, target_weights, float_input[keep]).to(cache_device))
-
-        # 3. Agree on row counts and stacking, sum the moments, build the objective.
-        train_sig, train_last = _shape_signature(train_in)
-        eval_sig, eval_last = _shape_signature(eval_in)
-        moments_next = _Next(3 * moments.xx.numel() + 2, torch.float64) if moments is not None else None
-        rows = sync.status([
-            sum(c.shape[0] for c in train_in), _flat_rows(train_in), train_sig, train_last,
-            sum(c.shape[0] for c in eval_in), _flat_rows(eval_in), eval_sig, eval_last,
-        ], then=moments_next)
-        flatten_train, train_counts = _global_stacking(rows, 0, name)
-        flatten_eval, eval_counts = _global_stacking(rows, 4, name)
-        global_eval = sum(eval_counts)
-        evaluation = UnitData(_stack(eval_in, flatten_eval), _stack(eval_out, flatten_eval)) if eval_in else None
-        if moments is not None:
-            sync.where = f"summing the moments of layer {name!r}"
-            moments.all_reduce(sync.reduce_sum)
-            inner = MomentsObjective(unit, moments, weight, evaluation, device)
-            objective: Any = _SharedMoments(sync, inner, evaluation, global_eval, device)
-            prepared = UnitObjective(objective, moments.samples, global_eval, used_ops, note)
-        else:
-            train = UnitData(_stack(train_in, flatten_train), _stack(train_out, flatten_train)) if train_in else None
-            objective = ShardedMinibatchObjective(
-                sync, unit, train, train_counts, evaluation if global_eval else train,
-                config.batch_size, generator, device,
-            )
-            prepared = UnitObjective(objective, sum(train_counts), global_eval, used_ops, note)
-        replicated = form == "moments" and not self.sync_moments
-        sync.begin_layer(name, config.iterations, weight.numel(), replicated=replicated)
-        sync.where = f"optimising layer {name!r}"
-        return prepared
-
-
-def _global_stacking(rows: list[list[float]], at: int, name: str) -> tuple[bool, list[int]]:
-    """Whether every rank must flatten (as ``stack_samples`` does over all chunks) and the row counts."""
-    sigs = [r[at + 2] for r in rows if r[at + 2] != _NO_CHUNKS]
-    uniform = _MIXED not in sigs and len(set(sigs)) <= 1
-    if uniform:
-        return False, [int(r[at]) for r in rows]
-    lasts = {r[at + 3] for r in rows if r[at + 2] != _NO_CHUNKS}
-    if len(lasts) != 1 or -1.0 in lasts:
-        raise AdaRoundDistributedError(
-            f"layer {name!r} received inputs of different shapes across calibration batches; give calibration "
-            "batches of one input shape (resize or pad them)."
-        )
-    return True, [int(r[at + 1]) for r in rows]
-
-
-# ------------------------------------------------------------------------------ observer
-
-
-class _RankZeroObserver(AdaRoundObserver):
-    """Runs the collectives of the end of a layer on every rank; forwards to ``inner`` on rank 0 only."""
-
-    def __init__(self, inner: Optional[AdaRoundObserver], sync: _Sync) -> None:
-        self._stop = inner.should_stop if inner is not None else None  # every rank's own stop request
-        self.inner = inner if inner is not None and sync.rank == 0 else None
-        self.sync = sync
-        self.global_recon: dict[int, float] = {}
-
-    def should_stop(self) -> bool:
-        """A rank asked to stop raises inside the failure protocol, which stops every rank."""
-        return self._stop is not None and self._stop()
-
-    def on_start(self, layer_names: list[str]) -> None:
-        if self.inner is not None:
-            self.inner.on_start(layer_names)
-
-    def on_layer_start(self, name: str, index: int, iterations: int) -> None:
-        self.global_recon = {}
-        if self.inner is not None:
-            self.inner.on_layer_start(name, index, iterations)
-
-    def on_step(self, name: str, step: int, metrics: dict[str, float]) -> None:
-        self.global_recon[step] = self.sync.global_recon  # this step's loss, averaged with the gradient
-        if self.inner is not None:
-            self.inner.on_step(name, step, dict(metrics, recon_loss=self.sync.global_recon))
-
-    def on_layer_end(self, result: LayerResult) -> None:
-        self.sync.check_same_rounding(result)  # a collective: every rank, before any rank-0-only code
-        history = getattr(result, "history", None)
-        if history:  # the core recorded this rank's part of the loss: put the global one in
-            result.history = [(s, self.global_recon.get(s, r), *rest) for s, r, *rest in history]
-        if self.inner is not None:
-            self.inner.on_layer_end(result)
-
-    def on_end(self, result: AdaRoundResult) -> None:
-        self.sync.where = "finishing"
-        if self.inner is not None:
-            self.inner.on_end(result)
+        except Exception:
+            raise err
+        raise err  # unreachable: a flagged exchange always raises
 
 
 # ------------------------------------------------------------------------------ entry point
@@ -772,6 +357,8 @@ def distributed_adaround(
     activations: Optional[dict[str, Optional[Activation]]] = None,
     observer: Optional[AdaRoundObserver] = None,
     move_batch: MoveBatch = move_to_device,
+    checkpoint_dir: Optional[PathLike] = None,
+    task_loss: Optional[TaskLoss] = None,
     group: Optional[Any] = None,
     sync_every_step: bool = False,
 ) -> AdaRoundResult:
@@ -786,14 +373,18 @@ def distributed_adaround(
             matches one process on those batches), or an iterable of this rank's own batches (the
             global set is the ranks' batches in rank order), or a zero-argument callable returning
             either (read inside the failure protocol, so a rank whose loader fails stops all ranks).
-        config, forward_fn, activations, move_batch: As for :func:`~lightning_adaround.adaround`.
+        config, forward_fn, activations, move_batch, task_loss: As for :func:`~lightning_adaround.adaround`.
         device: This rank's compute device (default: where the model is); every collective buffer
             lives there (CUDA tensors for NCCL).
-        observer: Called on rank 0 only, with values already reduced across ranks.
+        observer: Called on rank 0 only, with values already reduced across ranks; every rank asks
+            its own ``should_stop``.
+        checkpoint_dir: As for :func:`~lightning_adaround.adaround`, a folder every rank can read
+            (one machine, or a shared file system); rank 0 writes it. A resumed run must use the
+            same number of ranks and the same data.
         group: The process group (default: the global one).
-        sync_every_step: Also all-reduce the gradient every step for moments-form layers. Their
+        sync_every_step: Also average the gradient every step for moments-form layers. Their
             objective is already identical on every rank, so by default the ranks step without
-            communicating (the end-of-layer checksum still compares the results); turn this on
+            communicating (the end-of-unit checksum still compares the results); turn this on
             if ranks compute differently (mixed hardware or thread counts) and the checksum fails.
 
     Raises:
@@ -801,11 +392,6 @@ def distributed_adaround(
             (an exception, non-finite values), the calibration data has fewer samples than ranks,
             or the ranks disagree (model, settings, data, integer weights).
     """
-    if config is not None and config.reconstruction == "block":
-        raise ValueError(
-            "distributed_adaround rounds layer by layer; reconstruction='block' works in a single process "
-            "for now. Call adaround() in one process, or use reconstruction='layer'."
-        )
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "distributed_adaround needs an initialised torch.distributed process group "
@@ -817,60 +403,58 @@ def distributed_adaround(
     device = torch.device(device)
     if dist.get_backend(group) == "nccl" and device.type != "cuda":
         raise ValueError(f"the NCCL backend needs a CUDA device, got device={device}.")
-    sync = _Sync(group, device)
+    reducer = DistributedReducer(group, device, sync_every_step)
     # Lightning's validate may run this under inference_mode: our buffers are updated in place.
-    with torch.inference_mode(False), sync.guard():
-        sync.where = "reading the calibration data"
+    with torch.inference_mode(False), reducer.guard():
+        reducer.where = "reading the calibration data"
         source = calibration_batches() if callable(calibration_batches) else calibration_batches
         shard = source if isinstance(source, CalibrationShard) else None
         batches = list(shard.batches if shard is not None else source)
-        layout = _start(sync, batches, shard, config)
-        result = adaround(
-            model, batches, config,
-            forward_fn=forward_fn, device=device, activations=activations,
-            observer=_RankZeroObserver(observer, sync), grad_reduce=sync.grad_reduce,
-            move_batch=move_batch, objective_builder=_DistributedLayers(sync, layout, sync_every_step),
-            statistics_reduce=sync.sum_statistics,
+        layout = _start(reducer, batches, shard, config)
+        result = round_model(
+            model, batches, config, forward_fn=forward_fn, device=device, activations=activations,
+            observer=observer, move_batch=move_batch, checkpoint_dir=checkpoint_dir, task_loss=task_loss,
+            reducer=reducer, layout=layout,
         )
-        sync.status([])  # after the last layer: any late failure reaches every rank
+        reducer.where = "finishing"
+        reducer.exchange([], "finishing")  # after the last unit: any late failure reaches every rank
     return result
 
 
-def _start(sync: _Sync, batches: list[Any], shard: Optional[CalibrationShard], config: AdaRoundConfig) -> _Layout:
-    """Check the ranks agree on the settings and data, and learn the global layout."""
-    local = sum(_samples_in(b) for b in batches)
+def _start(
+    reducer: DistributedReducer, batches: list[Any], shard: Optional[CalibrationShard], config: AdaRoundConfig,
+) -> SampleLayout:
+    """Check the ranks agree on the settings and data, and learn where this rank's samples sit."""
+    local = sum(samples_in(b) for b in batches)
     fingerprint = shard.fingerprint if shard is not None else (0.0, 0.0)
-    rows = sync.status([
+    rows = reducer.exchange([
         float(local), _crc(config), 1.0 if shard is not None else 0.0,
         float(sum(shard.global_sizes)) if shard is not None else -1.0, fingerprint[0], fingerprint[1],
-    ])
-    w = sync.world_size
+    ], "starting")
+    w = reducer.world_size
     total = int(sum(r[0] for r in rows))
     if any(r[0] == 0 for r in rows):
         empty = [q for q, r in enumerate(rows) if r[0] == 0]
         if total < w:
-            sync.disagree(
+            reducer.disagree(
                 f"the calibration data has {total} sample(s) for {w} ranks; every rank needs at least one. "
                 f"Read more (num_calibration_samples >= {w}, a few hundred per rank is typical)."
             )
-        sync.disagree(f"rank(s) {empty} received no calibration sample; give every rank part of the data.")
+        reducer.disagree(f"rank(s) {empty} received no calibration sample; give every rank part of the data.")
     if len({r[1] for r in rows}) > 1:
-        sync.disagree("the rounding settings (AdaRoundConfig) differ across ranks; pass the same config on every rank.")
+        reducer.disagree("the rounding settings (AdaRoundConfig) differ across ranks; pass the same config on every rank.")
     if len({r[2] for r in rows}) > 1:
-        sync.disagree("some ranks passed a CalibrationShard and others plain batches; use one kind on every rank.")
+        reducer.disagree("some ranks passed a CalibrationShard and others plain batches; use one kind on every rank.")
     if shard is not None and len({(r[3], r[4], r[5]) for r in rows}) > 1:
-        sync.disagree(
+        reducer.disagree(
             "the calibration data read on each rank differs (a shuffled or randomly augmented loader?); "
             "every rank must read the same global batches before sharding: pass a loader without shuffling "
             "or augmentation (e.g. a datamodule's calibration_dataloader())."
         )
     if shard is not None:
-        return _Layout(list(shard.global_sizes), list(shard.pieces))
-    sizes: list[Optional[list[int]]] = [None] * w
-    with _object_collective_device(sync.device):
-        dist.all_gather_object(sizes, [_samples_in(b) for b in batches], group=sync.group)
-    base = sum(len(s) for s in sizes[:sync.rank])
-    return _Layout(
-        [n for s in sizes for n in s],
-        [(base + j, 0, n) for j, n in enumerate(sizes[sync.rank])],
-    )
+        starts = [sum(shard.global_sizes[:b]) + offset for b, offset, _ in shard.pieces]
+        return SampleLayout(starts, [n for _, _, n in shard.pieces], sum(shard.global_sizes))
+    sizes = [json.loads(text) for text in reducer.gather_text(json.dumps([samples_in(b) for b in batches]), "sizes")]
+    base = sum(sum(s) for s in sizes[:reducer.rank])
+    mine = sizes[reducer.rank]
+    return SampleLayout([base + sum(mine[:j]) for j in range(len(mine))], mine, sum(sum(s) for s in sizes))

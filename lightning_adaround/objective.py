@@ -8,12 +8,14 @@ by minibatches of cached rows (any unit), or from second moments (a unit of one 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lightning_adaround.moments import LayerMoments, weight_as_groups
+from lightning_adaround.reducer import Reducer
 from lightning_adaround.unit import Unit, UnitData
 
 
@@ -110,6 +112,15 @@ class RowGather:
         return out
 
 
+@dataclass(frozen=True)
+class RowShard:
+    """This process's training rows among every process's, laid out in rank order: rows
+    ``offset`` to ``offset + (its own rows)`` of ``total``."""
+
+    offset: int
+    total: int
+
+
 class MinibatchObjective:
     """The paper's procedure for any unit: each step a random minibatch of cached rows, one forward.
 
@@ -118,17 +129,27 @@ class MinibatchObjective:
     unit runs with every rounded layer's soft weight at once through its own forward, so
     any block (attention, residuals) works; with Fisher weights each output element's squared
     error is weighted.
+
+    With several processes (``shard``), every process draws the same minibatch indices over all
+    processes' rows and runs the unit on the rows it holds; its loss is ``world_size`` times its
+    part of the minibatch's, so averaging the gradients gives the gradient one process would find.
     """
 
     def __init__(
-        self, unit: Unit, train: UnitData, evaluation: UnitData, batch_size: int,
-        generator: torch.Generator, device: torch.device,
+        self, unit: Unit, train: Optional[UnitData], evaluation: Optional[UnitData], batch_size: int,
+        generator: torch.Generator, device: torch.device, shard: Optional[RowShard] = None,
+        reducer: Optional[Reducer] = None,
     ) -> None:
         self.unit = unit
         self.form = "minibatch" if unit.is_layer else "block"
         self.train = train
         self.evaluation = evaluation
-        self.sampler = MinibatchSampler(train.num_samples, batch_size, generator)
+        self.reducer = reducer if reducer is not None else Reducer()
+        self.sharded = self.reducer.world_size > 1  # rows split over processes: gradients are averaged
+        local = train.num_samples if train is not None else 0
+        self.shard = shard if shard is not None else RowShard(0, local)
+        self._rows_here = (self.shard.offset, self.shard.offset + local)
+        self.sampler = MinibatchSampler(self.shard.total, batch_size, generator)
         self.batch_size = self.sampler.batch_size
         self.device = device
         self._gather = RowGather(device)
@@ -142,18 +163,28 @@ class MinibatchObjective:
 
     def step_loss(self, weights: Sequence[Tensor]) -> Tensor:
         idx = self.sampler.next_indices()
+        share = 1.0
+        if self.sharded:
+            lo, hi = self._rows_here
+            idx = idx[(idx >= lo) & (idx < hi)] - lo
+            if idx.numel() == 0 or self.train is None:  # none of this step's rows here: a zero gradient
+                return torch.stack([w.sum() for w in weights]).sum() * 0.0
+            share = self.reducer.world_size * idx.numel() / self.batch_size
+        assert self.train is not None
         dtype = weights[0].dtype
         x, args, kwargs = self._rows(self.train, idx, dtype, "train")
         y = self._gather(self.train.targets, idx, "y", dtype)
         out = self.unit.run(weights, x, args, kwargs)
         if self.train.fisher is None:
-            return reconstruction_loss(out, y, self.unit.channel_dim)
-        fisher = self._gather(self.train.fisher, idx, "f", dtype)
-        rows = out.numel() // out.shape[self.unit.channel_dim]
-        return (fisher * (out - y).square()).sum() / rows
+            loss = reconstruction_loss(out, y, self.unit.channel_dim)
+        else:
+            fisher = self._gather(self.train.fisher, idx, "f", dtype)
+            rows = out.numel() // out.shape[self.unit.channel_dim]
+            loss = (fisher * (out - y).square()).sum() / rows
+        return loss * share if self.sharded else loss
 
     def mse(self, weights: Sequence[Tensor]) -> float:
-        return unit_mse(self.unit, self.evaluation, weights, self.device)
+        return shared_mse(self.unit, self.evaluation, weights, self.device, self.reducer)
 
 
 @torch.no_grad()
@@ -179,10 +210,17 @@ def unit_channel_errors(
     return total, count
 
 
-def unit_mse(unit: Unit, data: UnitData, weights: Sequence[Tensor], device: torch.device) -> float:
-    """Mean squared error per output element of the unit's output against the targets."""
-    total, count = unit_channel_errors(unit, data, weights, device)
-    return float(total.sum()) / max(count, 1)
+def shared_mse(
+    unit: Unit, data: Optional[UnitData], weights: Sequence[Tensor], device: torch.device, reducer: Reducer,
+) -> float:
+    """Mean squared error per output element of the unit's output against the targets, over every
+    process's rows (``data``: this process's, maybe none)."""
+    total, count = 0.0, 0
+    if data is not None and data.num_samples:
+        sums, count = unit_channel_errors(unit, data, weights, device)
+        total = float(sums.sum())
+    rows = reducer.exchange([total, float(count)], f"measuring the error of {unit.kind} {unit.name!r}")
+    return sum(r[0] for r in rows) / max(sum(r[1] for r in rows), 1.0)
 
 
 class _AnalyticLoss(torch.autograd.Function):
@@ -220,8 +258,16 @@ class MomentsObjective:
         evaluation: Optional[UnitData],
         device: torch.device,
         dtype: torch.dtype = torch.float32,
+        eval_total: Optional[int] = None,
+        reducer: Optional[Reducer] = None,
     ) -> None:
+        """``moments``: summed over every process; ``evaluation``: this process's held-out rows, of
+        ``eval_total`` over every process (default: these)."""
         self.unit = unit
+        self.reducer = reducer if reducer is not None else Reducer()
+        self.sharded = False  # the summed moments make the same objective on every process
+        local_eval = evaluation.num_samples if evaluation is not None else 0
+        self.eval_total = local_eval if eval_total is None else eval_total
         self.layer = layer = unit.module
         self.evaluation = evaluation
         self.ops = ops = unit.ops
@@ -268,8 +314,8 @@ class MomentsObjective:
         return max(float(value), 0.0)
 
     def mse(self, weights: Sequence[Tensor]) -> float:
-        if self.evaluation is not None and self.evaluation.num_samples:
-            return unit_mse(self.unit, self.evaluation, weights, self.device)
+        if self.eval_total:
+            return shared_mse(self.unit, self.evaluation, weights, self.device, self.reducer)
         return self.exact_loss(weights[0]) / weights[0].shape[0]
 
     @torch.no_grad()

@@ -1,7 +1,7 @@
 """The per-layer optimisation loop: Adam on V only, reconstruction plus annealed regularizer.
 
-Shared by every layer type and both objective forms; an optional ``grad_reduce`` hook
-(e.g. a DDP all-reduce) sees V's gradient before each update.
+Shared by every unit and both objective forms; with several processes an ``average_gradients``
+hook (the reducer's) averages V's gradient, and the loss, before each update.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from lightning_adaround.objective import ReconstructionObjective
 from lightning_adaround.observer import RoundingStopped
 from lightning_adaround.rounding import RoundingVariable, soft_backward
 
-GradReduce = Callable[[list[Tensor]], None]
+GradientAverage = Callable[[list[Tensor], Tensor], Tensor]  # (V grads, loss) -> loss over every process
 StepLogger = Callable[[int, dict[str, float]], None]
 
 
@@ -27,7 +27,7 @@ def optimize_rounding(
     lr: float,
     reg_lambda: float,
     schedule: BetaSchedule,
-    grad_reduce: Optional[GradReduce] = None,
+    average_gradients: Optional[GradientAverage] = None,
     on_log: Optional[StepLogger] = None,
     log_every_n_steps: int = 50,
     should_stop: Optional[Callable[[], bool]] = None,
@@ -59,8 +59,8 @@ def optimize_rounding(
             recon = objective.step_loss(weights)
             loss = recon + reg_lambda * reg if regularizing else recon
             loss.backward()
-        if grad_reduce is not None:
-            grad_reduce([r.v.grad for r in group])
+        if average_gradients is not None:
+            recon = average_gradients([r.v.grad for r in group], recon.detach())
         optimizer.step()
         last = step == iterations - 1
         if on_log is not None and (step % log_every_n_steps == 0 or last):

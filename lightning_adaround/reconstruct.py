@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Callable, Optional
@@ -17,12 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from lightning_adaround.cache import CachePlan, ChunkStore
+from lightning_adaround.calibration import SampleLayout
 from lightning_adaround.capture import Call, InputCapture, check_finite
 from lightning_adaround.capture import float_weights as float_weights_in
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.layers import OutputOps, compute_dtype, run_with_weight
 from lightning_adaround.moments import LayerMoments, moments_supported, patch_dim
-from lightning_adaround.objective import MinibatchObjective, MomentsObjective, ReconstructionObjective
+from lightning_adaround.objective import MinibatchObjective, MomentsObjective, ReconstructionObjective, RowShard
+from lightning_adaround.reducer import Reducer
 from lightning_adaround.unit import Unit, UnitData
 
 
@@ -36,19 +39,35 @@ class UnitObjective:
     cache_bytes: int = 0  # what this unit kept: cached activations, or moments plus held-out samples
 
 
-class _Holdout:
-    """Splits streamed batches so that ``floor(seen * fraction)`` samples are held out so far."""
+TaskLoss = Callable[[Any, Any], Tensor]  # task_loss(model output, batch) -> scalar
 
-    def __init__(self, fraction: float, generator: torch.Generator) -> None:
-        self.fraction = fraction
-        self.generator = generator
-        self.seen = 0
 
-    def split(self, n: int) -> tuple[Tensor, Tensor]:
-        held = math.floor((self.seen + n) * self.fraction) - math.floor(self.seen * self.fraction)
-        self.seen += n
-        perm = torch.randperm(n, generator=self.generator)
-        return perm[held:].sort().values, perm[:held].sort().values
+@dataclass
+class RunData:
+    """What every unit of one run shares: calibration data, settings, the generator, the other processes."""
+
+    capture: InputCapture
+    config: AdaRoundConfig
+    generator: torch.Generator  # one seeded stream for the hold-out draw and every minibatch, in turn
+    device: torch.device
+    cache_device: torch.device
+    layout: SampleLayout
+    held_out: list[Tensor]  # per calibration batch: which of its samples are held out
+    reducer: Reducer
+    task_loss: Optional[TaskLoss] = None  # for a block's Fisher loss
+
+
+def _held_out_rows(run: RunData, index: int, rows: int) -> tuple[Tensor, Tensor, bool]:
+    """``(training rows, held-out rows, per sample)`` of a call on batch ``index`` with ``rows`` input rows.
+
+    Rows follow their sample when the input's first dim is a whole number of rows per sample
+    (a Linear fed flattened tokens has several); otherwise no row of the call is held out.
+    """
+    size = run.layout.sizes[index]
+    if rows % size:
+        return torch.arange(rows), torch.arange(0), False
+    held = run.held_out[index].repeat_interleave(rows // size)
+    return (~held).nonzero().flatten(), held.nonzero().flatten(), True
 
 
 def _rows_per_sample(layer: nn.Module, sample: Tensor) -> int:
@@ -89,7 +108,7 @@ def choose_form(
 
 
 class _Cache:
-    """One layer's (or block's) cached tensors by key; where they live is chosen at the first batch."""
+    """One unit's cached tensors by key; where they live is chosen at the first batch."""
 
     def __init__(self, plan: CachePlan, num_batches: int) -> None:
         self.plan = plan
@@ -109,60 +128,107 @@ class _Cache:
                 self.stores[key] = self.plan.store(self.tier, self.num_batches, exact=not t.is_floating_point())
             self.stores[key].add(t)
 
-    def tensors(self, name: str) -> dict[str, Tensor]:
-        return {key: store.tensor(name) for key, store in self.stores.items() if store.shapes}
+    def rows(self, split: str) -> list[float]:
+        """``[rows, rows if flattened, shape signature, last dim]`` of ``split``'s inputs, for the
+        processes to agree on one stacking (a Linear fed sequences of several lengths stacks rows)."""
+        store = self.stores.get(f"{split}_in")
+        shapes = store.shapes if store is not None else []
+        if not shapes:
+            return [0.0, 0.0, _NO_ROWS, -1.0]
+        tails = {tuple(s[1:]) for s in shapes}
+        lasts = {s[-1] for s in shapes} if all(len(s) >= 2 for s in shapes) else set()
+        return [
+            float(sum(s[0] for s in shapes)), float(sum(math.prod(s[:-1]) for s in shapes)),
+            _crc(next(iter(tails))) if len(tails) == 1 else _MIXED, float(lasts.pop()) if len(lasts) == 1 else -1.0,
+        ]
+
+    def tensors(self, name: str, flatten: dict[str, Optional[bool]]) -> dict[str, Tensor]:
+        return {
+            key: store.tensor(name, flatten.get(key, False))
+            for key, store in self.stores.items() if store.shapes
+        }
 
     @staticmethod
     def nbytes(data: dict[str, Tensor]) -> int:
         return sum(t.numel() * t.element_size() for t in data.values())
 
 
-TaskLoss = Callable[[Any, Any], Tensor]  # task_loss(model output, batch) -> scalar
+_NO_ROWS, _MIXED = -2.0, -1.0
+_FORMS = ("minibatch", "moments")
+
+
+def _crc(value: Any) -> float:
+    return float(zlib.crc32(repr(value).encode()))
+
+
+def _stacking(rows: list[list[float]], at: int, unit: Unit, rank: int) -> tuple[Optional[bool], list[int]]:
+    """Whether every process stacks a split's rows flattened, and each process's row count.
+
+    One process stacks samples when every batch gave the same per-sample shape, else (a Linear fed
+    sequences of several lengths) rows; the processes decide together, from all of their shapes.
+    ``None``: shapes that cannot be stacked, which stacking this process's own reports in detail.
+    """
+    signatures = {r[at + 2] for r in rows if r[at + 2] != _NO_ROWS}
+    if _MIXED not in signatures and len(signatures) <= 1:
+        return False, [int(r[at]) for r in rows]
+    lasts = {r[at + 3] for r in rows if r[at + 2] != _NO_ROWS}
+    if len(lasts) != 1 or -1.0 in lasts or not unit.is_layer or not isinstance(unit.module, nn.Linear):
+        if rows[rank][at + 2] == _MIXED:
+            return None, []
+        raise ValueError(
+            f"{unit.kind} {unit.name!r} received inputs of different shapes across calibration batches (on "
+            "different ranks); give calibration batches of one input shape (resize or pad them)."
+        )
+    return True, [int(r[at + 1]) for r in rows]
 
 
 def build_objective(
-    capture: InputCapture,
-    unit: Unit,
-    rounded: dict[str, nn.Module],
-    float_weights: dict[str, Tensor],
-    config: AdaRoundConfig,
-    generator: torch.Generator,
-    device: torch.device,
-    cache_device: torch.device,
-    task_loss: Optional[TaskLoss] = None,
+    run: RunData, unit: Unit, rounded: dict[str, nn.Module], float_weights: dict[str, Tensor],
 ) -> Optional[UnitObjective]:
     """Everything one unit's optimisation needs, or ``None`` when no batch reaches it.
 
     Per calibration batch: the unit's input in the rounded model, its other per-sample
-    arguments and its output in the float model, split into training and held-out rows. A
-    layer called several times per forward (weight sharing) contributes every call's rows (or
-    moments), each call split on its own. A
-    unit of one layer may take the moments form, which keeps second moments instead of rows.
-    With ``task_loss`` (a block's Fisher loss) the cache also holds the squared gradient of the
-    task loss at the unit's output.
+    arguments and its output in the float model, split into training and held-out rows (the
+    rows of the held-out samples). A layer called several times per forward (weight sharing)
+    contributes every call's rows (or moments). A unit of one layer may take the moments form,
+    which keeps second moments instead of rows. With ``run.task_loss`` (a block's Fisher loss)
+    the cache also holds the squared gradient of the task loss at the unit's output.
+
+    With several processes each holds its own batches' rows; they agree here on the form, the
+    stacking and the row counts, and sum the moments, so that the objective is the one a single
+    process would build from all of their batches.
     """
+    config, reducer, device = run.config, run.reducer, run.device
+    task_loss = None if unit.is_layer else run.task_loss
+    reducer.where = f"capturing {unit.kind} {unit.name!r}"
     first_name, first_module = unit.first
-    calls = capture.calls(first_name, first_module, rounded, float_weights)
+    calls = run.capture.calls(first_name, first_module, rounded, float_weights)
     first = next(calls, None)
-    if first is None:
-        return None
-    form, note = ("minibatch", "")
-    if unit.is_layer:
+    form, ops, note = "minibatch", unit.ops, ""
+    if first is not None and unit.is_layer:
         form, ops, note = choose_form(config.loss_form, unit.module, unit.ops, config.batch_size, first[1][0][0])
+    agreed = _agree_on_form(reducer, unit, first is not None, form, float_weights)
+    if agreed is None:
+        return None
+    if agreed != form or (first is None and unit.is_layer):  # as the first process that reached the unit chose
+        form, ops, note = choose_form(agreed, unit.module, unit.ops, config.batch_size, None)
+    if unit.is_layer:
         unit = dataclasses.replace(unit, ops=ops)
     weights = [float_weights[n].to(compute_dtype(float_weights[n].dtype)) for n in unit.layers]
-    holdout = _Holdout(config.holdout_fraction, generator)
     moments = LayerMoments(unit.module, device) if form == "moments" else None
     cache = _Cache(CachePlan(
         device, config.device_cache_bytes, config.host_cache_bytes, config.cache_dir, config.cache_dtype,
-    ), len(capture.batches) * getattr(capture, "calls_per_batch", lambda _: 1)(first_name))
-    arguments = _UnitArguments(unit, first[1], first[1][0][0].shape)
-    for index, rounded_call, float_call in chain([first], calls):
+    ), len(run.capture.batches) * run.capture.calls_per_batch(first_name))
+    arguments = _UnitArguments(unit, first[1], first[1][0][0].shape) if first is not None else None
+    per_sample_rows = True
+    for index, rounded_call, float_call in chain([first], calls) if first is not None else ():
+        assert arguments is not None
         x = rounded_call[0][0].detach()
         x_float = x if float_call is rounded_call else float_call[0][0].detach()
         per_sample = arguments.per_sample(rounded_call, x.shape)
         check_finite(f"{unit.kind} {unit.name!r}", [("input", x), ("float-model input", x_float)], fix=_fix(unit))
-        keep, held = holdout.split(x.shape[0])
+        keep, held, by_sample = _held_out_rows(run, index, x.shape[0])
+        per_sample_rows = per_sample_rows and by_sample
         pieces = []
         if held.numel():
             pieces += [("eval_in", x[held]), ("eval_out", unit_targets(unit, weights, x_float[held], float_call, held))]
@@ -175,25 +241,75 @@ def build_objective(
             pieces += [("train_in", x[keep]), ("train_out", target)]
             pieces += [(f"train_{key}", t[keep]) for key, t in per_sample.items()]
             if task_loss is not None:
-                gradient = _output_gradient(capture, unit, rounded, float_weights, task_loss, index)
+                gradient = _output_gradient(run.capture, unit, rounded, float_weights, task_loss, index)
                 pieces.append(("train_fisher", gradient[keep].square()))
-        cache.add(pieces)
-    data = cache.tensors(unit.name)
-    evaluation = arguments.data(data, "eval") if "eval_in" in data else None
+        if pieces:
+            cache.add(pieces)
+    numbers = cache.rows("train") + cache.rows("eval")
+    if moments is not None:
+        count = torch.tensor([float(moments.rows), float(moments.samples)], dtype=torch.float64, device=device)
+        rows = reducer.sum(
+            [moments.xx, moments.x_diff, moments.diff_diff, count], f"summing the moments of {unit.kind} {unit.name!r}",
+            numbers=numbers,
+        )
+        moments.rows, moments.samples = int(count[0].item()), int(count[1].item())
+    else:
+        rows = reducer.exchange(numbers, f"counting the rows of {unit.kind} {unit.name!r}")
+    flatten_train, train_counts = _stacking(rows, 0, unit, reducer.rank)
+    flatten_eval, eval_counts = _stacking(rows, 4, unit, reducer.rank)
+    flatten = {"train_in": flatten_train, "train_out": flatten_train, "eval_in": flatten_eval, "eval_out": flatten_eval}
+    data = cache.tensors(unit.name, flatten)
+    eval_total = sum(eval_counts)
+    evaluation = arguments.data(data, "eval") if arguments is not None and "eval_in" in data else None
     cache_bytes = _Cache.nbytes(data)
     if moments is not None:
         # errors are reported on the held-out samples, or on every training row when none are held out
-        objective: ReconstructionObjective = MomentsObjective(unit, moments, float_weights[unit.name], evaluation, device)
+        objective: ReconstructionObjective = MomentsObjective(
+            unit, moments, float_weights[unit.name], evaluation, device, eval_total=eval_total, reducer=reducer,
+        )
         train_samples, cache_bytes = moments.samples, cache_bytes + moments.nbytes()
     else:
-        train = arguments.data(data, "train", _fisher(unit, data.get("train_fisher")))
-        objective = MinibatchObjective(unit, train, evaluation or train, config.batch_size, generator, device)
-        train_samples = train.num_samples
-    eval_samples = evaluation.num_samples if evaluation is not None else train_samples
+        train = None
+        if arguments is not None and "train_in" in data:
+            train = arguments.data(data, "train", _fisher(unit, data.get("train_fisher"), reducer))
+        elif task_loss is not None:
+            _fisher(unit, None, reducer)  # this process has no rows, but the others sum the Fisher weights
+        shard = RowShard(sum(train_counts[:reducer.rank]), sum(train_counts))
+        if not eval_total:  # report on the training rows
+            evaluation, eval_total = train, shard.total
+        objective = MinibatchObjective(
+            unit, train, evaluation, config.batch_size, run.generator, device, shard=shard, reducer=reducer,
+        )
+        train_samples = shard.total
     if not unit.is_layer:
         note = f"block {unit.name} ({len(unit.layers)} layers)"
+    if not per_sample_rows and config.holdout_fraction > 0:
+        note = "; ".join(filter(None, [note, "input rows not per sample: none held out"]))
     note = "; ".join(filter(None, [note, cache.note]))
-    return UnitObjective(objective, train_samples, eval_samples, unit.ops, note, cache_bytes)
+    return UnitObjective(objective, train_samples, eval_total or train_samples, unit.ops, note, cache_bytes)
+
+
+def _agree_on_form(
+    reducer: Reducer, unit: Unit, reached: bool, form: str, float_weights: dict[str, Tensor],
+) -> Optional[str]:
+    """The form every process uses (the first process that reached the unit chose it), or ``None``
+    when no calibration batch of any process reached it; the float weights must agree too."""
+    if reducer.world_size == 1:
+        return form if reached else None
+    sums = []
+    for name in unit.layers:
+        w = float_weights[name].detach().double().flatten()
+        sums += [float(w.sum()), float((w * torch.arange(1, w.numel() + 1, dtype=torch.float64, device=w.device)).sum())]
+    rows = reducer.exchange(
+        [1.0 if reached else 0.0, float(_FORMS.index(form)), _crc(sums)], f"starting {unit.kind} {unit.name!r}",
+    )
+    if len({r[2] for r in rows}) > 1:
+        reducer.disagree(
+            f"the float weights of {unit.kind} {unit.name!r} differ across ranks; every rank must hold the same model "
+            "(DDP training keeps them equal; otherwise load the same checkpoint on every rank)."
+        )
+    reached_by = [r for r in rows if r[0]]
+    return _FORMS[int(reached_by[0][1])] if reached_by else None
 
 
 def _fix(unit: Unit) -> str:
@@ -218,11 +334,14 @@ def unit_targets(
     return torch.cat(outs, dim=0)
 
 
-def _fisher(unit: Unit, fisher: Optional[Tensor]) -> Optional[Tensor]:
-    """Fisher weights scaled to mean 1, so the regularizer keeps its balance against the MSE."""
+def _fisher(unit: Unit, fisher: Optional[Tensor], reducer: Reducer) -> Optional[Tensor]:
+    """Fisher weights scaled to mean 1 (over every process's rows), so the regularizer keeps its
+    balance against the MSE."""
+    local = [float(fisher.double().sum()), float(fisher.numel())] if fisher is not None else [0.0, 0.0]
+    rows = reducer.exchange(local, f"normalising the Fisher weights of block {unit.name!r}")
     if fisher is None:
         return None
-    mean = float(fisher.double().mean())
+    mean = sum(r[0] for r in rows) / max(sum(r[1] for r in rows), 1.0)
     if not math.isfinite(mean) or mean <= 0:
         raise ValueError(
             f"the task-loss gradient at the output of block {unit.name!r} is {'zero' if mean == 0 else mean} on "

@@ -106,11 +106,12 @@ def main() -> None:
         log_every_n_steps=10,
         # the failing-rank case counts forward_fn calls, which carried block inputs skip
         carry_activations=not OPTS.get("raise_on_rank1"),
+        **({"reconstruction": "block", "blocks": ["net[0:4]"]} if OPTS.get("block") else {}),
     )
     callback = Recording(
         config=config, run_on=OPTS.get("run_on", "fit_end"), num_calibration_samples=OPTS.get("samples", 160),
         calibration_data=DataLoader(dataset(), batch_size=40) if OPTS.get("explicit_data") else None,
-        forward_fn=forward_fn, verbose=False,
+        forward_fn=forward_fn, verbose=False, checkpoint_dir=OPTS.get("checkpoint_dir"),
     )
     trainer = pl.Trainer(
         accelerator="cpu", devices=OPTS["devices"], strategy=OPTS.get("strategy", "auto"), max_epochs=1,

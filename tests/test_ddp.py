@@ -99,24 +99,42 @@ def test_ddp_logs_from_rank_zero_only_with_reduced_values(ddp_fit):
         assert layer["history"] == other[name]["history"]
 
 
-def test_two_ranks_match_one_process(tmp_path):
-    """Same global calibration data (batches of 40: one is cut between the ranks) and seed."""
+@pytest.mark.parametrize("mode", ["layer", "block_with_checkpoint"])
+def test_two_ranks_match_one_process(tmp_path, mode):
+    """Same global calibration data (batches of 40: one is cut between the ranks) and seed; in block
+    mode with a checkpoint_dir, which rank 0 writes and a second run restores on every rank."""
     opts = dict(run_on="validate", explicit_data=True, iterations=150, loss_form="minibatch")
+    if mode != "layer":
+        opts.update(block=True)
     single = run_case("ddp_case.py", tmp_path / "one", devices=1, **opts)
     assert single.returncode == 0, single.stdout[-4000:]
+    if mode != "layer":
+        opts.update(checkpoint_dir=str(tmp_path / "ckpt"))
     double = run_case("ddp_case.py", tmp_path / "two", devices=2, strategy="ddp", **opts)
     assert double.returncode == 0, double.stdout[-4000:]
     one = load(tmp_path / "one" / "out", 0)["result"]["layers"]
-    for rank in (0, 1):
-        two = load(tmp_path / "two" / "out", rank)["result"]["layers"]
-        assert set(two) == set(one)
-        for name, layer in one.items():
-            assert torch.equal(two[name]["integer_weight"], layer["integer_weight"]), (rank, name)
-            assert two[name]["loss_form"] == layer["loss_form"] == "minibatch"
-            for key in ("num_samples", "eval_samples"):
-                assert two[name][key] == layer[key], (rank, name, key)
-            for key in ("nearest_mse", "adaround_mse"):
-                assert two[name][key] == pytest.approx(layer[key], rel=1e-6), (rank, name, key)
+    runs = [tmp_path / "two"]
+    if mode != "layer":
+        manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
+        assert [entry["name"] for entry in manifest["layers"]] == list(one)
+        again = run_case("ddp_case.py", tmp_path / "again", devices=2, strategy="ddp", **opts)
+        assert again.returncode == 0, again.stdout[-4000:]
+        runs.append(tmp_path / "again")
+    for run in runs:
+        for rank in (0, 1):
+            two = load(run / "out", rank)["result"]
+            assert set(two["layers"]) == set(one)
+            if run.name == "again":
+                assert two["restored"] == list(one), rank
+            for name, layer in one.items():
+                assert torch.equal(two["layers"][name]["integer_weight"], layer["integer_weight"]), (rank, name)
+                assert two["layers"][name]["loss_form"] == layer["loss_form"]
+                for key in ("num_samples", "eval_samples"):
+                    assert two["layers"][name][key] == layer[key], (rank, name, key)
+                for key in ("nearest_mse", "adaround_mse"):
+                    assert two["layers"][name][key] == pytest.approx(layer[key], rel=1e-6), (rank, name, key)
+    if mode != "layer":
+        assert {layer["loss_form"] for layer in one.values()} == {"block", "minibatch"}
 
 
 def test_a_rank_whose_forward_fails_stops_every_rank(tmp_path):
@@ -204,3 +222,21 @@ def test_distributed_adaround_needs_a_process_group():
 
     with pytest.raises(RuntimeError, match="process group"):
         distributed_adaround(nn.Linear(2, 2), [torch.randn(4, 2)])
+
+
+def test_two_ranks_match_one_process_in_every_mode(tmp_path):
+    """Block reconstruction (with the Fisher loss), a disk cache in bfloat16, sequences of other
+    lengths per rank, and a resumed run after a fault on one rank: the same integer weights as one
+    process on all of the data."""
+    proc = run_case("ddp_parity.py", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    report = [json.loads((tmp_path / "out" / f"parity{rank}.json").read_text()) for rank in (0, 1)]
+    assert report[0] == report[1]
+    found = report[0]
+    for case in ("block_resnet", "block_encoder_fisher", "disk_cache_bfloat16", "lengths_per_rank", "resumed"):
+        same = found[case]
+        assert same["layers"] and same["integer_weights_equal"] and same["counts_equal"], (case, same)
+        assert same["mse_rel_diff"] < 1e-5, (case, same)
+    assert found["block_resnet"]["forms"].count("block") >= 4  # the stem layer is a unit of one
+    assert "rank 1: RuntimeError while " in found["fault"] and "simulated fault at 3.body.3" in found["fault"]
+    assert found["restored"] == ["0", "3.body.0"], found["restored"]

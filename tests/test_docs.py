@@ -319,10 +319,6 @@ def _checkpoint_cases() -> dict[str, Callable[[], Any]]:
             warnings.simplefilter("error")  # the warning is raised, so its message can be checked
             adaround(_seeded(_tiny), x, fast, checkpoint_dir="ckpt")
 
-    def ddp():
-        trainer = SimpleNamespace(strategy=SimpleNamespace(), world_size=2)
-        AdaRoundCallback(checkpoint_dir="ckpt").setup(trainer, None, "validate")
-
     cases = {
         "checkpoint other run": other_run,
         "checkpoint other model and data": other_model_and_data,
@@ -332,7 +328,6 @@ def _checkpoint_cases() -> dict[str, Callable[[], Any]]:
         "checkpoint damaged (warning)": damaged,
         "checkpoint type": lambda: adaround(_tiny(), x, fast, checkpoint_dir=3),
         "checkpoint type callback": lambda: AdaRoundCallback(checkpoint_dir=3),
-        "checkpoint ddp": ddp,
     }
     return {name: _in_empty_folder(fn) for name, fn in cases.items()}
 
@@ -514,10 +509,6 @@ def _block_cases() -> dict[str, Callable[[], Any]]:
             warnings.simplefilter("error")
             adaround(_tiny(), x, AdaRoundConfig(iterations=2, reconstruction="block"))
 
-    def ddp():
-        trainer = SimpleNamespace(strategy=SimpleNamespace(), world_size=2)
-        AdaRoundCallback(config=AdaRoundConfig(reconstruction="block")).setup(trainer, None, "validate")
-
     fisher = {"block_loss": "fisher"}
     return {
         "block: reconstruction": lambda: AdaRoundConfig(reconstruction="blocks"),
@@ -557,10 +548,6 @@ def _block_cases() -> dict[str, Callable[[], Any]]:
         "block: fisher not scalar": lambda: run(["block"], config=fisher, task_loss=lambda out, batch: out),
         "block: none found (warning)": no_block_found,
         "block: task_loss callback": lambda: AdaRoundCallback(task_loss="cross_entropy"),
-        "block: ddp callback": ddp,
-        "block: distributed_adaround": lambda: _distributed().distributed_adaround(
-            _tiny(), x, AdaRoundConfig(reconstruction="block"),
-        ),
     }
 
 

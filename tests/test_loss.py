@@ -122,16 +122,22 @@ def test_log_every_n_steps_and_last_step():
     assert steps == [0, 10, 20, 22]
 
 
-def test_optimize_only_changes_v_and_calls_grad_reduce():
+def test_optimize_only_changes_v_and_averages_gradients_each_step():
     rounding, objective = _setup(20)
     v0 = rounding.v.detach().clone()
     w0 = objective.unit.module.weight.detach().clone()
-    grads = []
+    grads, logged = [], []
+
+    def average(gs, loss):
+        grads.append(gs[0].clone())
+        return loss * 0 + 7.0  # what every process's loss averages to: the one that is logged
+
     optimize_rounding(
         rounding, objective, 20, lr=1e-2, reg_lambda=0.01, schedule=BetaSchedule(20),
-        grad_reduce=lambda gs: grads.append(gs[0].clone()),
+        average_gradients=average, on_log=lambda step, m: logged.append(m["recon_loss"]),
     )
     assert len(grads) == 20 and all(g.shape == v0.shape for g in grads)
+    assert logged and set(logged) == {7.0}
     assert not torch.equal(rounding.v.detach(), v0)
     assert torch.equal(objective.unit.module.weight, w0)  # the layer's own weight is untouched
 

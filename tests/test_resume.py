@@ -349,7 +349,8 @@ def test_a_file_with_the_right_checksum_but_another_layer_is_refused(tmp_path):
     ('{"format": "something else"}', "not a lightning-adaround checkpoint"),
     ('{"format": "lightning-adaround checkpoint", "version": 99}', "format version 99"),
     ('{"format": "lightning-adaround checkpoint", "version": 1}', "format version 1"),  # before nearest-where-better
-    ('{"format": "lightning-adaround checkpoint", "version": 2, "fingerprint": {}}', "incomplete"),
+    ('{"format": "lightning-adaround checkpoint", "version": 2}', "format version 2"),  # per-layer hold-out
+    ('{"format": "lightning-adaround checkpoint", "version": 3, "fingerprint": {}}', "incomplete"),
 ])
 def test_an_unreadable_manifest_is_a_clear_error(tmp_path, content, words):
     (tmp_path / MANIFEST).write_text(content)
@@ -533,15 +534,9 @@ def test_callback_resumes_in_a_validate_pass(tmp_path):
     _assert_same_result(result, reference, model, reference_model)
 
 
-def test_callback_refuses_checkpoint_dir_under_ddp():
-    from types import SimpleNamespace
-
+def test_callback_checkpoint_dir_must_be_a_path():
     from lightning_adaround import AdaRoundCallback
 
-    trainer = SimpleNamespace(strategy=SimpleNamespace(), world_size=2)
-    with pytest.raises(ValueError, match="works in a single process, but this Trainer runs 2 processes"):
-        AdaRoundCallback(checkpoint_dir="ckpt").setup(trainer, None, "validate")
-    AdaRoundCallback().setup(trainer, None, "validate")  # without checkpoint_dir, DDP is fine
     with pytest.raises(TypeError, match="checkpoint_dir must be a folder path"):
         AdaRoundCallback(checkpoint_dir=5)
 
