@@ -17,7 +17,7 @@ from lightning_adaround.capture import ForwardFn
 from lightning_adaround.checkpoint import PathLike
 from lightning_adaround.checks import check_weights, selected_layers
 from lightning_adaround.config import AdaRoundConfig
-from lightning_adaround.engine import Activation, MoveBatch, layer_grid, move_to_device, round_model
+from lightning_adaround.engine import Activation, MoveBatch, RunOptions, layer_grid, move_to_device, round_model
 from lightning_adaround.observer import AdaRoundObserver
 from lightning_adaround.prepare import ModelSnapshot, prepare_model
 from lightning_adaround.reconstruct import TaskLoss
@@ -76,10 +76,8 @@ def adaround(
             error that overflows float32, a ``checkpoint_dir`` holding another run's checkpoint.
     """
     config = config if config is not None else AdaRoundConfig()
-    return round_model(
-        model, list(calibration_batches), config, forward_fn=forward_fn, device=device, activations=activations,
-        observer=observer, move_batch=move_batch, checkpoint_dir=checkpoint_dir, task_loss=task_loss,
-    )
+    options = RunOptions(forward_fn, device, activations, observer, move_batch, checkpoint_dir, task_loss)
+    return round_model(model, list(calibration_batches), config, options)
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ def _output_sums(layer: nn.Module, capture: InputCapture, name: str, device: tor
     """Per output channel, the sum of ``layer``'s output over all calibration positions; then the count."""
     channels = _output_channels(layer)
     sums = torch.zeros(channels + 1, dtype=torch.float64, device=device)
-    for inputs, _ in capture.pairs(name, layer, {}, {}):
+    for inputs in capture.inputs(name, layer):
         output = layer(inputs.to(device))
         per_channel = output.movedim(-1 if isinstance(layer, nn.Linear) else 1, 0).reshape(channels, -1)
         sums[:-1] += per_channel.sum(dim=1, dtype=torch.float64)

@@ -194,27 +194,16 @@ class InputCapture:
         """How often one forward pass calls ``name`` (as the first pass saw it; 1 when not counted)."""
         return max(1, self.call_counts.get(name, 1))
 
-    def pairs(
-        self,
-        name: str,
-        layer: nn.Module,
-        rounded: dict[str, nn.Module],
-        float_weight_of: dict[str, Tensor],
-        only: Optional[Sequence[int]] = None,
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Streamed per batch that reaches ``layer`` (all batches, or the indices in ``only``).
+    def inputs(self, name: str, layer: nn.Module) -> Iterator[Tensor]:
+        """The layer's input per batch that reaches it, in the model as it is now (bias correction).
 
-        A shared layer's calls in one batch come as one pair, their inputs stacked along the first
-        dim (a Linear's fed with different shapes as rows); calls that cannot be stacked (a
-        convolution run at two resolutions) come one pair each.
+        A shared layer's calls in one batch come stacked along the first dim (a Linear's fed with
+        different shapes as rows); calls that cannot be stacked (a convolution run at two
+        resolutions) come one each.
         """
-        for _, group in groupby(self.calls(name, layer, rounded, float_weight_of, only), key=lambda c: c[0]):
-            found = []
-            for _, rounded_call, float_call in group:
-                rounded_input = rounded_call[0][0].detach()
-                float_input = rounded_input if float_call is rounded_call else float_call[0][0].detach()
-                check_finite(f"layer {name!r}", [("input", rounded_input), ("float-model input", float_input)])
-                found.append((rounded_input, float_input))
+        for _, group in groupby(self.calls(name, layer, {}, {}), key=lambda c: c[0]):
+            found = [call[0][0].detach() for _, call, _ in group]
+            check_finite(f"layer {name!r}", [("input", x) for x in found])
             yield from _stack_calls(found, isinstance(layer, nn.Linear))
 
     def calls(
@@ -274,20 +263,15 @@ class InputCapture:
                 yield index, rounded_call, float_call
 
 
-def _stack_calls(found: list[tuple[Tensor, Tensor]], linear: bool) -> Iterator[tuple[Tensor, Tensor]]:
-    """One batch's ``(rounded input, float input)`` per call, as one pair where the shapes allow."""
-    if len(found) == 1:
-        yield found[0]
-        return
-    tails = {tuple(x.shape[1:]) for x, _ in found}
-    if len(tails) > 1 and linear and len({x.shape[-1] for x, _ in found}) == 1:
-        found = [(x.reshape(-1, x.shape[-1]), x_float.reshape(-1, x_float.shape[-1])) for x, x_float in found]
+def _stack_calls(found: list[Tensor], linear: bool) -> Iterator[Tensor]:
+    """One batch's inputs, one per call, as one tensor where the shapes allow."""
+    tails = {tuple(x.shape[1:]) for x in found}
+    if len(tails) > 1 and linear and len({x.shape[-1] for x in found}) == 1:
+        found = [x.reshape(-1, x.shape[-1]) for x in found]
     elif len(tails) > 1:
         yield from found
         return
-    rounded_input = torch.cat([x for x, _ in found])
-    same = all(x_float is x for x, x_float in found)
-    yield rounded_input, rounded_input if same else torch.cat([x_float for _, x_float in found])
+    yield found[0] if len(found) == 1 else torch.cat(found)
 
 
 def _call_in(block: nn.Module, module: nn.Module, args: tuple, kwargs: dict) -> Optional[Call]:

@@ -44,6 +44,7 @@ How W processes find the rounding one process would find
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import zlib
 from contextlib import contextmanager
@@ -55,12 +56,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_adaround.calibration import SampleLayout, leading_rows, samples_in, tensors_in
-from lightning_adaround.checkpoint import PathLike
 from lightning_adaround.config import AdaRoundConfig
-from lightning_adaround.engine import Activation, MoveBatch, move_to_device, round_model
-from lightning_adaround.layers import ForwardFn
-from lightning_adaround.observer import AdaRoundObserver
-from lightning_adaround.reconstruct import TaskLoss
+from lightning_adaround.engine import RunOptions, round_model
 from lightning_adaround.reducer import SLOTS, Reducer
 from lightning_adaround.result import AdaRoundResult
 
@@ -352,15 +349,9 @@ def distributed_adaround(
     calibration_batches: Union[Batches, Callable[[], Batches]],
     config: Optional[AdaRoundConfig] = None,
     *,
-    forward_fn: Optional[ForwardFn] = None,
-    device: Optional[torch.device | str] = None,
-    activations: Optional[dict[str, Optional[Activation]]] = None,
-    observer: Optional[AdaRoundObserver] = None,
-    move_batch: MoveBatch = move_to_device,
-    checkpoint_dir: Optional[PathLike] = None,
-    task_loss: Optional[TaskLoss] = None,
     group: Optional[Any] = None,
     sync_every_step: bool = False,
+    **options: Any,
 ) -> AdaRoundResult:
     """:func:`~lightning_adaround.adaround` over the processes of ``group``: one rounding, sharded data.
 
@@ -373,19 +364,20 @@ def distributed_adaround(
             matches one process on those batches), or an iterable of this rank's own batches (the
             global set is the ranks' batches in rank order), or a zero-argument callable returning
             either (read inside the failure protocol, so a rank whose loader fails stops all ranks).
-        config, forward_fn, activations, move_batch, task_loss: As for :func:`~lightning_adaround.adaround`.
-        device: This rank's compute device (default: where the model is); every collective buffer
-            lives there (CUDA tensors for NCCL).
-        observer: Called on rank 0 only, with values already reduced across ranks; every rank asks
-            its own ``should_stop``.
-        checkpoint_dir: As for :func:`~lightning_adaround.adaround`, a folder every rank can read
-            (one machine, or a shared file system); rank 0 writes it. A resumed run must use the
-            same number of ranks and the same data.
+        config: As for :func:`~lightning_adaround.adaround`.
         group: The process group (default: the global one).
         sync_every_step: Also average the gradient every step for moments-form layers. Their
             objective is already identical on every rank, so by default the ranks step without
             communicating (the end-of-unit checksum still compares the results); turn this on
             if ranks compute differently (mixed hardware or thread counts) and the checksum fails.
+        **options: :func:`~lightning_adaround.adaround`'s keyword arguments (``forward_fn``,
+            ``device``, ``activations``, ``observer``, ``move_batch``, ``checkpoint_dir``,
+            ``task_loss``), with three differences: ``device`` is this rank's compute device (default:
+            where the model is), where every collective buffer lives (CUDA tensors for NCCL);
+            ``observer`` is called on rank 0 only, with values already combined across ranks (every
+            rank asks its own ``should_stop``); ``checkpoint_dir`` must be a folder every rank sees
+            (one machine, or a shared file system), which rank 0 writes, and a resumed run needs the
+            same number of ranks and the same data.
 
     Raises:
         AdaRoundDistributedError: on every rank, with the same message, when any rank fails
@@ -398,9 +390,12 @@ def distributed_adaround(
             "(torchrun, or Lightning's strategy='ddp'); use adaround() in a single process."
         )
     config = config if config is not None else AdaRoundConfig()
+    run_options = RunOptions(**options)
+    device = run_options.device
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device)
+    run_options = dataclasses.replace(run_options, device=device)
     if dist.get_backend(group) == "nccl" and device.type != "cuda":
         raise ValueError(f"the NCCL backend needs a CUDA device, got device={device}.")
     reducer = DistributedReducer(group, device, sync_every_step)
@@ -411,11 +406,7 @@ def distributed_adaround(
         shard = source if isinstance(source, CalibrationShard) else None
         batches = list(shard.batches if shard is not None else source)
         layout = _start(reducer, batches, shard, config)
-        result = round_model(
-            model, batches, config, forward_fn=forward_fn, device=device, activations=activations,
-            observer=observer, move_batch=move_batch, checkpoint_dir=checkpoint_dir, task_loss=task_loss,
-            reducer=reducer, layout=layout,
-        )
+        result = round_model(model, batches, config, run_options, reducer, layout)
         reducer.where = "finishing"
         reducer.exchange([], "finishing")  # after the last unit: any late failure reaches every rank
     return result

@@ -14,6 +14,7 @@ import math
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -54,23 +55,27 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     return map_tensors(batch, lambda t: t.to(device))
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """``adaround``'s keyword arguments (documented there), as the engine takes them."""
+
+    forward_fn: Optional[ForwardFn] = None
+    device: Optional[torch.device | str] = None
+    activations: Optional[dict[str, Optional[Activation]]] = None
+    observer: Optional[AdaRoundObserver] = None
+    move_batch: MoveBatch = move_to_device
+    checkpoint_dir: Optional[PathLike] = None
+    task_loss: Optional[TaskLoss] = None
+
+
 def round_model(
-    model: nn.Module,
-    batches: list[Any],
-    config: AdaRoundConfig,
-    *,
-    forward_fn: Optional[ForwardFn] = None,
-    device: Optional[torch.device | str] = None,
-    activations: Optional[dict[str, Optional[Activation]]] = None,
-    observer: Optional[AdaRoundObserver] = None,
-    move_batch: MoveBatch = move_to_device,
-    checkpoint_dir: Optional[PathLike] = None,
-    task_loss: Optional[TaskLoss] = None,
-    reducer: Optional[Reducer] = None,
-    layout: Optional[SampleLayout] = None,
+    model: nn.Module, batches: list[Any], config: AdaRoundConfig, options: RunOptions,
+    reducer: Optional[Reducer] = None, layout: Optional[SampleLayout] = None,
 ) -> AdaRoundResult:
     """``adaround``'s work (see its docstring); ``reducer``/``layout``: this process's part of a
     data-parallel run (default: a single process holding every batch)."""
+    forward_fn, device, activations = options.forward_fn, options.device, options.activations
+    observer, move_batch, task_loss = options.observer, options.move_batch, options.task_loss
     forward_fn = forward_fn if forward_fn is not None else default_forward
     observer = observer if observer is not None else AdaRoundObserver()
     reducer = reducer if reducer is not None else Reducer()
@@ -111,8 +116,10 @@ def round_model(
         snapshot = ModelSnapshot(model, config.layer_types)
         try:
             checkpoint = None
-            if checkpoint_dir is not None:
-                checkpoint = _open_checkpoint(checkpoint_dir, model, layers, batches, config, activations, reducer)
+            if options.checkpoint_dir is not None:
+                checkpoint = _open_checkpoint(
+                    options.checkpoint_dir, model, layers, batches, config, activations, reducer,
+                )
             prepared = prepare_model(model, config)
             float_weights = {
                 name: (module.weight.detach().clone() if prepared.changed else snapshot.saved(module, "weight"))

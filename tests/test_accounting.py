@@ -148,16 +148,15 @@ def test_shared_layer_fitted_to_all_calls_beats_nearest(form):
     assert shared.num_samples + shared.eval_samples == 3 * 4 * 64  # three calls per batch
 
 
-def test_capture_pairs_stack_every_call_of_a_batch():
-    """``pairs`` (bias correction, data-parallel rounding) gives one pair per batch holding every call."""
+def test_capture_inputs_stack_every_call_of_a_batch():
+    """``inputs`` (bias correction) gives one tensor per batch holding every call."""
     torch.manual_seed(0)
     model = Loop()
     data = [torch.randn(5, 3, 16), torch.randn(7, 3, 16)]
     capture = InputCapture(model, data, default_forward, call_counts={"shared": 3})
-    pairs = list(capture.pairs("shared", model.shared, {}, {}))
-    assert [x.shape[0] for x, _ in pairs] == [15, 21]
-    assert all(x_float is x for x, x_float in pairs)  # nothing rounded: one tensor
-    assert torch.equal(pairs[0][0][:5], torch.zeros(5, 32))  # the first call sees the zero state
+    inputs = list(capture.inputs("shared", model.shared))
+    assert [x.shape[0] for x in inputs] == [15, 21]
+    assert torch.equal(inputs[0][:5], torch.zeros(5, 32))  # the first call sees the zero state
 
 
 def test_weight_read_without_calling_the_layer():
