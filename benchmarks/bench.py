@@ -192,7 +192,7 @@ def _irreducible_seconds(result, model: nn.Module, batches: list[torch.Tensor], 
     total = 0.0
     for name in result.layers:
         layer = modules[name]
-        x = next(capture.pairs(name, layer, {}, {}))[0][:32]
+        x = next(capture.inputs(name, layer))[:32]
         with torch.no_grad():
             y = run_with_weight(layer, x, layer.weight)
         total += timed(irreducible_step(layer, x, y), 20) * iterations

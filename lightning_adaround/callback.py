@@ -10,7 +10,6 @@ one-line class.
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 from typing import Any, Callable, Iterable, Optional
 
@@ -21,16 +20,20 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from lightning_adaround.api import adaround
+from lightning_adaround.callback_args import (
+    checked_callable, checked_folder, checked_run_on, checked_sample_count, config_with_bits,
+)
 from lightning_adaround.checks import check_weights, forward_failure, selected_layers
-from lightning_adaround.calibration import batch_size_of, take_samples
 from lightning_adaround.checkpoint import PathLike
 from lightning_adaround.capture import default_forward
 from lightning_adaround.config import AdaRoundConfig
-from lightning_adaround.distributed import CalibrationShard, distributed_adaround, is_sharded_loader, shard_calibration
+from lightning_adaround.distributed import CalibrationShard, distributed_adaround
+from lightning_adaround.trainer_data import (
+    calibration_source, check_nonempty, early_source, read_calibration, read_seeded, world_size,
+)
 from lightning_adaround.trainer_observer import TrainerObserver
 from lightning_adaround.result import AdaRoundResult
 
-RUN_ON = ("fit_end", "validate")
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
@@ -111,13 +114,13 @@ class _AdaRoundCallbackBase:
         verbose: bool = True,
         report: bool = True,
     ) -> None:
-        self.config = _config_with_bits(bits, config)
-        self.run_on = _checked_run_on(run_on)
-        self.num_calibration_samples = _checked_sample_count(num_calibration_samples)
+        self.config = config_with_bits(bits, config)
+        self.run_on = checked_run_on(run_on)
+        self.num_calibration_samples = checked_sample_count(num_calibration_samples)
         self.calibration_data = calibration_data
-        self.forward_fn = _checked_callable("forward_fn", forward_fn, "forward_fn(module, batch)")
-        self.task_loss = _checked_callable("task_loss", task_loss, "task_loss(output, batch)")
-        self.checkpoint_dir = _checked_folder(checkpoint_dir)
+        self.forward_fn = checked_callable("forward_fn", forward_fn, "forward_fn(module, batch)")
+        self.task_loss = checked_callable("task_loss", task_loss, "task_loss(output, batch)")
+        self.checkpoint_dir = checked_folder(checkpoint_dir)
         self.verbose = verbose
         self.report = report
         self.report_path: Optional[str] = None
@@ -149,18 +152,16 @@ class _AdaRoundCallbackBase:
         the rounding itself would use. The model's train/eval modes and the random state are kept.
         """
         check_weights(selected_layers(pl_module, self.config))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
-            try:
-                batches = take_samples(self._early_source(trainer, pl_module), 1)
-            except ValueError:
-                raise
-            except Exception as err:
-                raise ValueError(
-                    f"reading the calibration data failed with {type(err).__name__}: {err}. Check the loader "
-                    "(AdaRoundCallback(calibration_data=...) or the datamodule's calibration_dataloader())."
-                ) from err
-        _check_nonempty(batches)
+        try:
+            batches = read_seeded(early_source(trainer, pl_module, self.calibration_data), 1, self.config.seed)
+        except ValueError:
+            raise
+        except Exception as err:
+            raise ValueError(
+                f"reading the calibration data failed with {type(err).__name__}: {err}. Check the loader "
+                "(AdaRoundCallback(calibration_data=...) or the datamodule's calibration_dataloader())."
+            ) from err
+        check_nonempty(batches)
         strategy, precision = trainer.strategy, trainer.precision_plugin
         modes = [(module, module.training) for module in pl_module.modules()]
         try:
@@ -173,22 +174,6 @@ class _AdaRoundCallbackBase:
         finally:
             for module, training in modes:
                 module.training = training
-
-    def _early_source(self, trainer: Any, pl_module: Any) -> Iterable[Any]:
-        """The calibration source at fit start, when Lightning has not set up its loaders yet:
-        the loader given to ``fit(train_dataloaders=...)`` or the module's ``train_dataloader()``."""
-        try:
-            return self._calibration_source(trainer, pl_module)
-        except ValueError:
-            given = getattr(getattr(getattr(trainer, "fit_loop", None), "_data_source", None), "instance", None)
-            if given is not None and given is not pl_module and isinstance(given, Iterable):
-                return given
-            if callable(getattr(pl_module, "train_dataloader", None)):
-                try:
-                    return pl_module.train_dataloader()
-                except Exception:  # noqa: BLE001 - not defined (Lightning's default raises): the first error stands
-                    pass
-            raise
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self.run_on == "fit_end":
@@ -220,13 +205,8 @@ class _AdaRoundCallbackBase:
         that every rank reads from the same loader, or, from a loader that already has a
         ``DistributedSampler``, this rank's own ``num_calibration_samples / world_size`` samples.
         """
-        source = self._calibration_source(trainer, pl_module)
-        if _world_size(trainer) > 1:
-            return self._calibration_shard(trainer, source)
-        batches = self._read_seeded(source, self.num_calibration_samples)
-        _warn_if_short(batches, self.num_calibration_samples)
-        _check_nonempty(batches)
-        return batches
+        source = calibration_source(trainer, self.calibration_data)
+        return read_calibration(trainer, source, self.num_calibration_samples, self.config.seed)
 
     # ----------------------------------------------------------------- the run
 
@@ -244,7 +224,7 @@ class _AdaRoundCallbackBase:
         if config.log_every_n_steps is None:  # the Trainer's
             config = dataclasses.replace(config, log_every_n_steps=max(1, trainer.log_every_n_steps))
         strategy = trainer.strategy
-        distributed = _world_size(trainer) > 1  # DDP: one rounding from every rank's shard
+        distributed = world_size(trainer) > 1  # DDP: one rounding from every rank's shard
         read = lambda: self.calibration_batches(trainer, pl_module)  # noqa: E731
         batches = read if distributed else read()  # under DDP, read inside the failure protocol
         self._log_step = self._first_log_step(trainer)
@@ -297,122 +277,8 @@ class _AdaRoundCallbackBase:
             layer_bits=dict(config.layer_bits),
         )
 
-    def _calibration_shard(self, trainer: Any, source: Iterable[Any]) -> list[Any] | CalibrationShard:
-        world, rank, total = trainer.world_size, trainer.global_rank, self.num_calibration_samples
-        if is_sharded_loader(source):  # Lightning injected a DistributedSampler: already this rank's part
-            share = None if total is None else total // world + (1 if rank < total % world else 0)
-            return take_samples(source, share)
-        # Every rank reads the same samples, then keeps its block; distributed_adaround checks
-        # that the ranks read the same data.
-        batches = self._read_seeded(source, total)
-        _warn_if_short(batches, total)
-        return shard_calibration(batches, rank, world)
-
-    def _read_seeded(self, source: Iterable[Any], num_samples: Optional[int]) -> list[Any]:
-        """A shuffling or augmenting loader draws from ``seed`` here: same seed, same samples.
-
-        The global random state is restored afterwards, so training randomness is untouched.
-        """
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
-            return take_samples(source, num_samples)
-
-    def _calibration_source(self, trainer: Any, pl_module: Any) -> Iterable[Any]:
-        if self.calibration_data is not None:
-            return self.calibration_data
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is not None:
-            method = "calibration_dataloader" if hasattr(datamodule, "calibration_dataloader") else "train_dataloader"
-            try:
-                return getattr(datamodule, method)()
-            except Exception as err:
-                raise ValueError(
-                    f"{type(datamodule).__name__}.{method}() failed ({type(err).__name__}: {err}); "
-                    "define calibration_dataloader() in the datamodule (set up for every stage) or pass "
-                    "AdaRoundCallback(calibration_data=...)."
-                ) from err
-        held = trainer.train_dataloader if trainer.train_dataloader is not None else trainer.val_dataloaders
-        if isinstance(held, (list, tuple)):
-            held = held[0] if held else None
-        if held is not None:
-            return held
-        raise ValueError(
-            "AdaRoundCallback found no calibration data: there is no datamodule and the Trainer holds no "
-            "loader. Pass AdaRoundCallback(calibration_data=your_loader) or fit/validate with a datamodule."
-        )
-
     def _info(self, message: str) -> None:
         rank_zero_info(message)
-
-
-def _check_nonempty(batches: list[Any]) -> None:
-    if not batches:
-        raise ValueError(
-            "the calibration data gave no batch; pass a non-empty loader with "
-            "AdaRoundCallback(calibration_data=...) or define calibration_dataloader() in the datamodule."
-        )
-
-
-def _warn_if_short(batches: list[Any], asked: Optional[int]) -> None:
-    read = sum(batch_size_of(b) or 1 for b in batches)
-    if asked is not None and 0 < read < asked:
-        warnings.warn(
-            f"AdaRoundCallback read {read} calibration samples, fewer than num_calibration_samples={asked}: the "
-            "loader ran out. Rounding goes on with these; pass a larger loader (AdaRound wants a few hundred to a "
-            "thousand samples) or set num_calibration_samples to what you have.",
-            stacklevel=3,
-        )
-
-
-# ----------------------------------------------------------------- argument checks, one per concern
-
-
-def _config_with_bits(bits: Optional[int], config: Optional[AdaRoundConfig]) -> AdaRoundConfig:
-    """``config`` (default ``AdaRoundConfig()``) with the ``bits`` shortcut applied; two bit widths are an error."""
-    if config is None:
-        return AdaRoundConfig() if bits is None else AdaRoundConfig(bits=bits)
-    if not isinstance(config, AdaRoundConfig):
-        raise TypeError(
-            f"config={config!r} must be an AdaRoundConfig, e.g. config=AdaRoundConfig(bits=4, iterations=2_000)."
-        )
-    if bits is not None and bits != config.bits:
-        raise ValueError(
-            f"AdaRoundCallback got bits={bits!r} and a config with bits={config.bits!r} (an AdaRoundConfig's bits "
-            f"default to 4); give the bit width once, in the config: AdaRoundCallback(config=AdaRoundConfig("
-            f"bits={bits!r}, ...)) (in YAML: init_args.config.bits)."
-        )
-    return config
-
-
-def _checked_run_on(run_on: str) -> str:
-    if run_on not in RUN_ON:
-        raise ValueError(f"run_on={run_on!r} isn't one of {RUN_ON}; use run_on='fit_end' or 'validate'.")
-    return run_on
-
-
-def _checked_sample_count(count: Optional[int]) -> Optional[int]:
-    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
-        raise ValueError(
-            f"num_calibration_samples={count!r} must be a positive integer "
-            "(about 1,024 is typical) or None to read all calibration data."
-        )
-    return count
-
-
-def _checked_callable(name: str, value: Any, usage: str) -> Any:
-    if value is not None and not callable(value):
-        raise TypeError(f"{name}={value!r} must be callable as {usage}.")
-    return value
-
-
-def _checked_folder(folder: Optional[PathLike]) -> Optional[PathLike]:
-    if folder is not None and not isinstance(folder, (str, os.PathLike)):
-        raise TypeError(f"checkpoint_dir must be a folder path (str or os.PathLike), got {folder!r}.")
-    return folder
-
-
-def _world_size(trainer: Any) -> int:
-    return int(getattr(trainer, "world_size", 1) or 1)
 
 
 def _weights_match(module: nn.Module, result: AdaRoundResult) -> bool:
