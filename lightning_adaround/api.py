@@ -17,7 +17,8 @@ from lightning_adaround.capture import ForwardFn
 from lightning_adaround.checkpoint import PathLike
 from lightning_adaround.checks import check_weights, selected_layers
 from lightning_adaround.config import AdaRoundConfig
-from lightning_adaround.engine import Activation, MoveBatch, RunOptions, layer_grid, move_to_device, round_model
+from lightning_adaround.engine import Activation, MoveBatch, RunOptions, move_to_device, round_model
+from lightning_adaround.unit_loop import layer_grid
 from lightning_adaround.observer import AdaRoundObserver
 from lightning_adaround.prepare import ModelSnapshot, prepare_model
 from lightning_adaround.reconstruct import TaskLoss

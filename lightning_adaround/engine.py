@@ -8,14 +8,10 @@ objective -> optimise -> hard-rounded weights written back -> (bias correction) 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import math
-import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -26,25 +22,19 @@ from lightning_adaround.cache import CachePlan
 from lightning_adaround.calibration import SampleLayout, map_tensors, tensors_in
 from lightning_adaround.capture import FirstPass, ForwardFn, InputCapture, default_forward, first_pass
 from lightning_adaround.chain import find_block_chains
-from lightning_adaround.checkpoint import PathLike, Restored, RoundingCheckpoint, run_fingerprint
+from lightning_adaround.checkpoint import PathLike, RoundingCheckpoint, run_fingerprint
 from lightning_adaround.checks import (
     account_for_float, check_weights, forward_failure, matching_nothing, selected_layers, warn_float_matrices,
     warn_nothing_held_out, warn_unmatched_excludes,
 )
-from lightning_adaround.config import DEFAULT_LOG_EVERY_N_STEPS, AdaRoundConfig
-from lightning_adaround.layers import (
-    OutputOps, bits_for, following_ops, output_major, per_channel_to_weight_layout, weight_channel_axis,
-)
-from lightning_adaround.loss import BetaSchedule
-from lightning_adaround.observer import AdaRoundObserver, RoundingStopped
-from lightning_adaround.optimize import optimize_rounding
+from lightning_adaround.config import AdaRoundConfig
+from lightning_adaround.observer import AdaRoundObserver
 from lightning_adaround.prepare import ModelSnapshot, prepare_model
-from lightning_adaround.quant import ChannelError, PerChannel, PerTensor, QuantGrid, choose_grid
-from lightning_adaround.reconstruct import RunData, TaskLoss, build_objective
+from lightning_adaround.reconstruct import RunData, TaskLoss
 from lightning_adaround.reducer import Reducer
-from lightning_adaround.result import AdaRoundResult, LayerResult, compact_integer
-from lightning_adaround.rounding import RoundingVariable
+from lightning_adaround.result import AdaRoundResult
 from lightning_adaround.unit import Unit
+from lightning_adaround.unit_loop import round_units
 
 Activation = Callable[[Tensor], Tensor]
 MoveBatch = Callable[[Any, torch.device], Any]
@@ -146,7 +136,7 @@ def round_model(
                 layout.held_out(config.holdout_fraction, generator), reducer, loss_on_device,
             )
             report = observer if reducer.is_main else _StopOnly(observer)
-            result = _round_units(
+            result = round_units(
                 model, dict(layers), seen.order, data,
                 {n: w.to(device) for n, w in float_weights.items()}, activations or {}, report, checkpoint, blocks,
             )
@@ -224,241 +214,3 @@ def _blocks(model: nn.Module, config: AdaRoundConfig, order: list[str], batch: A
             stacklevel=4,
         )
     return blocks
-
-
-def _round_units(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
-    order: list[str],
-    data: RunData,
-    float_weights: dict[str, Tensor],
-    activations: dict[str, Optional[Activation]],
-    observer: AdaRoundObserver,
-    checkpoint: Optional[RoundingCheckpoint] = None,
-    blocks: Sequence[Unit] = (),
-) -> AdaRoundResult:
-    """Round ``order``'s layers unit by unit; each sees the earlier ones already rounded.
-
-    A unit is a layer, or a block whose layers are rounded together when the forward pass
-    reaches its first layer; both go through the same builder, objective and loop.
-    One generator, seeded once, draws the held-out samples and then every unit's minibatches in
-    turn. A checkpoint stores its state after each layer, so a resumed run continues the same
-    sequence; with several processes rank 0 writes it and every process reads it.
-    """
-    config, reducer, device, generator = data.config, data.reducer, data.device, data.generator
-    writes = checkpoint is not None and reducer.is_main
-    result = AdaRoundResult()
-    schedule = BetaSchedule(config.iterations, config.warm_start, config.beta_start, config.beta_end)
-    rounded: dict[str, nn.Module] = {}
-    block_of = {layer: block for block in blocks for layer in block.layers}
-    units: list[Unit] = []
-    for name in order:
-        block = block_of.get(name)
-        if block is None:
-            units.append(Unit.of_layer(name, modules[name], _loss_ops(model, name, activations, config)))
-        elif block.layers[0] == name:
-            units.append(block)
-    observer.on_start([u.name for u in units])
-    resuming = checkpoint is not None
-    for index, unit in enumerate(units):
-        names, label, kind = unit.layers, unit.name, unit.kind
-        if observer.should_stop():
-            raise RoundingStopped(f"stopped on request before {kind} {label!r}")
-        positions = [order.index(n) for n in names]
-        if resuming:
-            assert checkpoint is not None
-            restored = _restore(checkpoint, positions, names)
-            resuming = restored is not None
-            if restored is not None:
-                for name, saved in zip(names, restored):
-                    if saved.result is None:
-                        result.unreached.append(name)
-                        continue
-                    _write_back(modules[name], saved.result.dequantized_weight().to(device))
-                    generator.set_state(saved.generator_state)
-                    rounded[name] = modules[name]
-                    result.layers[name] = saved.result
-                    result.restored.append(name)
-                    observer.on_layer_restored(saved.result)
-                continue
-        started = time.perf_counter()
-        prepared = build_objective(data, unit, rounded, float_weights)
-        if prepared is None:
-            result.unreached.extend(names)
-            for position, name in zip(positions, names):
-                if writes:
-                    checkpoint.save_unreached(position, name)
-            continue
-        capture_seconds = time.perf_counter() - started
-        objective = prepared.objective
-        weights = [float_weights[n].float() for n in names]
-        # a block's objective has no single layer's output error: its layers' scales minimise weight error
-        channel_error = getattr(objective, "channel_errors", None) if unit.is_layer else None
-        grids = [layer_grid(n, modules[n], w, config, channel_error) for n, w in zip(names, weights)]
-        nearest_mse = objective.mse([g.fake_quantize(w) for g, w in zip(grids, weights)])
-        if not math.isfinite(nearest_mse):
-            raise ValueError(
-                f"the reconstruction error of {kind} {label!r} is not finite ({nearest_mse}) even with "
-                "round-to-nearest weights: its weights or inputs are too large for float32 arithmetic. "
-                f"Check the model and the calibration data, or leave the layer in float with exclude={names!r}."
-            )
-        history: list[tuple[int, float, float, float]] = []
-
-        def on_log(step: int, metrics: dict[str, float], label: str = label, kind: str = kind) -> None:
-            if not math.isfinite(metrics["recon_loss"]):
-                raise ValueError(
-                    f"the reconstruction loss of {kind} {label!r} became {metrics['recon_loss']} at step {step}: "
-                    "its weights or inputs are too large for float32 arithmetic. Check the model and the "
-                    f"calibration data, or leave the layer in float with exclude=[{label!r}]."
-                )
-            history.append((step, metrics["recon_loss"], metrics["reg_loss"], metrics["beta"]))
-            observer.on_step(label, step, metrics)
-
-        # rows split over processes: their gradients are averaged at each step, from the moment a
-        # process may fail on the way there (it then meets the others in that average)
-        sync = objective.sharded or (reducer.world_size > 1 and reducer.sync_every_step)
-        reducer.where = f"optimising {kind} {label!r}"
-        with reducer.stepping(sum(w.numel() for w in weights), config.iterations, f"{kind} {label!r}") if sync else nullcontext():
-            observer.on_layer_start(label, index, config.iterations)
-            roundings = [RoundingVariable(w, g) for w, g in zip(weights, grids)]
-            optimize_rounding(
-                roundings, objective, config.iterations, config.lr, config.reg_lambda, schedule,
-                average_gradients=reducer.average_gradients if sync else None, on_log=on_log,
-                log_every_n_steps=_log_interval(config), should_stop=observer.should_stop,
-            )
-        notes = [prepared.note]
-        if config.scale_method == "output" and channel_error is None:
-            notes.append(f"'mse' scales ({objective.form} form has no per-channel output error)")
-        if channel_error is not None:
-            kept = _keep_nearest_where_better(channel_error, roundings[0], weights[0], grids[0])
-            notes.append(f"nearest kept on {kept}/{weights[0].shape[0]} channels" if kept else "")
-        note = "; ".join(filter(None, notes))
-        hards = [r.hard_weight() for r in roundings]
-        for name, hard in zip(names, hards):
-            _write_back(modules[name], hard)
-            rounded[name] = modules[name]
-        adaround_mse = objective.mse(hards)
-        seconds = time.perf_counter() - started
-        finished = [
-            LayerResult(
-                name=name, bits=grid.bits, scale=grid.scale.cpu(), zero_point=grid.zero_point.cpu(),
-                qmin=grid.qmin, qmax=grid.qmax, axis=grid.axis,
-                integer_weight=compact_integer(rounding.integer_weight(), grid.qmin, grid.qmax),
-                nearest_mse=nearest_mse, adaround_mse=adaround_mse,
-                iterations=config.iterations, seconds=seconds / len(names),
-                num_samples=prepared.num_samples, eval_samples=prepared.eval_samples,
-                loss_form=objective.form,
-                with_activation=prepared.ops is not None and prepared.ops.activation is not None,
-                note=note, history=history, capture_seconds=capture_seconds / len(names),
-                cache_bytes=prepared.cache_bytes if name == names[0] else 0,
-                float_weight=float_weights[name].detach().cpu().clone() if config.keep_float_weights else None,
-                block="" if unit.is_layer else label,
-            )
-            for name, grid, rounding in zip(names, grids, roundings)
-        ]
-        if reducer.world_size > 1:
-            reducer.check_same(
-                _checksum(finished), f"the integer weights and grids of {kind} {label!r}",
-                "the ranks' models or calibration layout differ, or the ranks compute differently (mixed hardware "
-                "or thread counts: try distributed_adaround(..., sync_every_step=True)).",
-            )
-        for position, layer_result in zip(positions, finished):
-            result.layers[layer_result.name] = layer_result
-            if writes:  # before the observer: a failing hook cannot lose a finished layer
-                checkpoint.save_layer(position, layer_result, generator.get_state())
-        if unit.is_layer:
-            observer.on_layer_end(finished[0])
-        else:
-            observer.on_block_end(label, finished)
-        del prepared, objective, roundings  # free this layer's cache before the next one is built
-    return result
-
-
-def _keep_nearest_where_better(
-    channel_error: Callable[..., Tensor], rounding: RoundingVariable, weight: Tensor, grid: QuantGrid,
-) -> int:
-    """Round to nearest the output channels whose training error AdaRound did not beat; how many.
-
-    Exact per channel in the moments form (channels do not interact in a layer's output), so the
-    result is never worse than round-to-nearest on the training rows, however few iterations ran.
-    """
-    nearest_better = channel_error(grid.fake_quantize(weight), exact=True) < channel_error(rounding.hard_weight(), exact=True)
-    if bool(nearest_better.any()):
-        rounding.use_nearest(weight, nearest_better)
-    return int(nearest_better.sum())
-
-
-def _checksum(finished: list[LayerResult]) -> list[float]:
-    """A few numbers that differ when two processes' integer weights or grids differ."""
-    totals = [0.0] * 5
-    for layer in finished:
-        q = layer.integer_weight.to(torch.int64).flatten()
-        scale = layer.scale.double().flatten()
-        totals[0] += float(q.sum())
-        totals[1] += float((q * (torch.arange(q.numel(), dtype=torch.int64) % 8191 + 1)).sum())
-        totals[2] += float(scale.sum())
-        totals[3] += float((scale * torch.arange(1, scale.numel() + 1, dtype=torch.float64)).sum())
-        totals[4] += float(layer.zero_point.double().sum())
-    return totals
-
-
-def _restore(checkpoint: RoundingCheckpoint, positions: list[int], names: list[str]) -> Optional[list[Restored]]:
-    """Every layer of a unit as saved, or ``None``: a block is redone unless all its layers were saved."""
-    restored = []
-    for position, name in zip(positions, names):
-        saved = checkpoint.restore(position, name)
-        if saved is None:
-            return None
-        restored.append(saved)
-    return restored
-
-
-@torch.no_grad()
-def _write_back(layer: nn.Module, hard: Tensor) -> None:
-    layer.weight.copy_(hard.to(layer.weight.dtype))
-
-
-def _loss_ops(
-    model: nn.Module, name: str, activations: dict[str, Optional[Activation]], config: AdaRoundConfig,
-) -> Optional[OutputOps]:
-    """What follows the layer in its loss: the user's explicit choice, else what is detected."""
-    if name in activations:
-        fn = activations[name]
-        return OutputOps(activation=fn) if fn is not None else None
-    return following_ops(model, name) if config.include_activation else None
-
-
-def layer_grid(
-    name: str, layer: nn.Module, weight: Tensor, config: AdaRoundConfig, channel_error: Optional[ChannelError] = None,
-) -> QuantGrid:
-    """The grid ``config`` asks for this layer: its bits override, granularity and scale method.
-
-    Per-channel scales are searched with output channels first, then laid out to broadcast
-    against the weight (this matters for grouped transposed convolutions). ``scale_method="output"``
-    judges candidates by ``channel_error`` (the layer objective's output error per channel); where
-    there is none (a block's layers, a transposed convolution, a per-channel axis other than the
-    output channels) the weight-error search stands in.
-    """
-    bits = bits_for(name, config.bits, dict(config.layer_bits))
-    granularity = config.granularity
-    method = config.scale_method
-    output_layout = isinstance(granularity, PerTensor) or granularity.axis is None or granularity.axis % weight.dim() == 0
-    if method == "output" and (channel_error is None or getattr(layer, "transposed", False) or not output_layout):
-        method = "mse"
-    if not (isinstance(granularity, PerChannel) and granularity.axis is None):
-        return choose_grid(weight, bits, config.symmetric, granularity, method, channel_error=channel_error)
-    grid = choose_grid(
-        output_major(layer, weight), bits, config.symmetric, granularity, method, channel_axis=0,
-        channel_error=channel_error,
-    )
-    return dataclasses.replace(
-        grid,
-        scale=per_channel_to_weight_layout(layer, grid.scale, weight),
-        zero_point=per_channel_to_weight_layout(layer, grid.zero_point, weight),
-        axis=weight_channel_axis(layer),
-    )
-
-
-def _log_interval(config: AdaRoundConfig) -> int:
-    """``config.log_every_n_steps``; ``None`` (the callback's "the Trainer's") is 50 here."""
-    return DEFAULT_LOG_EVERY_N_STEPS if config.log_every_n_steps is None else config.log_every_n_steps

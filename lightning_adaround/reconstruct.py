@@ -26,7 +26,7 @@ from lightning_adaround.layers import OutputOps, compute_dtype, run_with_weight
 from lightning_adaround.moments import LayerMoments, moments_supported, patch_dim
 from lightning_adaround.objective import MinibatchObjective, MomentsObjective, ReconstructionObjective, RowShard
 from lightning_adaround.reducer import Reducer
-from lightning_adaround.unit import Unit, UnitData
+from lightning_adaround.unit import Unit, UnitArguments, one_row_each
 
 
 @dataclass
@@ -219,7 +219,7 @@ def build_objective(
     cache = _Cache(CachePlan(
         device, config.device_cache_bytes, config.host_cache_bytes, config.cache_dir, config.cache_dtype,
     ), len(run.capture.batches) * run.capture.calls_per_batch(first_name))
-    arguments = _UnitArguments(unit, first[1], first[1][0][0].shape) if first is not None else None
+    arguments = UnitArguments(unit, first[1], first[1][0][0].shape) if first is not None else None
     per_sample_rows = True
     for index, rounded_call, float_call in chain([first], calls) if first is not None else ():
         assert arguments is not None
@@ -324,7 +324,7 @@ def unit_targets(
     """The unit's output with the float ``weights`` on ``x`` (rows ``rows`` of ``call``, whose other
     per-sample arguments are taken at those rows), in chunks, in the weights' dtype."""
     n = call[0][0].shape[0] if call is not None else 0
-    pick = lambda value, idx: value[idx] if _one_row_each(value, n) else value  # noqa: E731
+    pick = lambda value, idx: value[idx] if one_row_each(value, n) else value  # noqa: E731
     outs = []
     for start in range(0, x.shape[0], chunk):
         idx = rows[start:start + chunk] if rows is not None else None
@@ -349,65 +349,6 @@ def _fisher(unit: Unit, fisher: Optional[Tensor], reducer: Reducer) -> Optional[
             "model output?) or use block_loss='mse'."
         )
     return fisher.div_(mean)
-
-
-class _UnitArguments:
-    """Which of a unit's other arguments are per sample (cached, gathered) and which are fixed.
-
-    Fixed from the first batch: non-tensors and tensors without one row per sample (a shared
-    mask, say). Such an argument must be the same in every batch, since one value is used for all.
-    """
-
-    def __init__(self, unit: Unit, call: Call, input_shape: torch.Size) -> None:
-        self.unit = unit
-        self.input_tail = tuple(input_shape[1:])
-        n = input_shape[0]
-        args, kwargs = call
-        self.fixed_args = [None if _one_row_each(a, n) else a for a in args[1:]]
-        self.fixed_kwargs = {k: None if _one_row_each(v, n) else v for k, v in kwargs.items()}
-
-    def per_sample(self, call: Call, input_shape: torch.Size) -> dict[str, Tensor]:
-        name = self.unit.name
-        if tuple(input_shape[1:]) != self.input_tail and not self.unit.is_layer:  # a layer's rows are stacked
-            raise ValueError(
-                f"block {name!r} received inputs of shapes {self.input_tail} and {tuple(input_shape[1:])} "
-                "(per sample) across calibration batches; give calibration batches of one shape (pad them) "
-                "or use reconstruction='layer'."
-            )
-        args, kwargs = call
-        n = input_shape[0]
-        found = {}
-        for where, value, fixed in [
-            *((f"a{i}", a, f) for i, (a, f) in enumerate(zip(args[1:], self.fixed_args))),
-            *((f"k{k}", v, self.fixed_kwargs.get(k)) for k, v in kwargs.items()),
-        ]:
-            if _one_row_each(value, n) and fixed is None:
-                found[where] = value.detach()
-            elif not _same_value(value, fixed):
-                raise ValueError(
-                    f"block {name!r} takes an argument ({where[1:] if where[0] == 'k' else 'position ' + str(int(where[1:]) + 1)}) "
-                    "that changes between calibration batches but is not one row per sample, so it cannot be "
-                    "cached; name a different block or use reconstruction='layer'."
-                )
-        return found
-
-    def data(self, tensors: dict[str, Tensor], split: str, fisher: Optional[Tensor] = None) -> UnitData:
-        args = tuple(tensors[f"{split}_a{i}"] if f is None else f for i, f in enumerate(self.fixed_args))
-        kwargs = {k: tensors[f"{split}_k{k}"] if f is None else f for k, f in self.fixed_kwargs.items()}
-        return UnitData(tensors[f"{split}_in"], tensors[f"{split}_out"], args, kwargs, fisher)
-
-
-def _one_row_each(value: Any, n: int) -> bool:
-    return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - incomparable objects count as different
-        return a is b
 
 
 def _output_gradient(

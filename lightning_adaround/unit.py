@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_adaround.capture import Call
 from lightning_adaround.layers import OutputOps, call_in_dtype, cast_tensors, output_channel_dim
 
 
@@ -102,3 +103,63 @@ class UnitData:
     @property
     def num_samples(self) -> int:
         return self.inputs.shape[0]
+
+
+class UnitArguments:
+    """Which of a unit's other arguments are per sample (cached, gathered) and which are fixed.
+
+    Fixed from the first batch: non-tensors and tensors without one row per sample (a shared
+    mask, say). Such an argument must be the same in every batch, since one value is used for all.
+    """
+
+    def __init__(self, unit: Unit, call: Call, input_shape: torch.Size) -> None:
+        self.unit = unit
+        self.input_tail = tuple(input_shape[1:])
+        n = input_shape[0]
+        args, kwargs = call
+        self.fixed_args = [None if one_row_each(a, n) else a for a in args[1:]]
+        self.fixed_kwargs = {k: None if one_row_each(v, n) else v for k, v in kwargs.items()}
+
+    def per_sample(self, call: Call, input_shape: torch.Size) -> dict[str, Tensor]:
+        name = self.unit.name
+        if tuple(input_shape[1:]) != self.input_tail and not self.unit.is_layer:  # a layer's rows are stacked
+            raise ValueError(
+                f"block {name!r} received inputs of shapes {self.input_tail} and {tuple(input_shape[1:])} "
+                "(per sample) across calibration batches; give calibration batches of one shape (pad them) "
+                "or use reconstruction='layer'."
+            )
+        args, kwargs = call
+        n = input_shape[0]
+        found = {}
+        for where, value, fixed in [
+            *((f"a{i}", a, f) for i, (a, f) in enumerate(zip(args[1:], self.fixed_args))),
+            *((f"k{k}", v, self.fixed_kwargs.get(k)) for k, v in kwargs.items()),
+        ]:
+            if one_row_each(value, n) and fixed is None:
+                found[where] = value.detach()
+            elif not same_value(value, fixed):
+                raise ValueError(
+                    f"block {name!r} takes an argument ({where[1:] if where[0] == 'k' else 'position ' + str(int(where[1:]) + 1)}) "
+                    "that changes between calibration batches but is not one row per sample, so it cannot be "
+                    "cached; name a different block or use reconstruction='layer'."
+                )
+        return found
+
+    def data(self, tensors: dict[str, Tensor], split: str, fisher: Optional[Tensor] = None) -> UnitData:
+        args = tuple(tensors[f"{split}_a{i}"] if f is None else f for i, f in enumerate(self.fixed_args))
+        kwargs = {k: tensors[f"{split}_k{k}"] if f is None else f for k, f in self.fixed_kwargs.items()}
+        return UnitData(tensors[f"{split}_in"], tensors[f"{split}_out"], args, kwargs, fisher)
+
+
+def one_row_each(value: Any, n: int) -> bool:
+    """Whether ``value`` is a tensor with one row per sample (of ``n``)."""
+    return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n
+
+
+def same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - incomparable objects count as different
+        return a is b
