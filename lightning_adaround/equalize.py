@@ -4,7 +4,7 @@ In ``layer2(f(layer1(x)))`` with ``f`` commuting with a positive per-channel sca
 pooling), dividing output channel ``i`` of ``layer1`` by ``s_i`` and multiplying input
 channel ``i`` of ``layer2`` by ``s_i`` leaves the outputs unchanged. ``s_i = sqrt(r1_i / r2_i)``
 gives both channels the range ``sqrt(r1_i * r2_i)``: one per-tensor grid then fits every channel.
-Pairs are found like :mod:`lightning_adaround.fold` finds BatchNorms; fold those first.
+Pairs are found by the graph walk folding uses (``graph.py``); fold BatchNorms first.
 A ReLU6/Hardtanh module in between becomes a :class:`ChannelClip` whose bounds are divided too.
 """
 
@@ -17,7 +17,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.fold import computed_weight_fix, traced_graph
+from lightning_adaround.fold import computed_weight_fix
+from lightning_adaround.graph import Op, layer_chains
 from lightning_adaround.layers import _ELEMENTWISE_ACTIVATIONS, BATCH_NORMS, SUPPORTED_LAYER_TYPES, ChannelClip
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -65,9 +66,9 @@ def _step(module: Any, name: str) -> tuple[str, Optional[str]]:
     return "stop", None
 
 
-def _node_step(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[str, Optional[str]]:
+def _node_step(node: torch.fx.Node, op: Op) -> tuple[str, Optional[str]]:
     if node.op == "call_module":
-        return _step(modules[node.target], str(node.target))
+        return _step(op.module, op.name)
     if node.op == "call_function" and node.target in _COMMUTING_FUNCTIONS:
         return "pass", None
     if node.op == "call_method" and node.target in ("relu", "relu_"):
@@ -93,38 +94,23 @@ class _Tracer(torch.fx.Tracer):
         return isinstance(m, ChannelClip) or super().is_leaf_module(m, module_qualified_name)
 
 
-def _traced_pairs(model: nn.Module) -> Optional[list[_Pair]]:
-    """Layer -> (ops) -> layer paths of the ``torch.fx`` graph, each op's output used once; ``None`` if untraceable."""
-    traced = traced_graph(model, _Tracer())
-    if traced is None:
-        return None
-    graph, modules, calls = traced
-
-    def layer_at(node: torch.fx.Node) -> Optional[nn.Module]:
-        if node.op != "call_module":
-            return None
-        module = modules.get(node.target)
-        return module if isinstance(module, SUPPORTED_LAYER_TYPES) else None
-
+def _pairs(model: nn.Module) -> list[_Pair]:
+    """Layer -> (ops) -> layer paths, each op's output read once, with what lies between recorded."""
     pairs = []
-    for node in graph.nodes:
-        if layer_at(node) is None or calls[node.target] != 1:
-            continue
-        pair, current = _Pair(str(node.target), ""), node
-        while len(current.users) == 1:  # nothing else (e.g. a residual add) reads this output
-            nxt = next(iter(current.users))
-            if layer_at(nxt) is not None:
-                if nxt.args and nxt.args[0] is current and calls[nxt.target] == 1:
-                    pair.second = str(nxt.target)
+    for first, ops in layer_chains(model, _Tracer()):
+        pair = _Pair(first, "")
+        for op in ops:
+            if op.is_layer:
+                if op.calls == 1:
+                    pair.second = op.name
                     pairs.append(pair)
                 break
-            kind, reason = _node_step(nxt, modules)
-            if kind == "stop" or nxt.args[:1] != (current,):
+            kind, reason = _node_step(op.node, op) if op.node is not None else _step(op.module, op.name)
+            if kind == "stop":
                 break
-            if kind == "clip" and calls[nxt.target] != 1:
-                kind, reason = "block", _shared(modules[nxt.target], str(nxt.target))
-            _record(pair, kind, reason, str(nxt.target) if nxt.op == "call_module" else nxt.name)
-            current = nxt
+            if kind == "clip" and op.calls != 1:
+                kind, reason = "block", _shared(op.module, op.name)
+            _record(pair, kind, reason, op.name)
     return pairs
 
 
@@ -146,34 +132,6 @@ def _shared(module: nn.Module, name: str) -> str:
     )
 
 
-def _sequential_pairs(model: nn.Module) -> list[_Pair]:
-    pairs = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Sequential):
-            continue
-        prefix = f"{name}." if name else ""
-        children = [(n, c) for n, c in module._modules.items() if c is not None]  # repeats kept, unlike named_children
-        for i, (a, first) in enumerate(children):
-            if not isinstance(first, SUPPORTED_LAYER_TYPES):
-                continue
-            pair = _Pair(prefix + a, "")
-            for b, child in children[i + 1:]:
-                if isinstance(child, SUPPORTED_LAYER_TYPES):
-                    pair.second = prefix + b
-                    pairs.append(pair)
-                    break
-                kind, reason = _step(child, prefix + b)
-                if kind == "stop":
-                    break
-                _record(pair, kind, reason, prefix + b)
-    return pairs
-
-
-def _find(model: nn.Module) -> list[_Pair]:
-    traced = _traced_pairs(model)
-    return traced if traced is not None else _sequential_pairs(model)
-
-
 def find_equalization_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """``(layer1, layer2)`` names where ``layer1``'s output reaches only ``layer2``, through ops that
     commute with a per-channel scale (and unit-scale BatchNorms), or ReLU6/Hardtanh modules.
@@ -182,7 +140,7 @@ def find_equalization_pairs(model: nn.Module) -> list[tuple[str, str]]:
     Pairs that another activation, a ``relu6``/``hardtanh`` function call or a shared
     (called or registered twice) ReLU6 module in between rules out are left out.
     """
-    return [(p.first, p.second) for p in _find(model) if p.blocker is None]
+    return [(p.first, p.second) for p in _pairs(model) if p.blocker is None]
 
 
 def _channels_out(layer: nn.Module) -> int:
@@ -342,7 +300,7 @@ def equalize_layers(model: nn.Module, pairs: Optional[Sequence[tuple[str, str]]]
     """
     listing = list(model.named_modules(remove_duplicate=False))  # a module registered twice: both names
     modules = dict(listing)
-    found = _find(model)
+    found = _pairs(model)
     if pairs is None:
         chosen = found
     else:

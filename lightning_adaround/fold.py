@@ -15,56 +15,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from lightning_adaround.graph import layer_chains
 from lightning_adaround.layers import BATCH_NORMS, SUPPORTED_LAYER_TYPES
-
-
-def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    pairs = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Sequential):
-            continue
-        children = list(module.named_children())
-        for (a, layer), (b, bn) in zip(children, children[1:]):
-            if isinstance(layer, SUPPORTED_LAYER_TYPES) and isinstance(bn, BATCH_NORMS):
-                prefix = f"{name}." if name else ""
-                pairs.append((prefix + a, prefix + b))
-    return pairs
-
-
-def traced_graph(
-    model: nn.Module, tracer: Optional[torch.fx.Tracer] = None,
-) -> Optional[tuple[torch.fx.Graph, dict[str, nn.Module], dict[str, int]]]:
-    """The model's ``torch.fx`` graph, its modules by name and how often each module is called;
-    ``None`` if the model does not trace."""
-    try:
-        graph = (tracer or torch.fx.Tracer()).trace(model)
-    except Exception:
-        return None
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    return graph, dict(model.named_modules()), calls
-
-
-def _traced_pairs(model: nn.Module) -> Optional[list[tuple[str, str]]]:
-    """Layer -> BatchNorm edges of the model's ``torch.fx`` graph; ``None`` if it does not trace."""
-    traced = traced_graph(model)
-    if traced is None:
-        return None
-    graph, modules, calls = traced
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), BATCH_NORMS):
-            continue
-        source = node.args[0] if node.args else None
-        if (
-            isinstance(source, torch.fx.Node) and source.op == "call_module"
-            and isinstance(modules.get(source.target), SUPPORTED_LAYER_TYPES)
-            and len(source.users) == 1 and calls[source.target] == 1 and calls[node.target] == 1
-        ):
-            pairs.append((source.target, node.target))
-    return pairs
 
 
 def find_batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -72,8 +24,10 @@ def find_batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
     From the ``torch.fx`` graph when the model traces, else from ``nn.Sequential`` chains.
     """
-    traced = _traced_pairs(model)
-    found = traced if traced is not None else _sequential_pairs(model)
+    found = [
+        (layer, ops[0].name) for layer, ops in layer_chains(model)
+        if ops and isinstance(ops[0].module, BATCH_NORMS) and ops[0].calls == 1
+    ]
     return sorted(set(found), key=found.index)
 
 
