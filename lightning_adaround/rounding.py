@@ -98,12 +98,12 @@ class RoundingVariable:
         self.grid = grid
         # per group: each group's scale and zero point repeated over its weights, once, so the
         # steps stay elementwise (for per-tensor/per-channel grids these are the grid's own tensors)
-        self.scale, self.zero_point = grid.broadcastable(w.shape)
+        self.scale, zero_point = grid.broadcastable(w.shape)
         scaled = w / self.scale
         self.weight_floor = torch.floor(scaled)
         # Bounds of floor(W/s) + h so that the integer weight stays in [qmin, qmax].
-        self.low = grid.qmin - self.zero_point
-        self.high = grid.qmax - self.zero_point
+        self.low = grid.qmin - zero_point
+        self.high = grid.qmax - zero_point
         self.v = inverse_rectified_sigmoid(scaled - self.weight_floor).requires_grad_(True)
 
     def soft(self) -> tuple[Tensor, Tensor]:
@@ -123,7 +123,7 @@ class RoundingVariable:
     @torch.no_grad()
     def use_nearest(self, weight: Tensor, channels: Tensor) -> None:
         """Set V so that the output channels where ``channels`` (bool, weight dim 0) is true round to nearest."""
-        up = (self.grid.quantize(weight.float()) - self.zero_point - self.weight_floor).clamp(0.0, 1.0)
+        up = (self.grid.quantize(weight.float()) - self._zero_point() - self.weight_floor).clamp(0.0, 1.0)
         mask = channels.to(self.v.device).reshape(-1, *((1,) * (self.v.dim() - 1)))
         self.v.copy_(torch.where(mask, up * 2.0 - 1.0, self.v))
 
@@ -131,7 +131,11 @@ class RoundingVariable:
     def integer_weight(self) -> Tensor:
         """Hard rounding, ``h = (V >= 0)``: the integer weight in ``[qmin, qmax]``."""
         up = (self.v >= 0).to(self.weight_floor.dtype)
-        return torch.clamp(self.weight_floor + up + self.zero_point, self.grid.qmin, self.grid.qmax)
+        return torch.clamp(self.weight_floor + up + self._zero_point(), self.grid.qmin, self.grid.qmax)
+
+    def _zero_point(self) -> Tensor:
+        """The zero point laid out like ``low`` (exact: small integers), not kept as one more weight-sized tensor."""
+        return self.grid.qmin - self.low
 
     @torch.no_grad()
     def hard_weight(self) -> Tensor:
