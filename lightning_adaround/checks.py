@@ -17,7 +17,7 @@ from lightning_adaround.capture import FirstPass, ForwardFn, parameters_read
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.fold import computed_weight_fix
 from lightning_adaround.layers import SUPPORTED_LAYER_TYPES, float_modules, select_layers
-from lightning_adaround.quant import weight_problem
+from lightning_adaround.quant import check_granularity, weight_problem
 from lightning_adaround.result import EXCLUDED, NORM_OR_BIAS, AdaRoundResult, FloatModule
 
 
@@ -127,6 +127,7 @@ def selected_layers(model: nn.Module, config: AdaRoundConfig) -> list[tuple[str,
             f"(selected by layers={config.layers!r}, exclude={list(config.exclude)!r}); "
             "check the model or the name globs."
         )
+    check_granularity(layers, config.granularity)
     return layers
 
 

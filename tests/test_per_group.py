@@ -447,3 +447,9 @@ def test_onnx_transformer_block_per_group(digits, tmp_path):
     with torch.no_grad():
         expected = model(images)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_transposed_convolution_with_groups_is_refused_before_any_work():
+    model = nn.Sequential(nn.ConvTranspose2d(8, 3, 2))
+    with pytest.raises(ValueError, match="is a ConvTranspose2d"):
+        adaround(model, [torch.randn(4, 8, 5, 5)], AdaRoundConfig(granularity=PerGroup(16)))
