@@ -20,14 +20,14 @@ import torch
 from torch import nn
 
 from lightning_adaround import AdaRoundConfig, adaround
-from lightning_adaround.unit import Unit, UnitData
-from lightning_adaround.layers import output_channel_dim, run_with_weight
-from lightning_adaround.loss import BetaSchedule
-from lightning_adaround.moments import LayerMoments
-from lightning_adaround.objective import MinibatchObjective, MomentsObjective, reconstruction_loss
-from lightning_adaround.optimize import optimize_rounding
-from lightning_adaround.quant import PerChannel, choose_grid
-from lightning_adaround.rounding import RoundingVariable
+from lightning_adaround.data.unit import Unit, UnitData
+from lightning_adaround.model.layers import output_channel_dim, run_with_weight
+from lightning_adaround.grid.loss import BetaSchedule
+from lightning_adaround.data.moments import LayerMoments
+from lightning_adaround.engine.objective import MinibatchObjective, MomentsObjective, reconstruction_loss
+from lightning_adaround.engine.optimize import optimize_rounding
+from lightning_adaround.grid.quant import PerChannel, choose_grid
+from lightning_adaround.grid.rounding import RoundingVariable
 
 
 def timed(fn: Callable[[], None], repeat: int) -> float:
@@ -185,7 +185,7 @@ def capture_rows(quick: bool, iterations: int) -> list[dict[str, object]]:
 
 def _irreducible_seconds(result, model: nn.Module, batches: list[torch.Tensor], iterations: int) -> float:
     """Sum over layers of ``iterations`` x (forward + weight-gradient on a 32-sample minibatch)."""
-    from lightning_adaround.capture import InputCapture, default_forward
+    from lightning_adaround.data.capture import InputCapture, default_forward
 
     modules = dict(model.named_modules())
     capture = InputCapture(model, batches, default_forward)

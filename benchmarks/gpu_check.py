@@ -48,14 +48,14 @@ from torch import nn  # noqa: E402
 
 import bench  # noqa: E402  (the speed CNN, the layer cases, the irreducible step, the table printer)
 from lightning_adaround import AdaRoundConfig, adaround  # noqa: E402
-from lightning_adaround.unit import Unit, UnitData  # noqa: E402
-from lightning_adaround.layers import SUPPORTED_LAYER_TYPES  # noqa: E402
-from lightning_adaround.loss import BetaSchedule  # noqa: E402
-from lightning_adaround.moments import LayerMoments  # noqa: E402
-from lightning_adaround.objective import MinibatchObjective, MomentsObjective  # noqa: E402
-from lightning_adaround.optimize import optimize_rounding  # noqa: E402
-from lightning_adaround.quant import PerChannel, choose_grid  # noqa: E402
-from lightning_adaround.rounding import RoundingVariable  # noqa: E402
+from lightning_adaround.data.unit import Unit, UnitData  # noqa: E402
+from lightning_adaround.model.layers import SUPPORTED_LAYER_TYPES  # noqa: E402
+from lightning_adaround.grid.loss import BetaSchedule  # noqa: E402
+from lightning_adaround.data.moments import LayerMoments  # noqa: E402
+from lightning_adaround.engine.objective import MinibatchObjective, MomentsObjective  # noqa: E402
+from lightning_adaround.engine.optimize import optimize_rounding  # noqa: E402
+from lightning_adaround.grid.quant import PerChannel, choose_grid  # noqa: E402
+from lightning_adaround.grid.rounding import RoundingVariable  # noqa: E402
 
 # (file, packages it needs beyond torch/lightning/pytest); run with LIGHTNING_ADAROUND_QUICK=1
 CPU_SELECTION: list[tuple[str, tuple[str, ...]]] = [

@@ -4,7 +4,7 @@
     python docs/gen_config_reference.py --check   # exit 1 if docs/configuration.md is stale
 
 Descriptions come from the ``Args:`` (and ``Raises:``) sections of ``AdaRoundCallback``
-(``lightning_adaround.callback._AdaRoundCallbackBase``), ``AdaRoundConfig`` and
+(``lightning_adaround.trainer.callback._AdaRoundCallbackBase``), ``AdaRoundConfig`` and
 ``adaround()``; types and defaults come from ``inspect.signature`` / ``dataclasses.fields``,
 so they cannot drift from the code. A parameter without a docstring entry (or an entry
 naming no parameter) is an error: document it in the docstring, then rerun this script.
@@ -169,7 +169,7 @@ values are rejected when the object is built, before any calibration data is rea
 
 def render() -> str:
     from lightning_adaround import AdaRoundConfig, adaround
-    from lightning_adaround.callback import _AdaRoundCallbackBase
+    from lightning_adaround.trainer.callback import _AdaRoundCallbackBase
 
     parts = [HEADER]
     parts += [

@@ -8,12 +8,12 @@ Lightning installed).
 
 from lightning_adaround.api import adaround, round_to_nearest
 from lightning_adaround.config import AdaRoundConfig
-from lightning_adaround.equalize import equalize_layers
-from lightning_adaround.fold import fold_batchnorm
-from lightning_adaround.export import export_quantized, load_quantized, use_float_weights, use_rounded_weights
-from lightning_adaround.onnx_export import export_onnx
+from lightning_adaround.model.equalize import equalize_layers
+from lightning_adaround.model.fold import fold_batchnorm
+from lightning_adaround.io.export import export_quantized, load_quantized, use_float_weights, use_rounded_weights
+from lightning_adaround.io.onnx_export import export_onnx
 from lightning_adaround.observer import AdaRoundObserver, RoundingStopped
-from lightning_adaround.quant import PerChannel, PerGroup, PerTensor, QuantGrid
+from lightning_adaround.grid.quant import PerChannel, PerGroup, PerTensor, QuantGrid
 from lightning_adaround.result import AdaRoundResult, FloatModule, LayerResult
 
 __all__ = [
@@ -43,7 +43,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name == "AdaRoundCallback":
-        from lightning_adaround.callback import AdaRoundCallback
+        from lightning_adaround.trainer.callback import AdaRoundCallback
 
         return AdaRoundCallback
     raise AttributeError(f"module 'lightning_adaround' has no attribute {name!r}")

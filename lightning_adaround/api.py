@@ -1,6 +1,6 @@
 """``adaround(model, batches, config)``: round a model's weights in place, layer by layer.
 
-Plain PyTorch. The public entry points; the run itself is ``engine.round_model``. Any failure
+Plain PyTorch. The public entry points; the run itself is ``engine.run.round_model``. Any failure
 leaves the model as it was given (weights, BatchNorm statistics, the ReLU6 modules equalization
 replaces, training modes, ``requires_grad``) and raises the original error; with
 ``checkpoint_dir`` the finished layers are kept on disk and a second call resumes.
@@ -13,15 +13,15 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from lightning_adaround.capture import ForwardFn
-from lightning_adaround.checkpoint import PathLike
-from lightning_adaround.checks import check_weights, selected_layers
+from lightning_adaround.data.capture import ForwardFn
+from lightning_adaround.io.checkpoint import PathLike
+from lightning_adaround.engine.checks import check_weights, selected_layers
 from lightning_adaround.config import AdaRoundConfig
-from lightning_adaround.engine import Activation, MoveBatch, RunOptions, move_to_device, round_model
-from lightning_adaround.unit_loop import layer_grid
+from lightning_adaround.engine.run import Activation, MoveBatch, RunOptions, move_to_device, round_model
+from lightning_adaround.engine.unit_loop import layer_grid
 from lightning_adaround.observer import AdaRoundObserver
-from lightning_adaround.prepare import ModelSnapshot, prepare_model
-from lightning_adaround.reconstruct import TaskLoss
+from lightning_adaround.model.prepare import ModelSnapshot, prepare_model
+from lightning_adaround.engine.reconstruct import TaskLoss
 from lightning_adaround.result import AdaRoundResult
 
 __all__ = ["Activation", "MoveBatch", "adaround", "layer_grid", "move_to_device", "round_to_nearest"]

@@ -12,8 +12,8 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from lightning_adaround.layers import SUPPORTED_LAYER_TYPES, check_layer_types
-from lightning_adaround.quant import SCALE_METHODS, PerChannel, PerGroup, PerTensor, check_bits
+from lightning_adaround.model.layers import SUPPORTED_LAYER_TYPES, check_layer_types
+from lightning_adaround.grid.quant import SCALE_METHODS, PerChannel, PerGroup, PerTensor, check_bits
 
 LOSS_FORMS = ("auto", "minibatch", "moments")
 RECONSTRUCTIONS = ("layer", "block")

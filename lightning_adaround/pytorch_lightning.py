@@ -9,7 +9,7 @@ from __future__ import annotations
 from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_adaround.callback import _AdaRoundCallbackBase
+from lightning_adaround.trainer.callback import _AdaRoundCallbackBase
 
 
 class AdaRoundCallback(_AdaRoundCallbackBase, Callback):

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from lightning_adaround.quant import expand_groups, group_size_of
+from lightning_adaround.grid.quant import expand_groups, group_size_of
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-import lightning_adaround.engine as engine
+import lightning_adaround.engine.unit_loop as engine
 from lightning_adaround import AdaRoundConfig, adaround
 from lightning_adaround.distributed import AdaRoundDistributedError, distributed_adaround, shard_calibration
 from ddp_plain import compare, free_port

@@ -132,7 +132,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
 
 def bias_correction(rank: int, errors: dict) -> dict:
     """Biases corrected from per-rank batches equal one process's on all of them; a failure restores them."""
-    import lightning_adaround.bias_correction as correction
+    import lightning_adaround.model.bias_correction as correction
 
     config = AdaRoundConfig(iterations=40, batch_size=16, bias_correction=True)
     ddp_model, single_model = model(), model()

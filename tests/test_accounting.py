@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lightning_adaround import AdaRoundConfig, adaround, round_to_nearest
-from lightning_adaround.capture import InputCapture, default_forward
+from lightning_adaround.data.capture import InputCapture, default_forward
 from lightning_adaround.result import AdaRoundResult
 
 FAST = dict(iterations=30, batch_size=8)

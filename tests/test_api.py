@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_adaround import AdaRoundConfig, AdaRoundObserver, adaround
-from lightning_adaround.layers import select_layers
+from lightning_adaround.model.layers import select_layers
 
 
 FAST = dict(iterations=20, batch_size=8)
@@ -488,7 +488,7 @@ def test_namedtuple_and_mapping_batches_keep_their_type_when_moved():
     import collections
 
     from lightning_adaround.api import move_to_device
-    from lightning_adaround.calibration import batch_size_of, leading_rows, take_samples
+    from lightning_adaround.data.calibration import batch_size_of, leading_rows, take_samples
 
     Pair = collections.namedtuple("Pair", "x y")
     batch = Pair(torch.randn(6, 3), collections.OrderedDict(mask=torch.ones(6), note="kept"))

@@ -21,8 +21,8 @@ from torch import nn
 
 from lightning_adaround import AdaRoundConfig, AdaRoundObserver, adaround, round_to_nearest
 
-from lightning_adaround.quant import LARGEST_WEIGHT, PerChannel, PerTensor, choose_grid
-from lightning_adaround.rounding import RoundingVariable
+from lightning_adaround.grid.quant import LARGEST_WEIGHT, PerChannel, PerTensor, choose_grid
+from lightning_adaround.grid.rounding import RoundingVariable
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 SPECIAL = [0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 1e-40, -1e-45, 1e30, -1e30, 1e37, LARGEST_WEIGHT, -FLOAT32_MAX]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_adaround import AdaRoundConfig, adaround
-from lightning_adaround.checkpoint import run_fingerprint
+from lightning_adaround.io.checkpoint import run_fingerprint
 
 FAST = dict(bits=3, iterations=30, batch_size=16)
 
@@ -86,7 +86,7 @@ def test_off_leaves_biases_bit_identical_and_records_nothing():
 
 def _fail_on_fifth_layer_pass(monkeypatch):
     """Make bias correction's fifth per-layer statistics pass raise."""
-    import lightning_adaround.bias_correction as correction
+    import lightning_adaround.model.bias_correction as correction
 
     real = correction._output_sums
     calls = []

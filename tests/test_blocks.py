@@ -10,9 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_adaround import AdaRoundConfig, AdaRoundObserver, adaround, fold_batchnorm
-from lightning_adaround.blocks import find_blocks
-from lightning_adaround.capture import default_forward, execution_order
-from lightning_adaround.layers import select_layers
+from lightning_adaround.data.blocks import find_blocks
+from lightning_adaround.data.capture import default_forward, execution_order
+from lightning_adaround.model.layers import select_layers
 from test_chain import Encoder, resnet, token_batches
 from test_fold import InvertedResidual, SmallMobileNet
 

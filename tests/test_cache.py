@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_adaround import AdaRoundConfig, adaround
-from lightning_adaround.cache import CachePlan, ChunkStore
+from lightning_adaround.data.cache import CachePlan, ChunkStore
 
 
 def model():
@@ -48,7 +48,7 @@ def test_tier_follows_the_budgets():
 
 def test_calibration_batches_stay_on_the_device_only_while_they_fit_its_budget():
     """``device_cache_bytes=0`` keeps the batches in host memory too (what ``cache_on_cpu`` did)."""
-    from lightning_adaround.engine import _staging_device
+    from lightning_adaround.engine.run import _staging_device
 
     batches = [torch.zeros(4, 8), (torch.zeros(4, 8), {"mask": torch.zeros(4, dtype=torch.bool)})]  # 260 bytes
     cuda = torch.device("cuda")  # budgets given: no CUDA query, so this runs on any machine

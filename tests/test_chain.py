@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from lightning_adaround import AdaRoundConfig, adaround
-from lightning_adaround.capture import default_forward
-from lightning_adaround.chain import find_block_chains
-from lightning_adaround.layers import select_layers
+from lightning_adaround.data.capture import default_forward
+from lightning_adaround.data.chain import find_block_chains
+from lightning_adaround.model.layers import select_layers
 
 
 class Residual(nn.Module):

@@ -334,7 +334,7 @@ def _checkpoint_cases() -> dict[str, Callable[[], Any]]:
 
 def _bad_weight_cases() -> dict[str, Callable[[], Any]]:
     from lightning_adaround import AdaRoundConfig, adaround
-    from lightning_adaround.quant import choose_grid
+    from lightning_adaround.grid.quant import choose_grid
 
     fast = AdaRoundConfig(iterations=2)
     x = [torch.randn(4, 8)]
@@ -631,7 +631,7 @@ def _equalize_cases() -> dict[str, Callable[[], Any]]:
 
 
 def _export_error_cases() -> dict[str, Callable[[], Any]]:
-    """The messages of lightning_adaround.export and .onnx_export, on a tiny rounded model."""
+    """The messages of lightning_adaround.io.export and .onnx_export, on a tiny rounded model."""
     import copy
     import tempfile
     from unittest import mock
@@ -639,7 +639,7 @@ def _export_error_cases() -> dict[str, Callable[[], Any]]:
     from lightning_adaround import (
         AdaRoundConfig, adaround, export_onnx, export_quantized, load_quantized, use_float_weights,
     )
-    from lightning_adaround.onnx_export import quantize_initializers
+    from lightning_adaround.io.onnx_export import quantize_initializers
 
     def rounded(**kwargs):
         torch.manual_seed(0)
@@ -766,3 +766,19 @@ def test_mkdocs_strict_fails_on_broken_docs(tmp_path, where, breakage, expected)
     build = _mkdocs_build(copy / "mkdocs.yml", tmp_path / "site")
     assert build.returncode != 0, "strict build passed despite " + expected
     assert expected in build.stdout + build.stderr
+
+
+def test_the_module_map_lists_every_module():
+    """docs/how-it-works.md's module map names each module of the package once, and no other."""
+    page = (DOCS / "how-it-works.md").read_text(encoding="utf-8")
+    section = page[page.index("## The code: a map of the modules"):]
+    listed, folder = set(), ""
+    for row in re.findall(r"^\|\s*([^|]*?)\s*\|\s*`(\w+)`\s*\|", section, flags=re.M):
+        folder = row[0].strip("`/ ") if row[0].strip() else folder
+        listed.add(row[1] if folder in ("", "(top)") else f"{folder}/{row[1]}")
+    package = Path(__file__).resolve().parents[1] / "lightning_adaround"
+    found = {
+        str(p.relative_to(package).with_suffix("")) for p in package.rglob("*.py")
+        if p.name != "__init__.py" or p.parent.name == "distributed"
+    }
+    assert listed == found, (sorted(found - listed), sorted(listed - found))

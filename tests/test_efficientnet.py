@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import efficientnet_lite as lite  # noqa: E402
 from lightning_adaround import fold_batchnorm  # noqa: E402
-from lightning_adaround.blocks import find_blocks  # noqa: E402
-from lightning_adaround.capture import default_forward, execution_order  # noqa: E402
-from lightning_adaround.layers import select_layers  # noqa: E402
+from lightning_adaround.data.blocks import find_blocks  # noqa: E402
+from lightning_adaround.data.capture import default_forward, execution_order  # noqa: E402
+from lightning_adaround.model.layers import select_layers  # noqa: E402
 
 
 @pytest.fixture(scope="module")

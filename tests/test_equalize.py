@@ -9,7 +9,7 @@ from torch import nn
 from lightning_adaround import (
     AdaRoundConfig, PerChannel, PerTensor, adaround, equalize_layers, fold_batchnorm, round_to_nearest,
 )
-from lightning_adaround.equalize import ChannelClip, channel_range_balance, find_equalization_pairs
+from lightning_adaround.model.equalize import ChannelClip, channel_range_balance, find_equalization_pairs
 from test_fold import _module as _folding_module, _no_warning, _trainer
 
 
@@ -326,7 +326,7 @@ def test_shared_relu6_module_is_named_and_left_alone():
 
 
 def test_clips_restorer_undoes_the_module_swaps():
-    from lightning_adaround.equalize import clips_restorer
+    from lightning_adaround.model.equalize import clips_restorer
 
     model = _unbalanced(nn.Sequential(nn.Linear(4, 8), nn.ReLU6(), nn.Linear(8, 8), nn.ReLU6(), nn.Linear(8, 2)))
     x = 3 * torch.randn(16, 4)
@@ -369,7 +369,7 @@ def test_functional_relu6_in_a_traced_model_is_named():
 
 
 def test_channel_clip_is_a_detected_activation_and_exports_to_onnx(tmp_path):
-    from lightning_adaround.layers import following_ops
+    from lightning_adaround.model.layers import following_ops
 
     model = _unbalanced(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.Conv2d(8, 4, 1)))
     equalize_layers(model)

@@ -21,7 +21,7 @@ from lightning_adaround import (
     AdaRoundConfig, AdaRoundResult, PerChannel, PerTensor, adaround, export_onnx, export_quantized,
     load_quantized, use_float_weights, use_rounded_weights,
 )
-from lightning_adaround.export import FORMAT, VERSION, pack_int4, unpack_int4
+from lightning_adaround.io.export import FORMAT, VERSION, pack_int4, unpack_int4
 
 FAST = dict(iterations=20, batch_size=16)
 

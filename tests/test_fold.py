@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lightning_adaround import AdaRoundConfig, adaround, fold_batchnorm
-from lightning_adaround.fold import find_batchnorm_pairs
+from lightning_adaround.model.fold import find_batchnorm_pairs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_adaround import AdaRoundConfig, adaround
-from lightning_adaround.layers import (
+from lightning_adaround.model.layers import (
     SUPPORTED_LAYER_TYPES, bits_for, following_ops, is_supported, output_channel_dim,
     run_with_weight, select_layers, weight_channel_axis,
 )

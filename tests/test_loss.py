@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_adaround.layers import OutputOps
-from lightning_adaround.unit import Unit, UnitData
-from lightning_adaround.loss import BetaSchedule, rounding_regularizer
-from lightning_adaround.objective import MinibatchObjective
-from lightning_adaround.optimize import optimize_rounding
-from lightning_adaround.quant import choose_grid
-from lightning_adaround.rounding import RoundingVariable
+from lightning_adaround.model.layers import OutputOps
+from lightning_adaround.data.unit import Unit, UnitData
+from lightning_adaround.grid.loss import BetaSchedule, rounding_regularizer
+from lightning_adaround.engine.objective import MinibatchObjective
+from lightning_adaround.engine.optimize import optimize_rounding
+from lightning_adaround.grid.quant import choose_grid
+from lightning_adaround.grid.rounding import RoundingVariable
 
 
 SCHEDULES = [

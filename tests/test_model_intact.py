@@ -120,7 +120,7 @@ def _relu6_model():
 
 
 def _fail_after_equalizing(monkeypatch):
-    import lightning_adaround.prepare as prepare
+    import lightning_adaround.model.prepare as prepare
 
     real = prepare.equalize_layers
 
@@ -159,7 +159,7 @@ def test_failure_after_folding_and_equalizing_leaves_the_model_as_given(where, l
 
 
 def test_a_failing_restore_step_does_not_hide_the_original_error(monkeypatch):
-    import lightning_adaround.prepare as prepare
+    import lightning_adaround.model.prepare as prepare
 
     def broken_restorer(model):
         def restore():

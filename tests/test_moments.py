@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from lightning_adaround import AdaRoundConfig, adaround
-from lightning_adaround.layers import OutputOps, run_with_weight
-from lightning_adaround.moments import LayerMoments, patch_rows
-from lightning_adaround.objective import MomentsObjective
-from lightning_adaround.reconstruct import choose_form
-from lightning_adaround.unit import Unit
+from lightning_adaround.model.layers import OutputOps, run_with_weight
+from lightning_adaround.data.moments import LayerMoments, patch_rows
+from lightning_adaround.engine.objective import MomentsObjective
+from lightning_adaround.engine.reconstruct import choose_form
+from lightning_adaround.data.unit import Unit
 
 LAYERS = {
     "linear-2d": (lambda: nn.Linear(6, 5), (7, 6)),
@@ -180,10 +180,10 @@ class _AutogradOnly:
 
 @pytest.mark.parametrize("key", ["linear-btc", "conv2d-groups-circular", "conv2d-depthwise"])
 def test_step_without_autograd_follows_the_autograd_step(key):
-    from lightning_adaround.loss import BetaSchedule
-    from lightning_adaround.optimize import optimize_rounding
-    from lightning_adaround.quant import PerChannel, choose_grid
-    from lightning_adaround.rounding import RoundingVariable
+    from lightning_adaround.grid.loss import BetaSchedule
+    from lightning_adaround.engine.optimize import optimize_rounding
+    from lightning_adaround.grid.quant import PerChannel, choose_grid
+    from lightning_adaround.grid.rounding import RoundingVariable
 
     torch.manual_seed(0)
     make, shape = LAYERS[key]

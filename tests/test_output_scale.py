@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from lightning_adaround import AdaRoundConfig, PerChannel, PerTensor, adaround, round_to_nearest
-from lightning_adaround.unit import Unit, UnitData
-from lightning_adaround.layers import run_with_weight
-from lightning_adaround.moments import LayerMoments
-from lightning_adaround.objective import MomentsObjective, unit_channel_errors
-from lightning_adaround.quant import choose_grid
+from lightning_adaround.data.unit import Unit, UnitData
+from lightning_adaround.model.layers import run_with_weight
+from lightning_adaround.data.moments import LayerMoments
+from lightning_adaround.engine.objective import MomentsObjective, unit_channel_errors
+from lightning_adaround.grid.quant import choose_grid
 
 
 def _correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -99,7 +99,7 @@ def test_adaround_output_scale_lowers_the_first_layers_nearest_error(digits_cnn,
 
 
 def test_use_nearest_rounds_the_chosen_channels_to_nearest_and_leaves_the_rest():
-    from lightning_adaround.rounding import RoundingVariable
+    from lightning_adaround.grid.rounding import RoundingVariable
 
     torch.manual_seed(0)
     w = torch.randn(6, 4, 3, 3)
@@ -147,7 +147,7 @@ def test_output_scale_falls_back_to_weight_error_where_no_channel_error_exists(o
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_use_nearest_matches_the_grid_with_clipping_and_zero_points(symmetric):
-    from lightning_adaround.rounding import RoundingVariable
+    from lightning_adaround.grid.rounding import RoundingVariable
 
     torch.manual_seed(3)
     w = torch.randn(5, 7) * torch.linspace(0.1, 3.0, 5)[:, None]

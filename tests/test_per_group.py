@@ -22,11 +22,11 @@ from lightning_adaround import (
     AdaRoundConfig, AdaRoundResult, PerChannel, PerGroup, PerTensor, adaround, export_onnx, export_quantized,
     load_quantized, round_to_nearest,
 )
-from lightning_adaround.checkpoint import run_fingerprint
-from lightning_adaround.quant import (
+from lightning_adaround.io.checkpoint import run_fingerprint
+from lightning_adaround.grid.quant import (
     check_granularity, choose_grid, expand_groups, group_count, group_size_of,
 )
-from lightning_adaround.rounding import RoundingVariable
+from lightning_adaround.grid.rounding import RoundingVariable
 
 FAST = dict(iterations=20, batch_size=16)
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_adaround.layers import weight_channel_axis
-from lightning_adaround.quant import (
+from lightning_adaround.model.layers import weight_channel_axis
+from lightning_adaround.grid.quant import (
     PerChannel, PerTensor, check_bits, choose_grid, integer_range,
 )
 

@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from lightning_adaround import AdaRoundCallback, AdaRoundConfig  # noqa: E402
-from lightning_adaround.report import report_figure  # noqa: E402
+from lightning_adaround.io.report import report_figure  # noqa: E402
 from lightning_adaround.result import AdaRoundResult, LayerResult  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"

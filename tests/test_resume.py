@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_adaround.checkpoint as checkpoint_module
+import lightning_adaround.io.checkpoint as checkpoint_module
 from lightning_adaround import AdaRoundConfig, AdaRoundObserver, RoundingStopped, adaround
-from lightning_adaround.checkpoint import MANIFEST
+from lightning_adaround.io.checkpoint import MANIFEST
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import resume_case  # noqa: E402
@@ -404,7 +404,7 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path, change, words):
 def test_the_data_hash_reads_tensors_arrays_and_plain_values():
     import numpy as np
 
-    from lightning_adaround.checkpoint import _hash_batches
+    from lightning_adaround.io.checkpoint import _hash_batches
 
     base = [{"x": torch.zeros(2, 3), "ids": np.arange(3), "text": "a", "n": 1}]
     for changed in (

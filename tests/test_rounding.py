@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lightning_adaround.quant import PerChannel, PerTensor, choose_grid
-from lightning_adaround.rounding import (
+from lightning_adaround.grid.quant import PerChannel, PerTensor, choose_grid
+from lightning_adaround.grid.rounding import (
     RoundingVariable, inverse_rectified_sigmoid, rectified_sigmoid,
 )
 
@@ -120,7 +120,7 @@ def test_soft_weight_clamped_to_grid_range():
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_fused_soft_rounding_equals_autograd_reference(beta, symmetric):
     """The fast path (hand-written gradient) against autograd through soft() and the regularizer."""
-    from lightning_adaround.loss import rounding_regularizer
+    from lightning_adaround.grid.loss import rounding_regularizer
 
     torch.manual_seed(0)
     w = torch.randn(16, 3, 3, 3)

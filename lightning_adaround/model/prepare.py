@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_adaround.config import AdaRoundConfig
-from lightning_adaround.equalize import clips_restorer, equalize_layers
-from lightning_adaround.fold import fold_batchnorm
-from lightning_adaround.layers import BATCH_NORMS, SUPPORTED_LAYER_TYPES
+from lightning_adaround.model.equalize import clips_restorer, equalize_layers
+from lightning_adaround.model.fold import fold_batchnorm
+from lightning_adaround.model.layers import BATCH_NORMS, SUPPORTED_LAYER_TYPES
 
 
 @dataclass

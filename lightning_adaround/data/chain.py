@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 from torch import Tensor, nn
 
-from lightning_adaround.layers import ForwardFn, forward_with_hooks
+from lightning_adaround.model.layers import ForwardFn, forward_with_hooks
 
 @dataclass
 class BlockChain:

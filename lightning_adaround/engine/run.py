@@ -1,7 +1,7 @@
 """The run: prepare the model, capture each unit's data, optimise its rounding, write it back.
 
 Plain PyTorch; :func:`round_model` is what ``adaround`` and ``distributed_adaround`` call, the
-second with a reducer that meets the other processes at the points ``reducer.py`` names. Data
+second with a reducer that meets the other processes at the points ``engine/reducer.py`` names. Data
 flows one way: (BatchNorm folding, equalization) -> calibration batches -> capture -> unit
 objective -> optimise -> hard-rounded weights written back -> (bias correction) -> result.
 """
@@ -16,25 +16,25 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.bias_correction import correct_biases
-from lightning_adaround.blocks import find_blocks
-from lightning_adaround.cache import CachePlan
-from lightning_adaround.calibration import SampleLayout, map_tensors, tensors_in
-from lightning_adaround.capture import FirstPass, ForwardFn, InputCapture, default_forward, first_pass
-from lightning_adaround.chain import find_block_chains
-from lightning_adaround.checkpoint import PathLike, RoundingCheckpoint, run_fingerprint
-from lightning_adaround.checks import (
+from lightning_adaround.model.bias_correction import correct_biases
+from lightning_adaround.data.blocks import find_blocks
+from lightning_adaround.data.cache import CachePlan
+from lightning_adaround.data.calibration import SampleLayout, map_tensors, tensors_in
+from lightning_adaround.data.capture import FirstPass, ForwardFn, InputCapture, default_forward, first_pass
+from lightning_adaround.data.chain import find_block_chains
+from lightning_adaround.io.checkpoint import PathLike, RoundingCheckpoint, run_fingerprint
+from lightning_adaround.engine.checks import (
     account_for_float, check_weights, forward_failure, matching_nothing, selected_layers, warn_float_matrices,
     warn_nothing_held_out, warn_unmatched_excludes,
 )
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.observer import AdaRoundObserver
-from lightning_adaround.prepare import ModelSnapshot, prepare_model
-from lightning_adaround.reconstruct import RunData, TaskLoss
-from lightning_adaround.reducer import Reducer
+from lightning_adaround.model.prepare import ModelSnapshot, prepare_model
+from lightning_adaround.engine.reconstruct import RunData, TaskLoss
+from lightning_adaround.engine.reducer import Reducer
 from lightning_adaround.result import AdaRoundResult
-from lightning_adaround.unit import Unit
-from lightning_adaround.unit_loop import round_units
+from lightning_adaround.data.unit import Unit
+from lightning_adaround.engine.unit_loop import round_units
 
 Activation = Callable[[Tensor], Tensor]
 MoveBatch = Callable[[Any, torch.device], Any]

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_adaround.quant import QuantGrid
+from lightning_adaround.grid.quant import QuantGrid
 
 ZETA, GAMMA = 1.1, -0.1
 

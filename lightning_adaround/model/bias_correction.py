@@ -13,9 +13,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.capture import InputCapture, float_weights
-from lightning_adaround.layers import following_ops
-from lightning_adaround.reducer import Reducer
+from lightning_adaround.data.capture import InputCapture, float_weights
+from lightning_adaround.model.layers import following_ops
+from lightning_adaround.engine.reducer import Reducer
 from lightning_adaround.result import AdaRoundResult
 
 MakeCapture = Callable[[], InputCapture]

@@ -4,7 +4,7 @@ In ``layer2(f(layer1(x)))`` with ``f`` commuting with a positive per-channel sca
 pooling), dividing output channel ``i`` of ``layer1`` by ``s_i`` and multiplying input
 channel ``i`` of ``layer2`` by ``s_i`` leaves the outputs unchanged. ``s_i = sqrt(r1_i / r2_i)``
 gives both channels the range ``sqrt(r1_i * r2_i)``: one per-tensor grid then fits every channel.
-Pairs are found by the graph walk folding uses (``graph.py``); fold BatchNorms first.
+Pairs are found by the graph walk folding uses (``model/graph.py``); fold BatchNorms first.
 A ReLU6/Hardtanh module in between becomes a :class:`ChannelClip` whose bounds are divided too.
 """
 
@@ -17,9 +17,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.fold import computed_weight_fix
-from lightning_adaround.graph import Op, layer_chains
-from lightning_adaround.layers import _ELEMENTWISE_ACTIVATIONS, BATCH_NORMS, SUPPORTED_LAYER_TYPES, ChannelClip
+from lightning_adaround.model.fold import computed_weight_fix
+from lightning_adaround.model.graph import Op, layer_chains
+from lightning_adaround.model.layers import _ELEMENTWISE_ACTIVATIONS, BATCH_NORMS, SUPPORTED_LAYER_TYPES, ChannelClip
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # Modules with f(x / s) = f(x) / s per channel for every s > 0.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from lightning_adaround.checkpoint import PathLike
+from lightning_adaround.io.checkpoint import PathLike
 from lightning_adaround.config import AdaRoundConfig
 
 RUN_ON = ("fit_end", "validate")

@@ -16,9 +16,9 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.calibration import tensors_in
-from lightning_adaround.chain import BlockChain
-from lightning_adaround.layers import ForwardFn, forward_with_hooks
+from lightning_adaround.data.calibration import tensors_in
+from lightning_adaround.data.chain import BlockChain
+from lightning_adaround.model.layers import ForwardFn, forward_with_hooks
 
 Call = tuple[tuple, dict]  # a module call's (args, kwargs)
 
@@ -167,7 +167,7 @@ class InputCapture:
     """Per layer and batch: the layer's input in the partly rounded model and in the float model.
 
     By default each input comes from a forward pass that stops at the layer. Layers inside
-    a :class:`~lightning_adaround.chain.BlockChain` are fed from their block's kept input
+    a :class:`~lightning_adaround.data.chain.BlockChain` are fed from their block's kept input
     instead, carried one block at a time, so capture stays linear in depth. Both ways give
     bit-identical inputs (the same operations on the same tensors).
     """

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from lightning_adaround.calibration import samples_in, take_samples
+from lightning_adaround.data.calibration import samples_in, take_samples
 from lightning_adaround.distributed import CalibrationShard, is_sharded_loader, shard_calibration
 
 

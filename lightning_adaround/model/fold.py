@@ -15,8 +15,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from lightning_adaround.graph import layer_chains
-from lightning_adaround.layers import BATCH_NORMS, SUPPORTED_LAYER_TYPES
+from lightning_adaround.model.graph import layer_chains
+from lightning_adaround.model.layers import BATCH_NORMS, SUPPORTED_LAYER_TYPES
 
 
 def find_batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:

@@ -13,11 +13,11 @@ from typing import Any, Iterable, Sequence
 
 from torch import nn
 
-from lightning_adaround.capture import FirstPass, ForwardFn, parameters_read
+from lightning_adaround.data.capture import FirstPass, ForwardFn, parameters_read
 from lightning_adaround.config import AdaRoundConfig
-from lightning_adaround.fold import computed_weight_fix
-from lightning_adaround.layers import SUPPORTED_LAYER_TYPES, float_modules, select_layers
-from lightning_adaround.quant import check_granularity, weight_problem
+from lightning_adaround.model.fold import computed_weight_fix
+from lightning_adaround.model.layers import SUPPORTED_LAYER_TYPES, float_modules, select_layers
+from lightning_adaround.grid.quant import check_granularity, weight_problem
 from lightning_adaround.result import EXCLUDED, NORM_OR_BIAS, AdaRoundResult, FloatModule
 
 

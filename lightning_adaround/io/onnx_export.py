@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from torch import nn
 
-from lightning_adaround.export import check_result, model_weight, weight_key
+from lightning_adaround.io.export import check_result, model_weight, weight_key
 from lightning_adaround.result import AdaRoundResult, LayerResult
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """``AdaRoundCallback``: thin Lightning glue over :func:`lightning_adaround.adaround`.
 
 It gathers calibration batches, calls the core on the strategy's device with a
-``TrainerObserver`` (loggers, progress bar, report: ``trainer_observer.py``) and remembers
+``TrainerObserver`` (loggers, progress bar, report: ``trainer/observer.py``) and remembers
 the result. Rounding options live in ``AdaRoundConfig``, taken whole as ``config=``. The logic
 lives in a namespace-free base so ``lightning.pytorch`` and ``pytorch_lightning`` each get a
 one-line class.
@@ -20,18 +20,18 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from lightning_adaround.api import adaround
-from lightning_adaround.callback_args import (
+from lightning_adaround.trainer.arguments import (
     checked_callable, checked_folder, checked_run_on, checked_sample_count, config_with_bits,
 )
-from lightning_adaround.checks import check_weights, forward_failure, selected_layers
-from lightning_adaround.checkpoint import PathLike
-from lightning_adaround.capture import default_forward
+from lightning_adaround.engine.checks import check_weights, forward_failure, selected_layers
+from lightning_adaround.io.checkpoint import PathLike
+from lightning_adaround.data.capture import default_forward
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.distributed import CalibrationShard, distributed_adaround
-from lightning_adaround.trainer_data import (
+from lightning_adaround.trainer.data import (
     calibration_source, check_nonempty, early_source, read_calibration, read_seeded, world_size,
 )
-from lightning_adaround.trainer_observer import TrainerObserver
+from lightning_adaround.trainer.observer import TrainerObserver
 from lightning_adaround.result import AdaRoundResult
 
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")

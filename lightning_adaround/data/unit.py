@@ -13,8 +13,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.capture import Call
-from lightning_adaround.layers import OutputOps, call_in_dtype, cast_tensors, output_channel_dim
+from lightning_adaround.data.capture import Call
+from lightning_adaround.model.layers import OutputOps, call_in_dtype, cast_tensors, output_channel_dim
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import IO, Any, Mapping, NoReturn, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.quant import MAX_BITS, MIN_BITS, group_count, integer_range
+from lightning_adaround.grid.quant import MAX_BITS, MIN_BITS, group_count, integer_range
 from lightning_adaround.result import AdaRoundResult, LayerResult
 
 FORMAT = "lightning-adaround/quantized"

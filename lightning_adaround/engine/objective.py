@@ -14,9 +14,9 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.moments import LayerMoments, weight_as_groups
-from lightning_adaround.reducer import Reducer
-from lightning_adaround.unit import Unit, UnitData
+from lightning_adaround.data.moments import LayerMoments, weight_as_groups
+from lightning_adaround.engine.reducer import Reducer
+from lightning_adaround.data.unit import Unit, UnitData
 
 
 class ReconstructionObjective(Protocol):

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_adaround.capture import stacked_shape
+from lightning_adaround.data.capture import stacked_shape
 
 TIERS = ("device", "host", "disk")
 _AUTO_SHARE = 0.5  # of free device memory / available host memory, when no budget is given

@@ -1,6 +1,6 @@
 """The unit loop: each unit's objective, grids, optimisation, write-back and result, in order.
 
-A unit is a layer, or a block whose layers are rounded together (``unit.py``); both go through
+A unit is a layer, or a block whose layers are rounded together (``data/unit.py``); both go through
 the same builder (``reconstruct.py``), objective and optimiser loop, and each sees the units
 before it already rounded.
 """
@@ -16,19 +16,19 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.checkpoint import Restored, RoundingCheckpoint
+from lightning_adaround.io.checkpoint import Restored, RoundingCheckpoint
 from lightning_adaround.config import DEFAULT_LOG_EVERY_N_STEPS, AdaRoundConfig
-from lightning_adaround.layers import (
+from lightning_adaround.model.layers import (
     OutputOps, bits_for, following_ops, output_major, per_channel_to_weight_layout, weight_channel_axis,
 )
-from lightning_adaround.loss import BetaSchedule
+from lightning_adaround.grid.loss import BetaSchedule
 from lightning_adaround.observer import AdaRoundObserver, RoundingStopped
-from lightning_adaround.optimize import optimize_rounding
-from lightning_adaround.quant import ChannelError, PerChannel, PerTensor, QuantGrid, choose_grid
-from lightning_adaround.reconstruct import RunData, build_objective
+from lightning_adaround.engine.optimize import optimize_rounding
+from lightning_adaround.grid.quant import ChannelError, PerChannel, PerTensor, QuantGrid, choose_grid
+from lightning_adaround.engine.reconstruct import RunData, build_objective
 from lightning_adaround.result import AdaRoundResult, LayerResult, compact_integer
-from lightning_adaround.rounding import RoundingVariable
-from lightning_adaround.unit import Unit
+from lightning_adaround.grid.rounding import RoundingVariable
+from lightning_adaround.data.unit import Unit
 
 Activation = Callable[[Tensor], Tensor]
 

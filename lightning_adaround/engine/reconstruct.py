@@ -17,16 +17,16 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.cache import CachePlan, ChunkStore
-from lightning_adaround.calibration import SampleLayout
-from lightning_adaround.capture import Call, InputCapture, check_finite
-from lightning_adaround.capture import float_weights as float_weights_in
+from lightning_adaround.data.cache import CachePlan, ChunkStore
+from lightning_adaround.data.calibration import SampleLayout
+from lightning_adaround.data.capture import Call, InputCapture, check_finite
+from lightning_adaround.data.capture import float_weights as float_weights_in
 from lightning_adaround.config import AdaRoundConfig
-from lightning_adaround.layers import OutputOps, compute_dtype, run_with_weight
-from lightning_adaround.moments import LayerMoments, moments_supported, patch_dim
-from lightning_adaround.objective import MinibatchObjective, MomentsObjective, ReconstructionObjective, RowShard
-from lightning_adaround.reducer import Reducer
-from lightning_adaround.unit import Unit, UnitArguments, one_row_each
+from lightning_adaround.model.layers import OutputOps, compute_dtype, run_with_weight
+from lightning_adaround.data.moments import LayerMoments, moments_supported, patch_dim
+from lightning_adaround.engine.objective import MinibatchObjective, MomentsObjective, ReconstructionObjective, RowShard
+from lightning_adaround.engine.reducer import Reducer
+from lightning_adaround.data.unit import Unit, UnitArguments, one_row_each
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lightning_adaround.layers import SUPPORTED_LAYER_TYPES
+from lightning_adaround.model.layers import SUPPORTED_LAYER_TYPES
 
 
 @dataclass

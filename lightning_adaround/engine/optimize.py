@@ -11,10 +11,10 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from lightning_adaround.loss import BetaSchedule
-from lightning_adaround.objective import ReconstructionObjective
+from lightning_adaround.grid.loss import BetaSchedule
+from lightning_adaround.engine.objective import ReconstructionObjective
 from lightning_adaround.observer import RoundingStopped
-from lightning_adaround.rounding import RoundingVariable, soft_backward
+from lightning_adaround.grid.rounding import RoundingVariable, soft_backward
 
 GradientAverage = Callable[[list[Tensor], Tensor], Tensor]  # (V grads, loss) -> loss over every process
 StepLogger = Callable[[int, dict[str, float]], None]

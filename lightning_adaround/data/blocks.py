@@ -16,10 +16,10 @@ from typing import Any, Optional, Sequence
 
 from torch import Tensor, nn
 
-from lightning_adaround.capture import call_reaching
-from lightning_adaround.chain import find_block_chains
-from lightning_adaround.layers import ForwardFn, forward_with_hooks
-from lightning_adaround.unit import Unit
+from lightning_adaround.data.capture import call_reaching
+from lightning_adaround.data.chain import find_block_chains
+from lightning_adaround.model.layers import ForwardFn, forward_with_hooks
+from lightning_adaround.data.unit import Unit
 
 _RUN = re.compile(r"^(?P<name>[\w.]*)\[(?P<start>\d+):(?P<stop>\d+)\]$")
 

@@ -13,7 +13,7 @@ from lightning_adaround.observer import AdaRoundObserver
 from lightning_adaround.result import AdaRoundResult, LayerResult
 
 if TYPE_CHECKING:
-    from lightning_adaround.callback import _AdaRoundCallbackBase
+    from lightning_adaround.trainer.callback import _AdaRoundCallbackBase
 
 
 class TrainerObserver(AdaRoundObserver):
@@ -92,7 +92,7 @@ class TrainerObserver(AdaRoundObserver):
             self._save_report(result)
 
     def _save_report(self, result: AdaRoundResult) -> None:
-        """Write the PNG where the run's files go (:func:`~lightning_adaround.report.report_file`) and hand
+        """Write the PNG where the run's files go (:func:`~lightning_adaround.io.report.report_file`) and hand
         the figure to every logger that takes images: TensorBoard (``experiment.add_figure``), W&B
         (``log_image``), MLflow (``experiment.log_figure``), found by what they offer, not by import.
         A logger that fails to take it costs a warning, not the rounded model."""
@@ -100,7 +100,7 @@ class TrainerObserver(AdaRoundObserver):
         try:
             import matplotlib.pyplot as plt
 
-            from lightning_adaround.report import report_figure, report_file
+            from lightning_adaround.io.report import report_figure, report_file
         except ImportError:
             warnings.warn("AdaRoundCallback(report=True) needs matplotlib; skipping the PNG report.", stacklevel=2)
             return

@@ -1,0 +1,1 @@
+"""What leaves the process: export, ONNX, resumable checkpoints, the report figure."""

@@ -1,0 +1,1 @@
+"""Facts about the model and its preparation: supported layers, the graph walk, folding, equalization, bias correction."""

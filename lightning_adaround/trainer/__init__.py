@@ -1,0 +1,1 @@
+"""Lightning glue: the callback, its arguments, where its calibration data come from, what it logs."""
