@@ -45,7 +45,9 @@ class AdaRoundConfig:
             round-to-nearest), which matters for layers with few weights per channel (depthwise
             convolutions). Where no single layer's output is measured (a block's layers, transposed
             convolutions) and for ``PerGroup`` grids (a channel's groups share one output error)
-            ``"output"`` falls back to ``"mse"``.
+            ``"output"`` falls back to ``"mse"``. ``"auto"``: per layer, whichever of ``"mse"`` and
+            ``"output"`` gives the lower round-to-nearest error on the held-out samples (``"mse"``
+            where ``"output"`` falls back); the summary notes the choice.
         loss_form: ``"minibatch"`` (the paper: a random minibatch of cached activations per
             step), ``"moments"`` (the exact loss over every calibration row from second
             moments; no activation in the loss) or ``"auto"`` (moments where it is cheaper and
@@ -161,8 +163,8 @@ class AdaRoundConfig:
         check_bits(self.bits)
         for pattern, bits in self.layer_bits.items():
             check_bits(bits, f"layer_bits[{pattern!r}]")
-        if self.scale_method not in SCALE_METHODS:
-            raise ValueError(f"scale_method={self.scale_method!r} is not one of {SCALE_METHODS}.")
+        if self.scale_method not in (*SCALE_METHODS, "auto"):
+            raise ValueError(f"scale_method={self.scale_method!r} is not one of {(*SCALE_METHODS, 'auto')}.")
         if self.loss_form not in LOSS_FORMS:
             raise ValueError(f"loss_form={self.loss_form!r} is not one of {LOSS_FORMS}.")
         if self.reconstruction not in RECONSTRUCTIONS:

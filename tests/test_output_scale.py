@@ -157,3 +157,33 @@ def test_use_nearest_matches_the_grid_with_clipping_and_zero_points(symmetric):
     rounding.use_nearest(w, torch.ones(5, dtype=torch.bool))
     assert torch.equal(rounding.integer_weight(), grid.quantize(w))
     assert bool((grid.quantize(w) == grid.qmax).any())  # clipping was exercised
+
+
+@pytest.mark.parametrize("granularity", [PerChannel(), PerTensor()])
+def test_auto_scale_keeps_the_lower_held_out_nearest_error_of_the_two(granularity):
+    """One layer, so every run sees the same inputs: auto's round-to-nearest error is the lower of
+    "mse"'s and "output"'s, and the summary says which it kept."""
+    x = _correlated_inputs(320, 9, seed=3)
+    batches = list(x.split(64))
+    found = {}
+    for method in ("mse", "output", "auto"):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(9, 16))
+        config = AdaRoundConfig(bits=3, granularity=granularity, scale_method=method, iterations=20, loss_form="moments")
+        found[method] = adaround(model, batches, config).layers["0"]
+    assert found["auto"].nearest_mse == pytest.approx(min(found["mse"].nearest_mse, found["output"].nearest_mse), rel=1e-9)
+    chosen = "output" if found["output"].nearest_mse < found["mse"].nearest_mse else "mse"
+    assert f"'{chosen}' scales (held-out nearest" in found["auto"].note
+    assert torch.equal(found["auto"].scale, found[chosen].scale)
+
+
+def test_auto_scale_is_mse_where_no_output_error_exists():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(9, 16), nn.ReLU(), nn.Linear(16, 4))
+    batches = list(_correlated_inputs(128, 9).split(32))
+    config = dict(bits=3, iterations=10, loss_form="minibatch")
+    auto = adaround(copy.deepcopy(model), batches, AdaRoundConfig(scale_method="auto", **config))
+    mse = adaround(copy.deepcopy(model), batches, AdaRoundConfig(scale_method="mse", **config))
+    for name, layer in auto.layers.items():
+        assert torch.equal(layer.scale, mse.layers[name].scale) and "scales" not in layer.note
+    round_to_nearest(model, AdaRoundConfig(bits=3, scale_method="auto"))  # no data: the weight-error search

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import time
 from contextlib import nullcontext
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,7 @@ from lightning_adaround.model.layers import (
 from lightning_adaround.grid.loss import BetaSchedule
 from lightning_adaround.observer import AdaRoundObserver, RoundingStopped
 from lightning_adaround.engine.optimize import optimize_rounding
-from lightning_adaround.grid.quant import ChannelError, PerChannel, PerTensor, QuantGrid, choose_grid
+from lightning_adaround.grid.quant import ChannelError, PerChannel, PerGroup, PerTensor, QuantGrid, choose_grid
 from lightning_adaround.engine.reconstruct import RunData, build_objective
 from lightning_adaround.result import AdaRoundResult, LayerResult, compact_integer
 from lightning_adaround.grid.rounding import RoundingVariable
@@ -101,8 +101,7 @@ def round_units(
         weights = [float_weights[n].float() for n in names]
         # a block's objective has no single layer's output error: its layers' scales minimise weight error
         channel_error = getattr(objective, "channel_errors", None) if unit.is_layer else None
-        grids = [layer_grid(n, modules[n], w, config, channel_error) for n, w in zip(names, weights)]
-        nearest_mse = objective.mse([g.fake_quantize(w) for g, w in zip(grids, weights)])
+        grids, nearest_mse, scale_note = _grids(names, modules, weights, config, objective, channel_error)
         if not math.isfinite(nearest_mse):
             raise ValueError(
                 f"the reconstruction error of {kind} {label!r} is not finite ({nearest_mse}) even with "
@@ -133,7 +132,7 @@ def round_units(
                 average_gradients=reducer.average_gradients if sync else None, on_log=on_log,
                 log_every_n_steps=_log_interval(config), should_stop=observer.should_stop,
             )
-        notes = [prepared.note]
+        notes = [prepared.note, scale_note]
         if config.scale_method == "output" and channel_error is None:
             notes.append(f"'mse' scales ({objective.form} form has no per-channel output error)")
         if channel_error is not None:
@@ -179,6 +178,37 @@ def round_units(
             observer.on_block_end(label, finished)
         del prepared, objective, roundings  # free this layer's cache before the next one is built
     return result
+
+
+def _grids(
+    names: list[str], modules: dict[str, nn.Module], weights: list[Tensor], config: AdaRoundConfig,
+    objective: Any, channel_error: Optional[ChannelError],
+) -> tuple[list[QuantGrid], float, str]:
+    """Each layer's grid, the unit's round-to-nearest error on it, and a note for the summary.
+
+    ``scale_method="auto"``: a layer whose output error per channel is known gets both the
+    weight-error (``"mse"``) and the output-error (``"output"``) scales, and keeps the pair whose
+    round-to-nearest error on the held-out samples is lower; other layers get ``"mse"``.
+    """
+    method = config.scale_method
+    if method == "auto" and channel_error is not None and _output_applies(modules[names[0]], weights[0], config):
+        candidates = []
+        for choice in ("mse", "output"):
+            grids = [layer_grid(n, modules[n], w, config, channel_error, choice) for n, w in zip(names, weights)]
+            candidates.append((objective.mse([g.fake_quantize(w) for g, w in zip(grids, weights)]), choice, grids))
+        (best, choice, grids), (other, _, _) = sorted(candidates, key=lambda c: c[0])
+        return grids, best, f"'{choice}' scales (held-out nearest {best:.3g} vs {other:.3g})"
+    method = "mse" if method == "auto" else method
+    grids = [layer_grid(n, modules[n], w, config, channel_error, method) for n, w in zip(names, weights)]
+    return grids, objective.mse([g.fake_quantize(w) for g, w in zip(grids, weights)]), ""
+
+
+def _output_applies(layer: nn.Module, weight: Tensor, config: AdaRoundConfig) -> bool:
+    """Whether output-error scales can be searched for ``layer`` (one error per output channel)."""
+    granularity = config.granularity
+    if isinstance(granularity, PerGroup) or getattr(layer, "transposed", False):
+        return False
+    return isinstance(granularity, PerTensor) or granularity.axis is None or granularity.axis % weight.dim() == 0
 
 
 def _keep_nearest_where_better(
@@ -237,6 +267,7 @@ def _loss_ops(
 
 def layer_grid(
     name: str, layer: nn.Module, weight: Tensor, config: AdaRoundConfig, channel_error: Optional[ChannelError] = None,
+    method: Optional[str] = None,
 ) -> QuantGrid:
     """The grid ``config`` asks for this layer: its bits override, granularity and scale method.
 
@@ -244,13 +275,13 @@ def layer_grid(
     against the weight (this matters for grouped transposed convolutions). ``scale_method="output"``
     judges candidates by ``channel_error`` (the layer objective's output error per channel); where
     there is none (a block's layers, a transposed convolution, a per-channel axis other than the
-    output channels) the weight-error search stands in.
+    output channels) the weight-error search stands in. ``method`` overrides the config's;
+    ``"auto"`` here (no data to judge by) is ``"mse"``.
     """
     bits = bits_for(name, config.bits, dict(config.layer_bits))
     granularity = config.granularity
-    method = config.scale_method
-    output_layout = isinstance(granularity, PerTensor) or granularity.axis is None or granularity.axis % weight.dim() == 0
-    if method == "output" and (channel_error is None or getattr(layer, "transposed", False) or not output_layout):
+    method = method or config.scale_method
+    if method == "auto" or (method == "output" and (channel_error is None or not _output_applies(layer, weight, config))):
         method = "mse"
     if not (isinstance(granularity, PerChannel) and granularity.axis is None):
         return choose_grid(weight, bits, config.symmetric, granularity, method, channel_error=channel_error)
