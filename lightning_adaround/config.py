@@ -5,6 +5,8 @@ A typo or an out-of-range value fails here, before a single calibration batch is
 
 from __future__ import annotations
 
+import math
+
 import os
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence, Union
@@ -64,7 +66,10 @@ class AdaRoundConfig:
             gradient of the task loss (``task_loss=`` on ``adaround``/the callback), as BRECQ.
         iterations: Optimisation steps per layer or block (paper: 10,000).
         batch_size: Calibration samples per step (paper: 32).
-        lr: Adam learning rate on the rounding variables.
+        lr: Adam learning rate on the rounding variables; ``None`` ties it to ``iterations``:
+            ``1e-3`` at the paper's 10,000, ``1e-2`` at 500 and fewer (measured on
+            EfficientNet-Lite1, docs/four-bits.md), log-linear in between. Adam moves each
+            variable by about ``lr`` per step, so fewer steps need larger ones.
         reg_lambda: Weight of the rounding regularizer.
         warm_start: Fraction of iterations with the regularizer off.
         beta_start, beta_end: Regularizer exponent, annealed on a cosine after the warm start.
@@ -130,7 +135,7 @@ class AdaRoundConfig:
     block_loss: str = "mse"
     iterations: int = 10_000
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: Optional[float] = None
     reg_lambda: float = 0.01
     warm_start: float = 0.2
     beta_start: float = 20.0
@@ -152,6 +157,14 @@ class AdaRoundConfig:
     fold_batchnorm: bool = True
     equalize: Optional[bool] = None
     bias_correction: bool = False
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or the rate tied to ``iterations`` when ``lr`` is ``None``."""
+        if self.lr is not None:
+            return self.lr
+        steps = min(max(self.iterations, 500), 10_000)
+        return 1e-2 * 10 ** (-math.log(steps / 500) / math.log(20))
 
     def __post_init__(self) -> None:
         # Copies the caller cannot change afterwards (the instance is frozen: object.__setattr__).
@@ -187,8 +200,8 @@ class AdaRoundConfig:
         _positive_int("batch_size", self.batch_size)
         if self.log_every_n_steps is not None:
             _positive_int("log_every_n_steps", self.log_every_n_steps)
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be positive (the reference uses 1e-3).")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be positive (the reference uses 1e-3), or None to tie it to iterations.")
         if not self.reg_lambda >= 0:
             raise ValueError(f"reg_lambda={self.reg_lambda} must be >= 0 (the reference uses 0.01).")
         if not 0.0 <= self.warm_start < 1.0:

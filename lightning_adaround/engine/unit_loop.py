@@ -128,7 +128,7 @@ def round_units(
             observer.on_layer_start(label, index, config.iterations)
             roundings = [RoundingVariable(w, g) for w, g in zip(weights, grids)]
             optimize_rounding(
-                roundings, objective, config.iterations, config.lr, config.reg_lambda, schedule,
+                roundings, objective, config.iterations, config.learning_rate, config.reg_lambda, schedule,
                 average_gradients=reducer.average_gradients if sync else None, on_log=on_log,
                 log_every_n_steps=_log_interval(config), should_stop=observer.should_stop,
             )
