@@ -12,7 +12,9 @@ held-out crops. MiniLM (``examples/minilm.py``): mean cosine similarity of held-
 embeddings to full precision. Grids: W4 per-channel, W4 per-tensor, W3 per-channel, all
 symmetric. The full-precision model is unsure on many crops (median top-1 probability about
 0.15), where any perturbation flips a near-tie: agreement is also given on the crops where
-its top class has probability 0.5 or more. ``seconds`` is the time to quantize (folding, equalization and rounding), not
+its top class has probability 0.5 or more. Method ``gptq``: the GPTQ baseline of ``gptq.py`` (not
+part of the library), on ``nearest mse``'s grid and the AdaRound rows' calibration batches.
+``seconds`` is the time to quantize (folding, equalization and rounding), not
 to score. Slow on a CPU: run the cases you need with ``--case`` and ``--grid``.
 """
 
@@ -33,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 from bench import print_table  # noqa: E402  (same folder)
+from gptq import gptq  # noqa: E402  (same folder: the GPTQ baseline, not part of the library)
 from lightning_adaround import AdaRoundConfig, PerChannel, PerGroup, PerTensor, adaround, fold_batchnorm, round_to_nearest  # noqa: E402
 
 GRIDS = {
@@ -43,7 +46,7 @@ GRIDS = {
     "w3pc": dict(bits=3, granularity=PerChannel()),
 }
 SHOW_SUMMARY = False  # --summary: print each AdaRound run's per-layer table
-METHODS = ("nearest minmax", "nearest mse", "layer", "block")
+METHODS = ("nearest minmax", "nearest mse", "layer", "block", "gptq")
 
 
 def _equalize(model: nn.Module) -> None:
@@ -61,7 +64,8 @@ PREPARATIONS: dict[str, list[Callable[[nn.Module], Any]]] = {
 
 def quantize(
     model: nn.Module, method: str, grid: dict[str, Any], preparation: str, batches: list[Any], iterations: int,
-    batch_size: int = 32, lr: float = 1e-3, scale_method: str = "mse", bias_correction: bool = False, **options: Any,
+    batch_size: int = 32, lr: float = 1e-3, scale_method: str = "mse", bias_correction: bool = False,
+    gptq_blocks: tuple[str, ...] = (), **options: Any,
 ) -> float:
     """Quantize ``model`` in place; seconds spent."""
     started = time.perf_counter()
@@ -70,6 +74,8 @@ def quantize(
     manual = dict(fold_batchnorm=False, equalize=False)  # the preparation above is the one measured
     if method.startswith("nearest"):
         round_to_nearest(model, AdaRoundConfig(scale_method=method.split()[1], **manual, **grid))
+    elif method == "gptq":  # round-to-nearest's grid (MSE scales), GPTQ's rounding; blocks only save time
+        gptq(model, batches, AdaRoundConfig(scale_method="mse", **manual, **grid), blocks=gptq_blocks, **options)
     else:
         config = AdaRoundConfig(
             iterations=iterations, reconstruction=method, batch_size=batch_size, lr=lr, scale_method=scale_method,
@@ -82,7 +88,7 @@ def quantize(
 
 
 def _scale_of(method: str, scale_method: str) -> str:
-    return method.split()[1] if method.startswith("nearest") else scale_method
+    return method.split()[1] if method.startswith("nearest") else "mse" if method == "gptq" else scale_method
 
 
 def _plan(grid: str, methods: list[str], preparations: list[str]) -> list[tuple[str, str]]:
@@ -112,12 +118,13 @@ def effnet_rows(args: argparse.Namespace) -> list[dict[str, object]]:
             seconds = quantize(
                 model, method, GRIDS[grid], preparation, batches, args.iterations, args.batch_size, args.lr,
                 args.scale_method, args.bias_correction,
+                gptq_blocks=("stem", *(f"blocks.{i}" for i in range(len(model.blocks))), "head"),
             )
             quantized = lite.logits(model, held_out)
             rows.append({
                 "model": "EfficientNet-Lite1", "grid": grid, "method": method, "prep": preparation,
                 "lr": args.lr, "scale": _scale_of(method, args.scale_method),
-                "bias corr.": args.bias_correction and not method.startswith("nearest"),
+                "bias corr.": args.bias_correction and method in ("layer", "block"),
                 "top-1 agreement": lite.top1_agreement(reference, quantized),
                 f"agreement, FP p>=0.5 ({int(confident.sum())})": lite.top1_agreement(reference[confident], quantized[confident]),
                 "KL": lite.mean_kl(reference, quantized), "seconds": seconds,
@@ -143,11 +150,12 @@ def minilm_rows(args: argparse.Namespace) -> list[dict[str, object]]:
             seconds = quantize(
                 model, method, GRIDS[grid], "none", batches, args.iterations, args.batch_size, args.lr,
                 args.scale_method, args.bias_correction, forward_fn=forward,
+                gptq_blocks=tuple(f"encoder.encoder.layer.{i}" for i in range(len(model.encoder.encoder.layer))),
             )
             rows.append({
                 "model": "MiniLM-L6", "grid": grid, "method": method, "prep": "none",
                 "lr": args.lr, "scale": _scale_of(method, args.scale_method),
-                "bias corr.": args.bias_correction and not method.startswith("nearest"),
+                "bias corr.": args.bias_correction and method in ("layer", "block"),
                 "cosine": minilm.held_out_cosine(model, dm, reference), "seconds": seconds,
             })
             print_table("so far", rows[-1:])
