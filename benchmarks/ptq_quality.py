@@ -171,7 +171,7 @@ def main() -> None:
                         help="EfficientNet only; MiniLM has no BatchNorm or ReLU pairs")
     parser.add_argument("--iterations", type=int, default=500, help="per layer (layer mode) or per block")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate on the rounding variables")
-    parser.add_argument("--scale-method", choices=["mse", "minmax", "output"], default="mse",
+    parser.add_argument("--scale-method", choices=["mse", "minmax", "output", "auto"], default="mse",
                         help="grid scale search for the AdaRound rows (nearest rows name their own)")
     parser.add_argument("--bias-correction", action="store_true", help="bias correction after AdaRound")
     parser.add_argument("--batch-size", type=int, default=32, help="calibration samples per AdaRound step")
