@@ -502,14 +502,15 @@ def test_namedtuple_and_mapping_batches_keep_their_type_when_moved():
 
 def test_learning_rate_is_tied_to_iterations_unless_given():
     """lr=None: 1e-2 up to 500 iterations, 1e-3 from the paper's 10,000, log-linear between."""
-    rates = [AdaRoundConfig(iterations=n).learning_rate for n in (100, 500, 2236, 10_000, 50_000)]
+    assert AdaRoundConfig(iterations=500).learning_rate == 1e-3  # the default stays the paper's
+    rates = [AdaRoundConfig(iterations=n, lr=None).learning_rate for n in (100, 500, 2236, 10_000, 50_000)]
     assert rates[0] == rates[1] == pytest.approx(1e-2) and rates[3] == rates[4] == pytest.approx(1e-3)
     assert rates[2] == pytest.approx(10 ** -2.5, rel=1e-3)
     assert AdaRoundConfig(iterations=500, lr=5e-4).learning_rate == 5e-4
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     data = [torch.randn(32, 8) for _ in range(2)]
-    tied = adaround(copy.deepcopy(model), data, AdaRoundConfig(iterations=60))
+    tied = adaround(copy.deepcopy(model), data, AdaRoundConfig(iterations=60, lr=None))
     given = adaround(copy.deepcopy(model), data, AdaRoundConfig(iterations=60, lr=1e-2))
     paper = adaround(copy.deepcopy(model), data, AdaRoundConfig(iterations=60, lr=1e-3))
     assert all(torch.equal(tied.layers[n].integer_weight, given.layers[n].integer_weight) for n in tied.layers)
