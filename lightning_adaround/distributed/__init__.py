@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -56,7 +55,8 @@ from torch import nn
 from lightning_adaround.data.calibration import SampleLayout, leading_rows, samples_in, tensors_in
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.engine.run import RunOptions, round_model
-from lightning_adaround.distributed.reducer import AdaRoundDistributedError, DistributedReducer, crc
+from lightning_adaround.distributed.reducer import AdaRoundDistributedError, DistributedReducer
+from lightning_adaround.engine.reducer import crc
 from lightning_adaround.result import AdaRoundResult
 
 __all__ = [
@@ -135,7 +135,7 @@ def is_sharded_loader(loader: Any) -> bool:
 @torch.no_grad()
 def _fingerprint(batches: Sequence[Any], sizes: Sequence[int]) -> tuple[float, float]:
     """Two numbers that change when the samples or their order change (shuffled loaders)."""
-    plain, ordered = 0.0, float(zlib.crc32(repr(list(sizes)).encode()))
+    plain, ordered = 0.0, crc(list(sizes))
     first = 0
     for batch, size in zip(batches, sizes):
         for t in tensors_in(batch):

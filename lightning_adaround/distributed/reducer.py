@@ -8,7 +8,6 @@ wait, and every rank raises the same :class:`AdaRoundDistributedError`.
 from __future__ import annotations
 
 import contextlib
-import zlib
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence
 
@@ -16,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_adaround.engine.reducer import SLOTS, Reducer
+from lightning_adaround.engine.reducer import SLOTS, Reducer, crc
 
 
 class AdaRoundDistributedError(RuntimeError):
@@ -27,11 +26,6 @@ def _object_collective_device(device: torch.device) -> Any:
     """Object collectives under NCCL stage through ``torch.cuda.current_device()``, not the rank's
     device: without this, a script that never calls ``torch.cuda.set_device`` hangs on cuda:0."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def crc(value: Any) -> float:
-    """A number naming ``value`` (its repr), the same on every rank."""
-    return float(zlib.crc32(repr(value).encode()))
 
 
 class DistributedReducer(Reducer):

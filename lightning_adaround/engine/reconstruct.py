@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import zlib
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Callable, Optional
@@ -25,7 +24,7 @@ from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.model.layers import OutputOps, compute_dtype, run_with_weight
 from lightning_adaround.data.moments import LayerMoments, moments_supported, patch_dim
 from lightning_adaround.engine.objective import MinibatchObjective, MomentsObjective, ReconstructionObjective, RowShard
-from lightning_adaround.engine.reducer import Reducer
+from lightning_adaround.engine.reducer import Reducer, crc
 from lightning_adaround.data.unit import Unit, UnitArguments, one_row_each
 
 
@@ -139,7 +138,7 @@ class _Cache:
         lasts = {s[-1] for s in shapes} if all(len(s) >= 2 for s in shapes) else set()
         return [
             float(sum(s[0] for s in shapes)), float(sum(math.prod(s[:-1]) for s in shapes)),
-            _crc(next(iter(tails))) if len(tails) == 1 else _MIXED, float(lasts.pop()) if len(lasts) == 1 else -1.0,
+            crc(next(iter(tails))) if len(tails) == 1 else _MIXED, float(lasts.pop()) if len(lasts) == 1 else -1.0,
         ]
 
     def tensors(self, name: str, flatten: dict[str, Optional[bool]]) -> dict[str, Tensor]:
@@ -155,10 +154,6 @@ class _Cache:
 
 _NO_ROWS, _MIXED = -2.0, -1.0
 _FORMS = ("minibatch", "moments")
-
-
-def _crc(value: Any) -> float:
-    return float(zlib.crc32(repr(value).encode()))
 
 
 def _stacking(rows: list[list[float]], at: int, unit: Unit, rank: int) -> tuple[Optional[bool], list[int]]:
@@ -301,7 +296,7 @@ def _agree_on_form(
         w = float_weights[name].detach().double().flatten()
         sums += [float(w.sum()), float((w * torch.arange(1, w.numel() + 1, dtype=torch.float64, device=w.device)).sum())]
     rows = reducer.exchange(
-        [1.0 if reached else 0.0, float(_FORMS.index(form)), _crc(sums)], f"starting {unit.kind} {unit.name!r}",
+        [1.0 if reached else 0.0, float(_FORMS.index(form)), crc(sums)], f"starting {unit.kind} {unit.name!r}",
     )
     if len({r[2] for r in rows}) > 1:
         reducer.disagree(

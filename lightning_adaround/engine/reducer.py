@@ -13,13 +13,19 @@ One process is data-parallel rounding with a reducer that does nothing (:class:`
 
 from __future__ import annotations
 
+import zlib
 from contextlib import contextmanager, nullcontext
-from typing import ContextManager, Iterator, Sequence
+from typing import Any, ContextManager, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 SLOTS = 8  # numbers one process contributes to an exchange
+
+
+def crc(value: Any) -> float:
+    """A number naming ``value`` (its repr), the same in every process: tags, shapes, checksums."""
+    return float(zlib.crc32(repr(value).encode()))
 
 
 class Reducer:
