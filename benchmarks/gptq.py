@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from lightning_adaround import AdaRoundConfig
 from lightning_adaround.api import layer_grid
+from lightning_adaround.data.capture import call_reaching
 from lightning_adaround.model.layers import select_layers
 from lightning_adaround.model.prepare import prepare_model
 from lightning_adaround.grid.quant import QuantGrid
@@ -209,22 +210,7 @@ def _is_chain(model: nn.Module, blocks: list[nn.Module], batch: Any, forward_fn:
 
 def block_inputs(block: nn.Module, model: nn.Module, batches: Iterable[Any], forward_fn: ForwardFn) -> list[Any]:
     """``(args, kwargs)`` of ``block``'s first call in each batch's forward (which stops there)."""
-    captured = []
-
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured.append((args, kwargs))
-        raise _Stop
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for batch in batches:
-            try:
-                forward_fn(model, batch)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured
+    return [call for batch in batches if (call := call_reaching(model, block, batch, forward_fn)) is not None]
 
 
 def _run_block(block: nn.Module, inputs: Any) -> Any:

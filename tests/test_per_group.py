@@ -18,8 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import accuracy
+from test_export import DigitRows
 from lightning_adaround import (
-    AdaRoundConfig, AdaRoundResult, PerChannel, PerGroup, PerTensor, adaround, export_onnx, export_quantized,
+    AdaRoundConfig, AdaRoundResult, PerChannel, PerGroup, adaround, export_onnx, export_quantized,
     load_quantized, round_to_nearest,
 )
 from lightning_adaround.io.checkpoint import run_fingerprint
@@ -419,19 +420,6 @@ def test_onnx_blocked_dequantize_matches_pytorch(digits, digits_cnn, tmp_path, g
     assert torch.equal(logits.argmax(1), expected.argmax(1))
     with pytest.raises(ValueError, match=r"opset 18 has no blocked DequantizeLinear .* opset_version=21"):
         export_onnx(model, loaded, tmp_path / "old.onnx", images[:4], opset_version=18)
-
-
-class DigitRows(nn.Module):
-    """A transformer block over a digit's 8 pixel rows: its Linear layers run as MatMul on 3-D inputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Linear(8, 32)
-        self.block = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x):
-        return self.head(self.block(self.embed(x.reshape(-1, 8, 8))).mean(1))
 
 
 def test_onnx_transformer_block_per_group(digits, tmp_path):
