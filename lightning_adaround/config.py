@@ -45,9 +45,11 @@ class AdaRoundConfig:
             ``"minmax"`` covers the full weight range; ``"output"`` searches the same ranges but
             judges them by the layer's output error on the calibration data (per output channel,
             round-to-nearest), which matters for layers with few weights per channel (depthwise
-            convolutions). Where no single layer's output is measured (a block's layers, transposed
-            convolutions) and for ``PerGroup`` grids (a channel's groups share one output error)
-            ``"output"`` falls back to ``"mse"``. ``"auto"``: per layer, whichever of ``"mse"`` and
+            convolutions). A block's layers are judged on their own outputs inside the block (one
+            pass of the block over its training rows gives their input moments). Where no layer
+            output is measured (layers in the minibatch form, transposed convolutions) and for
+            ``PerGroup`` grids (a channel's groups share one output error) ``"output"`` falls back
+            to ``"mse"``. ``"auto"``: per unit (a layer or a block), whichever of ``"mse"`` and
             ``"output"`` gives the lower round-to-nearest error on the held-out samples (``"mse"``
             where ``"output"`` falls back); the summary notes the choice.
         loss_form: ``"minibatch"`` (the paper: a random minibatch of cached activations per

@@ -129,20 +129,73 @@ def test_moments_layers_never_end_worse_than_nearest_on_the_training_rows(digits
     assert any("nearest kept on" in r.note for r in moments_layers)  # the big lr made some channels worse
 
 
-@pytest.mark.parametrize("options", [
-    dict(loss_form="minibatch"),
-    dict(reconstruction="block", blocks=["[0:3]"]),
-])
-def test_output_scale_falls_back_to_weight_error_where_no_channel_error_exists(options):
-    """Minibatch-form layers and a block's layers have no per-channel output error: 'mse' scales, said in the note."""
+def _small_cnn() -> nn.Sequential:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+
+
+def test_output_scale_falls_back_to_weight_error_where_no_channel_error_exists():
+    """Minibatch-form layers have no per-channel output error: 'mse' scales, said in the note."""
+    model = _small_cnn()
     batches = [torch.randn(16, 3, 8, 8) for _ in range(2)]
-    by_output = adaround(copy.deepcopy(model), batches, AdaRoundConfig(bits=3, iterations=10, scale_method="output", **options))
-    by_mse = adaround(copy.deepcopy(model), batches, AdaRoundConfig(bits=3, iterations=10, scale_method="mse", **options))
+    options = dict(bits=3, iterations=10, loss_form="minibatch")
+    by_output = adaround(copy.deepcopy(model), batches, AdaRoundConfig(scale_method="output", **options))
+    by_mse = adaround(copy.deepcopy(model), batches, AdaRoundConfig(scale_method="mse", **options))
     for name in ("0", "2"):
         assert torch.equal(by_output.layers[name].scale, by_mse.layers[name].scale), name
         assert "'mse' scales" in by_output.layers[name].note
+
+
+def test_a_blocks_layers_get_output_error_scales_from_one_pass_of_the_block():
+    """The block's first layer sees the block's input: its output scales minimise its own output
+    error on the training rows, as a layer rounded alone would (the search picks per channel among
+    the same candidates, so never worse than 'mse', and better here on correlated inputs)."""
+    model = nn.Sequential(nn.Linear(9, 16), nn.ReLU(), nn.Linear(16, 8))
+    x = _correlated_inputs(320, 9, seed=2)
+    batches = list(x.split(64))
+    options = dict(bits=3, iterations=10, reconstruction="block", blocks=["[0:3]"], holdout_fraction=0.0)
+    found = {
+        method: adaround(copy.deepcopy(model), batches, AdaRoundConfig(scale_method=method, **options))
+        for method in ("mse", "output")
+    }
+    error = _output_error(model[0], x)
+    w = model[0].weight.detach()
+    nearest = {}
+    for method, result in found.items():
+        layer = result.layers["0"]
+        q = torch.clamp(torch.round(w / layer.scale) + layer.zero_point, layer.qmin, layer.qmax)
+        nearest[method] = error((q - layer.zero_point) * layer.scale).sum()
+    assert nearest["output"] < nearest["mse"] * 0.99
+    for name in ("0", "2"):
+        assert "'mse' scales" not in found["output"].layers[name].note
+        assert not torch.equal(found["output"].layers[name].scale, found["mse"].layers[name].scale), name
+
+
+@pytest.mark.parametrize("trained", [True, False])
+def test_a_blocks_layers_keep_nearest_only_where_the_block_error_does_not_grow(trained, digits_cnn, digits, monkeypatch):
+    """Five steps at a huge learning rate leave AdaRound behind nearest on some channels of each
+    layer. The block keeps nearest there only when that lowers its error on the training rows
+    (with nothing held out, the reported error): never above the same run without the swap. On the
+    trained CNN on digits the swap would raise it (so none is kept); on an untrained one fed noise it
+    lowers it."""
+    from digits import make_cnn
+
+    import lightning_adaround.engine.unit_loop as unit_loop
+
+    torch.manual_seed(0)
+    model = digits_cnn if trained else make_cnn()
+    x = digits["train"].tensors[0][:256] if trained else torch.randn(256, 1, 8, 8)
+    config = AdaRoundConfig(
+        bits=2, iterations=5, lr=0.5, holdout_fraction=0.0, reconstruction="block", blocks=["[0:4]"],
+    )
+    result = adaround(copy.deepcopy(model), list(x.split(64)), config)
+    monkeypatch.setattr(unit_loop, "_keep_nearest_where_better", lambda *args: (0, 0))
+    without = adaround(copy.deepcopy(model), list(x.split(64)), config)
+    assert result.layers["0"].block == "[0:4]"
+    assert result.layers["0"].adaround_mse <= without.layers["0"].adaround_mse
+    kept = "nearest kept on" in result.layers["0"].note
+    assert kept == (result.layers["0"].adaround_mse < without.layers["0"].adaround_mse)
+    assert kept == (not trained)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

@@ -8,10 +8,13 @@ C_in/groups * prod(kernel) for a convolution's patches), so no activation is kep
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from lightning_adaround.data.unit import Unit, UnitData
 
 _CHUNK_BYTES = 16 * 2**20  # bound on one chunk of unfolded float64 patches
 
@@ -91,10 +94,38 @@ class LayerMoments:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.xx, self.x_diff, self.diff_diff))
 
-    def all_reduce(self, reduce_sum: Optional[callable]) -> None:
-        """Sum the moments across processes (``reduce_sum`` sums a list of tensors in place)."""
-        if reduce_sum is None:
-            return
-        count = torch.tensor([float(self.rows), float(self.samples)], dtype=torch.float64, device=self.xx.device)
-        reduce_sum([self.xx, self.x_diff, self.diff_diff, count])
-        self.rows, self.samples = int(count[0].item()), int(count[1].item())
+
+
+@torch.no_grad()
+def inner_layer_moments(
+    unit: "Unit", data: Optional["UnitData"], weights: list[Tensor], device: torch.device, chunk: int = 64,
+) -> dict[str, LayerMoments]:
+    """Input moments of each of a block's layers (those :func:`moments_supported`), from one pass of
+    the block with its float ``weights`` over its training rows ``data`` (``None``: zeros).
+
+    Each layer's output error per channel, ``diag(D A D^T)`` on these moments, judges its grid
+    candidates and its rounding against round-to-nearest, as a layer rounded alone is judged.
+    """
+    layers = {name: unit.layer_module(name) for name in unit.layers}
+    found = {name: LayerMoments(layer, device) for name, layer in layers.items() if moments_supported(layer)}
+    n = data.num_samples if data is not None and found else 0
+    dtype = weights[0].dtype
+    for start in range(0, n, chunk):
+        assert data is not None
+        take = lambda t: t[start:start + chunk].to(device, dtype if t.is_floating_point() else t.dtype)  # noqa: E731
+        per_sample = lambda v: isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n  # noqa: E731
+        args = tuple(take(a) if per_sample(a) else a for a in data.args)
+        kwargs = {k: take(v) if per_sample(v) else v for k, v in data.kwargs.items()}
+        inputs: list[tuple[str, Tensor]] = []
+        handles = [
+            layers[name].register_forward_pre_hook(lambda _m, a, name=name: inputs.append((name, a[0])))
+            for name in found
+        ]
+        try:
+            unit.run(weights, take(data.inputs), args, kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for name, x in inputs:  # after the hooks are gone: unfolding runs the layer's own forward
+            found[name].add(x, None)
+    return found

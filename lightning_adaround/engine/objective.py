@@ -186,6 +186,10 @@ class MinibatchObjective:
     def mse(self, weights: Sequence[Tensor]) -> float:
         return shared_mse(self.unit, self.evaluation, weights, self.device, self.reducer)
 
+    def fit_error(self, weights: Sequence[Tensor]) -> float:
+        """Mean squared error per output element on every process's training rows."""
+        return shared_mse(self.unit, self.train, weights, self.device, self.reducer)
+
 
 @torch.no_grad()
 def unit_channel_errors(

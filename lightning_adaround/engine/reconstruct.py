@@ -22,10 +22,11 @@ from lightning_adaround.data.capture import Call, InputCapture, check_finite
 from lightning_adaround.data.capture import float_weights as float_weights_in
 from lightning_adaround.config import AdaRoundConfig
 from lightning_adaround.model.layers import OutputOps, compute_dtype, run_with_weight
-from lightning_adaround.data.moments import LayerMoments, moments_supported, patch_dim
+from lightning_adaround.data.moments import LayerMoments, inner_layer_moments, moments_supported, patch_dim
 from lightning_adaround.engine.objective import MinibatchObjective, MomentsObjective, ReconstructionObjective, RowShard
 from lightning_adaround.engine.reducer import Reducer, crc
-from lightning_adaround.data.unit import Unit, UnitArguments, one_row_each
+from lightning_adaround.grid.quant import ChannelError
+from lightning_adaround.data.unit import Unit, UnitArguments, UnitData, one_row_each
 
 
 @dataclass
@@ -36,6 +37,9 @@ class UnitObjective:
     ops: Optional[OutputOps]
     note: str = ""
     cache_bytes: int = 0  # what this unit kept: cached activations, or moments plus held-out samples
+    # per layer, its output error per channel (``MomentsObjective.channel_errors``) where known:
+    # a layer in the moments form, and a block's layers, from one pass of the block
+    channel_errors: dict[str, ChannelError] = dataclasses.field(default_factory=dict)
 
 
 TaskLoss = Callable[[Any, Any], Tensor]  # task_loss(model output, batch) -> scalar
@@ -276,12 +280,35 @@ def build_objective(
             unit, train, evaluation, config.batch_size, run.generator, device, shard=shard, reducer=reducer,
         )
         train_samples = shard.total
-    if not unit.is_layer:
+    channel_errors: dict[str, ChannelError] = {}
+    if isinstance(objective, MomentsObjective):
+        channel_errors[unit.name] = objective.channel_errors
+    elif not unit.is_layer:
         note = f"block {unit.name} ({len(unit.layers)} layers)"
+        channel_errors = _inner_channel_errors(unit, train, weights, float_weights, device, reducer)
     if not per_sample_rows and config.holdout_fraction > 0:
         note = "; ".join(filter(None, [note, "input rows not per sample: none held out"]))
     note = "; ".join(filter(None, [note, cache.note]))
-    return UnitObjective(objective, train_samples, eval_total or train_samples, unit.ops, note, cache_bytes)
+    return UnitObjective(
+        objective, train_samples, eval_total or train_samples, unit.ops, note, cache_bytes, channel_errors,
+    )
+
+
+def _inner_channel_errors(
+    unit: Unit, train: Optional[UnitData], weights: list[Tensor], float_weights: dict[str, Tensor],
+    device: torch.device, reducer: Reducer,
+) -> dict[str, ChannelError]:
+    """Each block layer's output error per channel, from its input moments in one pass of the
+    block over the training rows of every process."""
+    moments = inner_layer_moments(unit, train, weights, device)
+    count = torch.tensor([float(m.rows) for m in moments.values()], dtype=torch.float64, device=device)
+    reducer.sum([m.xx for m in moments.values()] + [count], f"summing the layer moments of block {unit.name!r}")
+    errors = {}
+    for (name, layer_moments), rows in zip(moments.items(), count.tolist()):
+        layer_moments.rows = int(rows)
+        layer = unit.layer_module(name)
+        errors[name] = MomentsObjective(Unit.of_layer(name, layer), layer_moments, float_weights[name], None, device).channel_errors
+    return errors
 
 
 def _agree_on_form(

@@ -99,9 +99,8 @@ def round_units(
         capture_seconds = time.perf_counter() - started
         objective = prepared.objective
         weights = [float_weights[n].float() for n in names]
-        # a block's objective has no single layer's output error: its layers' scales minimise weight error
-        channel_error = getattr(objective, "channel_errors", None) if unit.is_layer else None
-        grids, nearest_mse, scale_note = _grids(names, modules, weights, config, objective, channel_error)
+        channel_errors = prepared.channel_errors  # per layer, where known
+        grids, nearest_mse, scale_note = _grids(names, modules, weights, config, objective, channel_errors)
         if not math.isfinite(nearest_mse):
             raise ValueError(
                 f"the reconstruction error of {kind} {label!r} is not finite ({nearest_mse}) even with "
@@ -133,11 +132,10 @@ def round_units(
                 log_every_n_steps=_log_interval(config), should_stop=observer.should_stop,
             )
         notes = [prepared.note, scale_note]
-        if config.scale_method == "output" and channel_error is None:
+        if config.scale_method == "output" and not channel_errors:
             notes.append(f"'mse' scales ({objective.form} form has no per-channel output error)")
-        if channel_error is not None:
-            kept = _keep_nearest_where_better(channel_error, roundings[0], weights[0], grids[0])
-            notes.append(f"nearest kept on {kept}/{weights[0].shape[0]} channels" if kept else "")
+        kept = _keep_nearest_where_better(names, channel_errors, roundings, weights, grids, objective)
+        notes.append(f"nearest kept on {kept[0]}/{kept[1]} channels" if kept[0] else "")
         note = "; ".join(filter(None, notes))
         hards = [r.hard_weight() for r in roundings]
         for name, hard in zip(names, hards):
@@ -182,24 +180,28 @@ def round_units(
 
 def _grids(
     names: list[str], modules: dict[str, nn.Module], weights: list[Tensor], config: AdaRoundConfig,
-    objective: Any, channel_error: Optional[ChannelError],
+    objective: Any, channel_errors: dict[str, ChannelError],
 ) -> tuple[list[QuantGrid], float, str]:
     """Each layer's grid, the unit's round-to-nearest error on it, and a note for the summary.
 
-    ``scale_method="auto"``: a layer whose output error per channel is known gets both the
-    weight-error (``"mse"``) and the output-error (``"output"``) scales, and keeps the pair whose
-    round-to-nearest error on the held-out samples is lower; other layers get ``"mse"``.
+    ``scale_method="auto"``: when some layer's output error per channel is known, the unit gets
+    both the weight-error (``"mse"``) and the output-error (``"output"``) scales, and keeps the
+    set whose round-to-nearest error on the held-out samples is lower; otherwise ``"mse"``.
     """
     method = config.scale_method
-    if method == "auto" and channel_error is not None and _output_applies(modules[names[0]], weights[0], config):
+    grids_for = lambda choice: [  # noqa: E731
+        layer_grid(n, modules[n], w, config, channel_errors.get(n), choice) for n, w in zip(names, weights)
+    ]
+    if method == "auto" and any(
+        _output_applies(modules[n], w, config) for n, w in zip(names, weights) if n in channel_errors
+    ):
         candidates = []
         for choice in ("mse", "output"):
-            grids = [layer_grid(n, modules[n], w, config, channel_error, choice) for n, w in zip(names, weights)]
+            grids = grids_for(choice)
             candidates.append((objective.mse([g.fake_quantize(w) for g, w in zip(grids, weights)]), choice, grids))
         (best, choice, grids), (other, _, _) = sorted(candidates, key=lambda c: c[0])
         return grids, best, f"'{choice}' scales (held-out nearest {best:.3g} vs {other:.3g})"
-    method = "mse" if method == "auto" else method
-    grids = [layer_grid(n, modules[n], w, config, channel_error, method) for n, w in zip(names, weights)]
+    grids = grids_for("mse" if method == "auto" else method)
     return grids, objective.mse([g.fake_quantize(w) for g, w in zip(grids, weights)]), ""
 
 
@@ -212,17 +214,39 @@ def _output_applies(layer: nn.Module, weight: Tensor, config: AdaRoundConfig) ->
 
 
 def _keep_nearest_where_better(
-    channel_error: Callable[..., Tensor], rounding: RoundingVariable, weight: Tensor, grid: QuantGrid,
-) -> int:
-    """Round to nearest the output channels whose training error AdaRound did not beat; how many.
+    names: list[str], channel_errors: dict[str, ChannelError], roundings: list[RoundingVariable],
+    weights: list[Tensor], grids: list[QuantGrid], objective: Any,
+) -> tuple[int, int]:
+    """Round to nearest the output channels whose error AdaRound did not beat; ``(how many, of)``.
 
-    Exact per channel in the moments form (channels do not interact in a layer's output), so the
-    result is never worse than round-to-nearest on the training rows, however few iterations ran.
+    A layer alone: exact per channel in the moments form (channels do not interact in a layer's
+    output), so the result is never worse than round-to-nearest on the training rows, however few
+    iterations ran. A block's layers are judged each on its own output, and the swap is kept only
+    if the block's error on its training rows does not grow (a block's layers may trade errors).
     """
-    nearest_better = channel_error(grid.fake_quantize(weight), exact=True) < channel_error(rounding.hard_weight(), exact=True)
-    if bool(nearest_better.any()):
-        rounding.use_nearest(weight, nearest_better)
-    return int(nearest_better.sum())
+    kept, channels, undo = 0, 0, []
+    for name, rounding, weight, grid in zip(names, roundings, weights, grids):
+        channel_error = channel_errors.get(name)
+        if channel_error is None:
+            continue
+        channels += weight.shape[0]
+        nearest_better = channel_error(grid.fake_quantize(weight), exact=True) < channel_error(rounding.hard_weight(), exact=True)
+        if bool(nearest_better.any()):
+            undo.append((rounding, rounding.v.detach().clone()))
+            rounding.use_nearest(weight, nearest_better)
+            kept += int(nearest_better.sum())
+    if undo and len(roundings) > 1:
+        swapped = [rounding.v.detach().clone() for rounding, _ in undo]
+        swapped_error = objective.fit_error([r.hard_weight() for r in roundings])
+        with torch.no_grad():
+            for rounding, v in undo:
+                rounding.v.copy_(v)
+            if swapped_error <= objective.fit_error([r.hard_weight() for r in roundings]):
+                for (rounding, _), v in zip(undo, swapped):
+                    rounding.v.copy_(v)
+            else:
+                kept = 0
+    return kept, channels
 
 
 def _checksum(finished: list[LayerResult]) -> list[float]:
