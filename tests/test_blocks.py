@@ -244,3 +244,47 @@ def test_callback_rounds_blocks_and_logs_per_block(tmp_path):
     assert "adaround/net.blocks.0.project/adaround_mse" in columns
     for name, layer in layers.items():  # the model holds the rounded weights
         assert torch.allclose(module.get_submodule(name).weight, layer.dequantized_weight(), atol=1e-6)
+
+
+class _MaskedMixer(nn.Module):
+    """A block called as ``block(x, per_sample_mask, None, shared=positions)``: HF encoder layers pass a
+    literal ``None`` positionally; a shared tensor (one per model, not per sample) rides along."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.mix = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x, mask, unused=None, shared=None):
+        assert unused is None and shared.shape == (x.shape[1], x.shape[1])
+        weights = (x @ x.transpose(1, 2) + shared).masked_fill(~mask, -1e4).softmax(-1)
+        return x + self.out(torch.relu(self.mix(weights @ x)))
+
+
+class _MaskedNet(nn.Module):
+    def __init__(self, width: int = 8, tokens: int = 5) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([_MaskedMixer(width), _MaskedMixer(width)])
+        self.register_buffer("positions", torch.linspace(-1, 1, tokens**2).reshape(tokens, tokens))
+
+    def forward(self, x, mask):
+        for block in self.blocks:
+            x = block(x, mask, None, shared=self.positions)
+        return x
+
+
+def test_blocks_take_fixed_arguments_as_given_beside_per_sample_ones():
+    """A positional ``None`` and a shared tensor are passed as they are, every step; only the
+    per-sample mask is cached and gathered with the rows (both used to break the run)."""
+    torch.manual_seed(0)
+    model = _MaskedNet()
+    batches = []
+    for _ in range(3):
+        lengths = torch.randint(2, 6, (16,))
+        mask = (torch.arange(5)[None, :] < lengths[:, None])[:, None, :].expand(16, 5, 5)
+        batches.append((torch.randn(16, 5, 8), mask))
+    config = AdaRoundConfig(bits=3, iterations=60, batch_size=8, reconstruction="block", blocks=["blocks.*"])
+    result = adaround(model, batches, config, forward_fn=lambda m, b: m(*b))
+    assert [result.layers[n].block for n in ("blocks.0.mix", "blocks.1.out")] == ["blocks.0", "blocks.1"]
+    errors = [(result.layers[n].adaround_mse, result.layers[n].nearest_mse) for n in ("blocks.0.mix", "blocks.1.mix")]
+    assert all(ours <= nearest for ours, nearest in errors) and any(ours < nearest for ours, nearest in errors)

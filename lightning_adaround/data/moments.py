@@ -112,17 +112,16 @@ def inner_layer_moments(
     dtype = weights[0].dtype
     for start in range(0, n, chunk):
         assert data is not None
-        take = lambda t: t[start:start + chunk].to(device, dtype if t.is_floating_point() else t.dtype)  # noqa: E731
-        per_sample = lambda v: isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n  # noqa: E731
-        args = tuple(take(a) if per_sample(a) else a for a in data.args)
-        kwargs = {k: take(v) if per_sample(v) else v for k, v in data.kwargs.items()}
+        x, args, kwargs = data.rows(
+            lambda t, _key: t[start:start + chunk].to(device, dtype if t.is_floating_point() else t.dtype)
+        )
         inputs: list[tuple[str, Tensor]] = []
         handles = [
             layers[name].register_forward_pre_hook(lambda _m, a, name=name: inputs.append((name, a[0])))
             for name in found
         ]
         try:
-            unit.run(weights, take(data.inputs), args, kwargs)
+            unit.run(weights, x, args, kwargs)
         finally:
             for handle in handles:
                 handle.remove()

@@ -8,7 +8,7 @@ its loss includes. One builder, one data class and one minibatch objective serve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -99,10 +99,18 @@ class UnitData:
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     fisher: Optional[Tensor] = None
+    per_sample: frozenset = frozenset()  # which args ("a0", ...) and kwargs ("kname") are cached per sample
 
     @property
     def num_samples(self) -> int:
         return self.inputs.shape[0]
+
+    def rows(self, take: Callable[[Tensor, str], Tensor]) -> tuple[Tensor, tuple, dict]:
+        """``(input, args, kwargs)`` with ``take(tensor, key)`` (rows of it) applied to the input and
+        the per-sample arguments; a fixed argument (a shared mask, say) is passed as it is."""
+        args = tuple(take(a, f"a{i}") if f"a{i}" in self.per_sample else a for i, a in enumerate(self.args))
+        kwargs = {k: take(v, f"k{k}") if f"k{k}" in self.per_sample else v for k, v in self.kwargs.items()}
+        return take(self.inputs, "x"), args, kwargs
 
 
 class UnitArguments:
@@ -117,8 +125,8 @@ class UnitArguments:
         self.input_tail = tuple(input_shape[1:])
         n = input_shape[0]
         args, kwargs = call
-        self.fixed_args = [None if one_row_each(a, n) else a for a in args[1:]]
-        self.fixed_kwargs = {k: None if one_row_each(v, n) else v for k, v in kwargs.items()}
+        self.fixed_args = [PER_SAMPLE if one_row_each(a, n) else a for a in args[1:]]
+        self.fixed_kwargs = {k: PER_SAMPLE if one_row_each(v, n) else v for k, v in kwargs.items()}
 
     def per_sample(self, call: Call, input_shape: torch.Size) -> dict[str, Tensor]:
         name = self.unit.name
@@ -135,7 +143,7 @@ class UnitArguments:
             *((f"a{i}", a, f) for i, (a, f) in enumerate(zip(args[1:], self.fixed_args))),
             *((f"k{k}", v, self.fixed_kwargs.get(k)) for k, v in kwargs.items()),
         ]:
-            if one_row_each(value, n) and fixed is None:
+            if one_row_each(value, n) and fixed is PER_SAMPLE:
                 found[where] = value.detach()
             elif not same_value(value, fixed):
                 raise ValueError(
@@ -146,9 +154,14 @@ class UnitArguments:
         return found
 
     def data(self, tensors: dict[str, Tensor], split: str, fisher: Optional[Tensor] = None) -> UnitData:
-        args = tuple(tensors[f"{split}_a{i}"] if f is None else f for i, f in enumerate(self.fixed_args))
-        kwargs = {k: tensors[f"{split}_k{k}"] if f is None else f for k, f in self.fixed_kwargs.items()}
-        return UnitData(tensors[f"{split}_in"], tensors[f"{split}_out"], args, kwargs, fisher)
+        args = tuple(tensors[f"{split}_a{i}"] if f is PER_SAMPLE else f for i, f in enumerate(self.fixed_args))
+        kwargs = {k: tensors[f"{split}_k{k}"] if f is PER_SAMPLE else f for k, f in self.fixed_kwargs.items()}
+        per_sample = {f"a{i}" for i, f in enumerate(self.fixed_args) if f is PER_SAMPLE}
+        per_sample |= {f"k{k}" for k, f in self.fixed_kwargs.items() if f is PER_SAMPLE}
+        return UnitData(tensors[f"{split}_in"], tensors[f"{split}_out"], args, kwargs, fisher, frozenset(per_sample))
+
+
+PER_SAMPLE = object()  # marks an argument cached per sample (``None`` is a fixed argument's value too)
 
 
 def one_row_each(value: Any, n: int) -> bool:

@@ -156,10 +156,9 @@ class MinibatchObjective:
 
     def _rows(self, data: UnitData, idx: Tensor, dtype: torch.dtype, prefix: str) -> tuple[Tensor, tuple, dict]:
         # ``dtype``: activations may be cached in a compact dtype the user allowed
-        pick = lambda t, key: self._gather(t, idx, f"{prefix}{key}", dtype if t.is_floating_point() else t.dtype)  # noqa: E731
-        args = tuple(pick(a, f"a{i}") if isinstance(a, Tensor) else a for i, a in enumerate(data.args))
-        kwargs = {k: pick(v, f"k{k}") if isinstance(v, Tensor) else v for k, v in data.kwargs.items()}
-        return pick(data.inputs, "x"), args, kwargs
+        return data.rows(
+            lambda t, key: self._gather(t, idx, f"{prefix}{key}", dtype if t.is_floating_point() else t.dtype)
+        )
 
     def step_loss(self, weights: Sequence[Tensor]) -> Tensor:
         idx = self.sampler.next_indices()
@@ -201,11 +200,9 @@ def unit_channel_errors(
     total: Optional[Tensor] = None
     count = 0
     for start in range(0, data.num_samples, chunk):
-        rows = slice(start, start + chunk)
-        take = lambda t: t[rows].to(device, dtype if t.is_floating_point() else t.dtype)  # noqa: E731
-        args = tuple(take(a) if isinstance(a, Tensor) else a for a in data.args)
-        kwargs = {k: take(v) if isinstance(v, Tensor) else v for k, v in data.kwargs.items()}
-        err = (unit.run(weights, take(data.inputs), args, kwargs) - take(data.targets)).double().pow(2)
+        take = lambda t, _key="": t[start:start + chunk].to(device, dtype if t.is_floating_point() else t.dtype)  # noqa: E731
+        x, args, kwargs = data.rows(take)
+        err = (unit.run(weights, x, args, kwargs) - take(data.targets)).double().pow(2)
         sums = err.transpose(0, channel_dim).reshape(err.shape[channel_dim], -1).sum(1)
         total = sums if total is None else total + sums
         count += err.numel()
