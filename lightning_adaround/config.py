@@ -49,9 +49,10 @@ class AdaRoundConfig:
             pass of the block over its training rows gives their input moments). Where no layer
             output is measured (layers in the minibatch form, transposed convolutions) and for
             ``PerGroup`` grids (a channel's groups share one output error) ``"output"`` falls back
-            to ``"mse"``. ``"auto"``: per unit (a layer or a block), whichever of ``"mse"`` and
-            ``"output"`` gives the lower round-to-nearest error on the held-out samples (``"mse"``
-            where ``"output"`` falls back); the summary notes the choice.
+            to ``"mse"``. ``"auto"``: per unit (a layer or a block), AdaRound on both ``"mse"`` and
+            ``"output"`` scales, keeping the one with the lower error on the held-out samples
+            afterwards (twice the optimisation; ``"mse"`` alone where ``"output"`` falls back); the
+            summary notes the choice and both errors.
         loss_form: ``"minibatch"`` (the paper: a random minibatch of cached activations per
             step), ``"moments"`` (the exact loss over every calibration row from second
             moments; no activation in the loss) or ``"auto"`` (moments where it is cheaper and

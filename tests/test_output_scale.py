@@ -213,9 +213,9 @@ def test_use_nearest_matches_the_grid_with_clipping_and_zero_points(symmetric):
 
 
 @pytest.mark.parametrize("granularity", [PerChannel(), PerTensor()])
-def test_auto_scale_keeps_the_lower_held_out_nearest_error_of_the_two(granularity):
-    """One layer, so every run sees the same inputs: auto's round-to-nearest error is the lower of
-    "mse"'s and "output"'s, and the summary says which it kept."""
+def test_auto_scale_keeps_the_rounding_with_the_lower_held_out_error_of_the_two(granularity):
+    """One layer, so every run sees the same inputs: auto rounds on both kinds of scales and keeps
+    the one whose error after AdaRound on the held-out samples is lower (not the better nearest)."""
     x = _correlated_inputs(320, 9, seed=3)
     batches = list(x.split(64))
     found = {}
@@ -224,10 +224,13 @@ def test_auto_scale_keeps_the_lower_held_out_nearest_error_of_the_two(granularit
         model = nn.Sequential(nn.Linear(9, 16))
         config = AdaRoundConfig(bits=3, granularity=granularity, scale_method=method, iterations=20, loss_form="moments")
         found[method] = adaround(model, batches, config).layers["0"]
-    assert found["auto"].nearest_mse == pytest.approx(min(found["mse"].nearest_mse, found["output"].nearest_mse), rel=1e-9)
-    chosen = "output" if found["output"].nearest_mse < found["mse"].nearest_mse else "mse"
-    assert f"'{chosen}' scales (held-out nearest" in found["auto"].note
+    assert found["auto"].adaround_mse == min(found["mse"].adaround_mse, found["output"].adaround_mse)
+    chosen, other = ("output", "mse") if found["output"].adaround_mse < found["mse"].adaround_mse else ("mse", "output")
+    assert f"'{chosen}' scales (held-out {found[chosen].adaround_mse:.3g} vs {found[other].adaround_mse:.3g}" in found["auto"].note
     assert torch.equal(found["auto"].scale, found[chosen].scale)
+    assert torch.equal(found["auto"].integer_weight, found[chosen].integer_weight)
+    assert found["auto"].nearest_mse == found[chosen].nearest_mse
+    assert [h[0] for h in found["auto"].history] == [h[0] for h in found[chosen].history]  # one curve, the kept one
 
 
 def test_auto_scale_is_mse_where_no_output_error_exists():

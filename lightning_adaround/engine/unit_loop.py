@@ -100,48 +100,48 @@ def round_units(
         objective = prepared.objective
         weights = [float_weights[n].float() for n in names]
         channel_errors = prepared.channel_errors  # per layer, where known
-        grids, nearest_mse, scale_note = _grids(names, modules, weights, config, objective, channel_errors)
-        if not math.isfinite(nearest_mse):
-            raise ValueError(
-                f"the reconstruction error of {kind} {label!r} is not finite ({nearest_mse}) even with "
-                "round-to-nearest weights: its weights or inputs are too large for float32 arithmetic. "
-                f"Check the model and the calibration data, or leave the layer in float with exclude={names!r}."
-            )
-        history: list[tuple[int, float, float, float]] = []
-
-        def on_log(step: int, metrics: dict[str, float], label: str = label, kind: str = kind) -> None:
-            if not math.isfinite(metrics["recon_loss"]):
+        candidates = _grid_candidates(names, modules, weights, config, objective, channel_errors)
+        for _, _, nearest_mse in candidates:
+            if not math.isfinite(nearest_mse):
                 raise ValueError(
-                    f"the reconstruction loss of {kind} {label!r} became {metrics['recon_loss']} at step {step}: "
-                    "its weights or inputs are too large for float32 arithmetic. Check the model and the "
-                    f"calibration data, or leave the layer in float with exclude=[{label!r}]."
+                    f"the reconstruction error of {kind} {label!r} is not finite ({nearest_mse}) even with "
+                    "round-to-nearest weights: its weights or inputs are too large for float32 arithmetic. "
+                    f"Check the model and the calibration data, or leave the layer in float with exclude={names!r}."
                 )
-            history.append((step, metrics["recon_loss"], metrics["reg_loss"], metrics["beta"]))
-            observer.on_step(label, step, metrics)
-
+        observer.on_layer_start(label, index, config.iterations)
         # rows split over processes: their gradients are averaged at each step, from the moment a
         # process may fail on the way there (it then meets the others in that average)
         sync = objective.sharded or (reducer.world_size > 1 and reducer.sync_every_step)
         reducer.where = f"optimising {kind} {label!r}"
-        with reducer.stepping(sum(w.numel() for w in weights), config.iterations, f"{kind} {label!r}") if sync else nullcontext():
-            observer.on_layer_start(label, index, config.iterations)
-            roundings = [RoundingVariable(w, g) for w, g in zip(weights, grids)]
-            optimize_rounding(
-                roundings, objective, config.iterations, config.learning_rate, config.reg_lambda, schedule,
-                average_gradients=reducer.average_gradients if sync else None, on_log=on_log,
-                log_every_n_steps=_log_interval(config), should_stop=observer.should_stop,
-            )
-        notes = [prepared.note, scale_note]
+        tried = []
+        for choice, grids, nearest_mse in candidates:
+            history: list[tuple[int, float, float, float]] = []
+            live = observer if len(candidates) == 1 else None  # else the curves of the rounding kept, after
+            on_log = _step_logger(history, kind, label, live)
+            with reducer.stepping(sum(w.numel() for w in weights), config.iterations, f"{kind} {label!r}") if sync else nullcontext():
+                roundings = [RoundingVariable(w, g) for w, g in zip(weights, grids)]
+                optimize_rounding(
+                    roundings, objective, config.iterations, config.learning_rate, config.reg_lambda, schedule,
+                    average_gradients=reducer.average_gradients if sync else None, on_log=on_log,
+                    log_every_n_steps=_log_interval(config), should_stop=observer.should_stop,
+                )
+            kept = _keep_nearest_where_better(names, channel_errors, roundings, weights, grids, objective)
+            hards = [r.hard_weight() for r in roundings]
+            tried.append((objective.mse(hards), choice, grids, nearest_mse, roundings, kept, hards, history))
+        adaround_mse, choice, grids, nearest_mse, roundings, kept, hards, history = min(tried, key=lambda t: t[0])
+        for step, recon, reg, beta in history if len(candidates) > 1 else ():
+            observer.on_step(label, step, {"recon_loss": recon, "reg_loss": reg, "beta": beta})
+        notes = [prepared.note]
+        if len(tried) > 1:
+            other = next(t for t in tried if t[1] != choice)
+            notes.append(f"'{choice}' scales (held-out {adaround_mse:.3g} vs {other[0]:.3g} with '{other[1]}')")
         if config.scale_method == "output" and not channel_errors:
             notes.append(f"'mse' scales ({objective.form} form has no per-channel output error)")
-        kept = _keep_nearest_where_better(names, channel_errors, roundings, weights, grids, objective)
         notes.append(f"nearest kept on {kept[0]}/{kept[1]} channels" if kept[0] else "")
         note = "; ".join(filter(None, notes))
-        hards = [r.hard_weight() for r in roundings]
         for name, hard in zip(names, hards):
             _write_back(modules[name], hard)
             rounded[name] = modules[name]
-        adaround_mse = objective.mse(hards)
         seconds = time.perf_counter() - started
         finished = [
             LayerResult(
@@ -178,31 +178,47 @@ def round_units(
     return result
 
 
-def _grids(
+def _grid_candidates(
     names: list[str], modules: dict[str, nn.Module], weights: list[Tensor], config: AdaRoundConfig,
     objective: Any, channel_errors: dict[str, ChannelError],
-) -> tuple[list[QuantGrid], float, str]:
-    """Each layer's grid, the unit's round-to-nearest error on it, and a note for the summary.
+) -> list[tuple[str, list[QuantGrid], float]]:
+    """``(scale method, each layer's grid, the unit's round-to-nearest error on them)`` to round on.
 
-    ``scale_method="auto"``: when some layer's output error per channel is known, the unit gets
-    both the weight-error (``"mse"``) and the output-error (``"output"``) scales, and keeps the
-    set whose round-to-nearest error on the held-out samples is lower; otherwise ``"mse"``.
+    One, but two for ``scale_method="auto"`` when some layer's output error per channel is known:
+    the weight-error (``"mse"``) and the output-error (``"output"``) scales, both rounded, and the
+    unit keeps whichever ends with the lower held-out error (which of the two gives the better
+    round-to-nearest error does not tell which AdaRound will do better on).
     """
     method = config.scale_method
-    grids_for = lambda choice: [  # noqa: E731
-        layer_grid(n, modules[n], w, config, channel_errors.get(n), choice) for n, w in zip(names, weights)
-    ]
-    if method == "auto" and any(
-        _output_applies(modules[n], w, config) for n, w in zip(names, weights) if n in channel_errors
-    ):
-        candidates = []
-        for choice in ("mse", "output"):
-            grids = grids_for(choice)
-            candidates.append((objective.mse([g.fake_quantize(w) for g, w in zip(grids, weights)]), choice, grids))
-        (best, choice, grids), (other, _, _) = sorted(candidates, key=lambda c: c[0])
-        return grids, best, f"'{choice}' scales (held-out nearest {best:.3g} vs {other:.3g})"
-    grids = grids_for("mse" if method == "auto" else method)
-    return grids, objective.mse([g.fake_quantize(w) for g, w in zip(grids, weights)]), ""
+    choices = [method]
+    if method == "auto":
+        applies = any(_output_applies(modules[n], w, config) for n, w in zip(names, weights) if n in channel_errors)
+        choices = ["mse", "output"] if applies else ["mse"]
+    candidates = []
+    for choice in choices:
+        grids = [layer_grid(n, modules[n], w, config, channel_errors.get(n), choice) for n, w in zip(names, weights)]
+        candidates.append((choice, grids, objective.mse([g.fake_quantize(w) for g, w in zip(grids, weights)])))
+    return candidates
+
+
+def _step_logger(
+    history: list[tuple[int, float, float, float]], kind: str, label: str, observer: Optional[AdaRoundObserver],
+) -> Callable[[int, dict[str, float]], None]:
+    """Collect the step metrics into ``history`` (and pass them to ``observer``); a non-finite loss
+    is an error at once."""
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        if not math.isfinite(metrics["recon_loss"]):
+            raise ValueError(
+                f"the reconstruction loss of {kind} {label!r} became {metrics['recon_loss']} at step {step}: "
+                "its weights or inputs are too large for float32 arithmetic. Check the model and the "
+                f"calibration data, or leave the layer in float with exclude=[{label!r}]."
+            )
+        history.append((step, metrics["recon_loss"], metrics["reg_loss"], metrics["beta"]))
+        if observer is not None:
+            observer.on_step(label, step, metrics)
+
+    return on_log
 
 
 def _output_applies(layer: nn.Module, weight: Tensor, config: AdaRoundConfig) -> bool:
