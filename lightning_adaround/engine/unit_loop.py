@@ -124,20 +124,29 @@ def round_units(
         # process may fail on the way there (it then meets the others in that average)
         sync = objective.sharded or (reducer.world_size > 1 and reducer.sync_every_step)
         reducer.where = f"optimising {kind} {label!r}"
-        with reducer.stepping(sum(w.numel() for w in weights), config.iterations, f"{kind} {label!r}") if sync else nullcontext():
+        # the averaged gradient: V's, and each learned scale's (a log-multiplier per scale entry)
+        numel = sum(w.numel() for w in weights) + (sum(g.scale.numel() for g in grids) if config.learn_scale else 0)
+        with reducer.stepping(numel, config.iterations, f"{kind} {label!r}") if sync else nullcontext():
             observer.on_layer_start(label, index, config.iterations)
-            roundings = [RoundingVariable(w, g) for w, g in zip(weights, grids)]
+            roundings = [RoundingVariable(w, g, learn_scale=config.learn_scale) for w, g in zip(weights, grids)]
             optimize_rounding(
                 roundings, objective, config.iterations, config.learning_rate, config.reg_lambda, schedule,
                 average_gradients=reducer.average_gradients if sync else None, on_log=on_log,
                 log_every_n_steps=_log_interval(config), should_stop=observer.should_stop,
+                scale_lr=config.scale_lr,
             )
         notes = [prepared.note, scale_note]
         if config.scale_method == "output" and channel_error is None:
             notes.append(f"'mse' scales ({objective.form} form has no per-channel output error)")
+        refit = 0
+        if channel_error is not None and config.learn_scale:  # exact for the final integers (moments form)
+            refit = roundings[0].refit_scale(channel_error)
         if channel_error is not None:
-            kept = _keep_nearest_where_better(channel_error, roundings[0], weights[0], grids[0])
+            kept = _keep_nearest_where_better(channel_error, roundings[0], weights[0])
             notes.append(f"nearest kept on {kept}/{weights[0].shape[0]} channels" if kept else "")
+        if config.learn_scale:
+            notes.append(_learned_scale_note(roundings, grids) + (f", refit on {refit}" if refit else ""))
+            grids = [r.grid for r in roundings]  # the learned scales: the result's grid is the one rounded on
         note = "; ".join(filter(None, notes))
         hards = [r.hard_weight() for r in roundings]
         for name, hard in zip(names, hards):
@@ -211,18 +220,26 @@ def _output_applies(layer: nn.Module, weight: Tensor, config: AdaRoundConfig) ->
     return isinstance(granularity, PerTensor) or granularity.axis is None or granularity.axis % weight.dim() == 0
 
 
-def _keep_nearest_where_better(
-    channel_error: Callable[..., Tensor], rounding: RoundingVariable, weight: Tensor, grid: QuantGrid,
-) -> int:
+def _keep_nearest_where_better(channel_error: Callable[..., Tensor], rounding: RoundingVariable, weight: Tensor) -> int:
     """Round to nearest the output channels whose training error AdaRound did not beat; how many.
 
     Exact per channel in the moments form (channels do not interact in a layer's output), so the
     result is never worse than round-to-nearest on the training rows, however few iterations ran.
+    With a learned scale, "nearest" is on the searched grid where a channel has scales of its own
+    (they are reset), on the learned grid per tensor (:meth:`RoundingVariable.use_nearest`).
     """
-    nearest_better = channel_error(grid.fake_quantize(weight), exact=True) < channel_error(rounding.hard_weight(), exact=True)
+    nearest_better = channel_error(rounding.nearest_weight(weight), exact=True) < channel_error(rounding.hard_weight(), exact=True)
     if bool(nearest_better.any()):
         rounding.use_nearest(weight, nearest_better)
     return int(nearest_better.sum())
+
+
+def _learned_scale_note(roundings: Sequence[RoundingVariable], searched: Sequence[QuantGrid]) -> str:
+    """How far the learned scales moved from the searched ones, for the summary."""
+    ratios = torch.cat([
+        (r.grid.scale.cpu() / g.scale.cpu()).flatten() for r, g in zip(roundings, searched)
+    ])
+    return f"learned scale x{float(ratios.min()):.3f}-{float(ratios.max()):.3f} of searched"
 
 
 def _checksum(finished: list[LayerResult]) -> list[float]:
