@@ -191,3 +191,19 @@ def test_off_leaves_the_searched_scales_and_integers_alone():
 def test_config_refuses_bad_learned_scale_options(field, value, error):
     with pytest.raises(error, match=field):
         AdaRoundConfig(**{field: value})
+
+
+@pytest.mark.parametrize("granularity", [PerChannel(), PerGroup(8)])
+def test_export_round_trip_keeps_the_learned_grid(tmp_path, granularity):
+    """The exported file holds the learned scales: loading it rebuilds the rounded weights bit for bit."""
+    from lightning_adaround import export_quantized, load_quantized
+
+    model, batches = _correlated_model_and_batches()
+    fresh = copy.deepcopy(model)
+    config = AdaRoundConfig(bits=4, granularity=granularity, iterations=40, lr=1e-2, learn_scale=True, scale_lr=1e-2)
+    result = adaround(model, batches, config)
+    export_quantized(model, result, tmp_path / "q.pt")
+    loaded = load_quantized(fresh, tmp_path / "q.pt")
+    for name, layer in result.layers.items():
+        assert torch.equal(loaded.layers[name].scale, layer.scale)
+        assert torch.equal(fresh.get_submodule(name).weight, model.get_submodule(name).weight)
