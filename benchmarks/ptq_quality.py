@@ -65,7 +65,7 @@ PREPARATIONS: dict[str, list[Callable[[nn.Module], Any]]] = {
 def quantize(
     model: nn.Module, method: str, grid: dict[str, Any], preparation: str, batches: list[Any], iterations: int,
     batch_size: int = 32, lr: float = 1e-3, scale_method: str = "mse", bias_correction: bool = False,
-    gptq_blocks: tuple[str, ...] = (), **options: Any,
+    gptq_blocks: tuple[str, ...] = (), learn_scale: bool = False, scale_lr: float = 1e-4, **options: Any,
 ) -> float:
     """Quantize ``model`` in place; seconds spent."""
     started = time.perf_counter()
@@ -79,7 +79,7 @@ def quantize(
     else:
         config = AdaRoundConfig(
             iterations=iterations, reconstruction=method, batch_size=batch_size, lr=lr, scale_method=scale_method,
-            bias_correction=bias_correction, **manual, **grid,
+            bias_correction=bias_correction, learn_scale=learn_scale, scale_lr=scale_lr, **manual, **grid,
         )
         result = adaround(model, batches, config, **options)
         if SHOW_SUMMARY:
@@ -87,8 +87,12 @@ def quantize(
     return time.perf_counter() - started
 
 
-def _scale_of(method: str, scale_method: str) -> str:
-    return method.split()[1] if method.startswith("nearest") else "mse" if method == "gptq" else scale_method
+def _scale_of(method: str, scale_method: str, learn: bool = False, scale_lr: float = 1e-4) -> str:
+    if method.startswith("nearest"):
+        return method.split()[1]
+    if method == "gptq":
+        return "mse"
+    return f"{scale_method}+learned ({scale_lr:g})" if learn else scale_method
 
 
 def _plan(grid: str, methods: list[str], preparations: list[str]) -> list[tuple[str, str]]:
@@ -117,13 +121,13 @@ def effnet_rows(args: argparse.Namespace) -> list[dict[str, object]]:
             model = copy.deepcopy(float_model)
             seconds = quantize(
                 model, method, GRIDS[grid], preparation, batches, args.iterations, args.batch_size, args.lr,
-                args.scale_method, args.bias_correction,
+                args.scale_method, args.bias_correction, learn_scale=args.learn_scale, scale_lr=args.scale_lr,
                 gptq_blocks=("stem", *(f"blocks.{i}" for i in range(len(model.blocks))), "head"),
             )
             quantized = lite.logits(model, held_out)
             rows.append({
                 "model": "EfficientNet-Lite1", "grid": grid, "method": method, "prep": preparation,
-                "lr": args.lr, "scale": _scale_of(method, args.scale_method),
+                "lr": args.lr, "scale": _scale_of(method, args.scale_method, args.learn_scale, args.scale_lr),
                 "bias corr.": args.bias_correction and method in ("layer", "block"),
                 "top-1 agreement": lite.top1_agreement(reference, quantized),
                 f"agreement, FP p>=0.5 ({int(confident.sum())})": lite.top1_agreement(reference[confident], quantized[confident]),
@@ -149,12 +153,13 @@ def minilm_rows(args: argparse.Namespace) -> list[dict[str, object]]:
             model = copy.deepcopy(float_model)
             seconds = quantize(
                 model, method, GRIDS[grid], "none", batches, args.iterations, args.batch_size, args.lr,
-                args.scale_method, args.bias_correction, forward_fn=forward,
+                args.scale_method, args.bias_correction, learn_scale=args.learn_scale, scale_lr=args.scale_lr,
+                forward_fn=forward,
                 gptq_blocks=tuple(f"encoder.encoder.layer.{i}" for i in range(len(model.encoder.encoder.layer))),
             )
             rows.append({
                 "model": "MiniLM-L6", "grid": grid, "method": method, "prep": "none",
-                "lr": args.lr, "scale": _scale_of(method, args.scale_method),
+                "lr": args.lr, "scale": _scale_of(method, args.scale_method, args.learn_scale, args.scale_lr),
                 "bias corr.": args.bias_correction and method in ("layer", "block"),
                 "cosine": minilm.held_out_cosine(model, dm, reference), "seconds": seconds,
             })
@@ -173,6 +178,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate on the rounding variables")
     parser.add_argument("--scale-method", choices=["mse", "minmax", "output", "auto"], default="mse",
                         help="grid scale search for the AdaRound rows (nearest rows name their own)")
+    parser.add_argument("--learn-scale", action="store_true",
+                        help="AdaRound rows learn the grid scales jointly with the rounding (learn_scale=True)")
+    parser.add_argument("--scale-lr", type=float, default=1e-4, help="Adam rate of the learned scales (--learn-scale)")
     parser.add_argument("--bias-correction", action="store_true", help="bias correction after AdaRound")
     parser.add_argument("--batch-size", type=int, default=32, help="calibration samples per AdaRound step")
     parser.add_argument("--calibration", type=int, default=128, help="calibration crops / text chunks")

@@ -127,6 +127,19 @@ class AdaRoundConfig:
             layer without a bias keeps none: the shift goes into the ``running_mean`` of a
             BatchNorm right after it in an ``nn.Sequential`` (exact in eval mode), or is only
             reported (``LayerResult.bias_shift``).
+        learn_scale: Learn each grid scale (the clipping range: per tensor, per channel or per
+            group) jointly with the rounding, in every form: a log-multiplier per scale entry,
+            starting from the searched scale, stepped by Adam at ``scale_lr``. ``floor(W/s)`` and
+            the zero point stay those of the searched grid, so the result is still an exact grid
+            (integer weights, the learned scales in ``LayerResult.scale``). In the moments form a
+            per-channel or per-tensor scale is then refit to the final integer weights (exact: the
+            error is quadratic in the scale; it moves only where the error drops). Keeping
+            round-to-nearest where it is better resets a channel's learned scale to the searched one
+            (per tensor: nearest on the learned grid). An affine grid's zero point is not learned:
+            it must stay an integer, and rounding a learned one afterwards would move every weight
+            of the channel. Measured in docs/four-bits.md; off by default.
+        scale_lr: Adam learning rate of the learned scales' log-multipliers (``learn_scale=True``):
+            a step of ``scale_lr`` changes a scale by about ``scale_lr`` of itself.
     """
 
     bits: int = 4
@@ -161,6 +174,8 @@ class AdaRoundConfig:
     fold_batchnorm: bool = True
     equalize: Optional[bool] = None
     bias_correction: bool = False
+    learn_scale: bool = False
+    scale_lr: float = 1e-4
 
     @property
     def learning_rate(self) -> float:
@@ -229,6 +244,13 @@ class AdaRoundConfig:
             raise ValueError(f"cache_dir={self.cache_dir!r} is not an existing directory; create it or pass None.")
         if not isinstance(self.bias_correction, bool):
             raise TypeError(f"bias_correction={self.bias_correction!r} must be True or False.")
+        if not isinstance(self.learn_scale, bool):
+            raise TypeError(f"learn_scale={self.learn_scale!r} must be True or False.")
+        if isinstance(self.scale_lr, bool) or not isinstance(self.scale_lr, (int, float)) or not self.scale_lr > 0:
+            raise ValueError(
+                f"scale_lr={self.scale_lr!r} must be a positive number (the Adam rate of the learned scales, "
+                "used with learn_scale=True; e.g. 1e-4)."
+            )
         if not isinstance(self.fold_batchnorm, bool):
             raise TypeError(f"fold_batchnorm={self.fold_batchnorm!r} must be True or False.")
         if not (self.equalize is None or isinstance(self.equalize, bool)):

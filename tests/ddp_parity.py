@@ -85,6 +85,16 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     report["lengths_per_rank"] = compare(
         distributed_adaround(mlp(), mine, config), adaround(mlp(), sequences(5, 0) + sequences(7, 1), config),
     )
+    # Learned scales (minibatch form, rows split): their gradients are averaged with V's, so the
+    # ranks learn the same scales as one process.
+    config = AdaRoundConfig(bits=3, loss_form="minibatch", learn_scale=True, scale_lr=1e-2, **FAST)
+    ddp, single = distributed_adaround(resnet(), shard_calibration(images(), rank, world), config), adaround(resnet(), images(), config)
+    same = compare(ddp, single)
+    same["scale_rel_diff"] = max(
+        float(((ddp.layers[n].scale - single.layers[n].scale).abs() / single.layers[n].scale).max()) for n in single.layers
+    )
+    same["learned"] = all("learned scale" in r.note for r in single.layers.values())
+    report["learned_scale"] = same
     # A fault on rank 1 part way, then a resumed run from the checkpoint rank 0 wrote.
     folder = Path(out) / "checkpoint"
     config = AdaRoundConfig(bits=3, loss_form="minibatch", **FAST)

@@ -233,10 +233,11 @@ def test_two_ranks_match_one_process_in_every_mode(tmp_path):
     report = [json.loads((tmp_path / "out" / f"parity{rank}.json").read_text()) for rank in (0, 1)]
     assert report[0] == report[1]
     found = report[0]
-    for case in ("block_resnet", "block_encoder_fisher", "disk_cache_bfloat16", "lengths_per_rank", "resumed"):
+    for case in ("block_resnet", "block_encoder_fisher", "disk_cache_bfloat16", "lengths_per_rank", "resumed", "learned_scale"):
         same = found[case]
         assert same["layers"] and same["integer_weights_equal"] and same["counts_equal"], (case, same)
         assert same["mse_rel_diff"] < 1e-5, (case, same)
+    assert found["learned_scale"]["learned"] and found["learned_scale"]["scale_rel_diff"] < 1e-5, found["learned_scale"]
     assert found["block_resnet"]["forms"].count("block") >= 4  # the stem layer is a unit of one
     assert "rank 1: RuntimeError while " in found["fault"] and "simulated fault at 3.body.3" in found["fault"]
     assert found["restored"] == ["0", "3.body.0"], found["restored"]

@@ -1,7 +1,8 @@
-"""The per-layer optimisation loop: Adam on V only, reconstruction plus annealed regularizer.
+"""The per-layer optimisation loop: Adam on V (and a learned clipping range, if asked),
+reconstruction plus annealed regularizer.
 
 Shared by every unit and both objective forms; with several processes an ``average_gradients``
-hook (the reducer's) averages V's gradient, and the loss, before each update.
+hook (the reducer's) averages the gradients of every learned tensor, and the loss, before each update.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from lightning_adaround.engine.objective import ReconstructionObjective
 from lightning_adaround.observer import RoundingStopped
 from lightning_adaround.grid.rounding import RoundingVariable, soft_backward
 
-GradientAverage = Callable[[list[Tensor], Tensor], Tensor]  # (V grads, loss) -> loss over every process
+GradientAverage = Callable[[list[Tensor], Tensor], Tensor]  # (grads, loss) -> loss over every process
 StepLogger = Callable[[int, dict[str, float]], None]
 
 
@@ -31,8 +32,12 @@ def optimize_rounding(
     on_log: Optional[StepLogger] = None,
     log_every_n_steps: int = 50,
     should_stop: Optional[Callable[[], bool]] = None,
+    scale_lr: Optional[float] = None,
 ) -> None:
     """Run ``iterations`` Adam steps on ``rounding.v``; V is left at its final value.
+
+    A rounding that learns its scale (``log_scale``) has it stepped too, in a parameter group of
+    its own with learning rate ``scale_lr`` (``None``: ``lr``).
 
     Several roundings (a block's layers) are optimised jointly: the objective takes their soft
     weights as a list and the regularizer is summed over them. An objective with
@@ -40,7 +45,11 @@ def optimize_rounding(
     gradient on the weight goes straight through :func:`soft_backward`.
     """
     group = [rounding] if isinstance(rounding, RoundingVariable) else list(rounding)  # a unit's layers
-    optimizer = torch.optim.Adam([r.v for r in group], lr=lr)
+    scales = [r.log_scale for r in group if r.log_scale is not None]
+    params: list[dict] = [{"params": [r.v for r in group]}]
+    if scales:
+        params.append({"params": scales, "lr": lr if scale_lr is None else scale_lr})
+    optimizer = torch.optim.Adam(params, lr=lr)
     value_and_grad = getattr(objective, "value_and_grad", None) if len(group) == 1 else None
     for step in range(iterations):
         if should_stop is not None and should_stop():
@@ -51,6 +60,8 @@ def optimize_rounding(
         if value_and_grad is not None:
             weight, reg, saved = group[0].soft_step(beta if regularizing else None)
             recon, grad_weight = value_and_grad(weight)
+            if group[0].log_scale is not None:
+                group[0].log_scale.grad = group[0].scale_grad(grad_weight, weight)
             group[0].v.grad = soft_backward(saved, grad_weight, reg_lambda if regularizing else None)
         else:
             soft = [r.soft_with_regularizer(beta if regularizing else None) for r in group]
@@ -60,7 +71,7 @@ def optimize_rounding(
             loss = recon + reg_lambda * reg if regularizing else recon
             loss.backward()
         if average_gradients is not None:
-            recon = average_gradients([r.v.grad for r in group], recon.detach())
+            recon = average_gradients([r.v.grad for r in group] + [s.grad for s in scales], recon.detach())
         optimizer.step()
         last = step == iterations - 1
         if on_log is not None and (step % log_every_n_steps == 0 or last):

@@ -114,21 +114,29 @@ def round_units(
         sync = objective.sharded or (reducer.world_size > 1 and reducer.sync_every_step)
         reducer.where = f"optimising {kind} {label!r}"
         tried = []
+        # the averaged gradient: V's, and each learned scale's (a log-multiplier per scale entry)
+        learned = sum(g.scale.numel() for g in candidates[0][1]) if config.learn_scale else 0
         for choice, grids, nearest_mse in candidates:
             history: list[tuple[int, float, float, float]] = []
             live = observer if len(candidates) == 1 else None  # else the curves of the rounding kept, after
             on_log = _step_logger(history, kind, label, live)
-            with reducer.stepping(sum(w.numel() for w in weights), config.iterations, f"{kind} {label!r}") if sync else nullcontext():
-                roundings = [RoundingVariable(w, g) for w, g in zip(weights, grids)]
+            numel = sum(w.numel() for w in weights) + learned
+            with reducer.stepping(numel, config.iterations, f"{kind} {label!r}") if sync else nullcontext():
+                roundings = [RoundingVariable(w, g, learn_scale=config.learn_scale) for w, g in zip(weights, grids)]
                 optimize_rounding(
                     roundings, objective, config.iterations, config.learning_rate, config.reg_lambda, schedule,
                     average_gradients=reducer.average_gradients if sync else None, on_log=on_log,
                     log_every_n_steps=_log_interval(config), should_stop=observer.should_stop,
+                    scale_lr=config.scale_lr,
                 )
-            kept = _keep_nearest_where_better(names, channel_errors, roundings, weights, grids, objective)
+            refit = 0
+            if config.learn_scale and unit.is_layer and unit.name in channel_errors:  # exact for the final integers
+                refit = roundings[0].refit_scale(channel_errors[unit.name])
+            kept = _keep_nearest_where_better(names, channel_errors, roundings, weights, objective)
             hards = [r.hard_weight() for r in roundings]
-            tried.append((objective.mse(hards), choice, grids, nearest_mse, roundings, kept, hards, history))
-        adaround_mse, choice, grids, nearest_mse, roundings, kept, hards, history = min(tried, key=lambda t: t[0])
+            learned_note = _learned_scale_note(roundings, grids) + (f", refit on {refit}" if refit else "") if config.learn_scale else ""
+            tried.append((objective.mse(hards), choice, grids, nearest_mse, roundings, kept, hards, history, learned_note))
+        adaround_mse, choice, grids, nearest_mse, roundings, kept, hards, history, learned_note = min(tried, key=lambda t: t[0])
         for step, recon, reg, beta in history if len(candidates) > 1 else ():
             observer.on_step(label, step, {"recon_loss": recon, "reg_loss": reg, "beta": beta})
         notes = [prepared.note]
@@ -138,6 +146,9 @@ def round_units(
         if config.scale_method == "output" and not channel_errors:
             notes.append(f"'mse' scales ({objective.form} form has no per-channel output error)")
         notes.append(f"nearest kept on {kept[0]}/{kept[1]} channels" if kept[0] else "")
+        if config.learn_scale:
+            notes.append(learned_note)
+            grids = [r.grid for r in roundings]  # the learned scales: the result's grid is the one rounded on
         note = "; ".join(filter(None, notes))
         for name, hard in zip(names, hards):
             _write_back(modules[name], hard)
@@ -231,7 +242,7 @@ def _output_applies(layer: nn.Module, weight: Tensor, config: AdaRoundConfig) ->
 
 def _keep_nearest_where_better(
     names: list[str], channel_errors: dict[str, ChannelError], roundings: list[RoundingVariable],
-    weights: list[Tensor], grids: list[QuantGrid], objective: Any,
+    weights: list[Tensor], objective: Any,
 ) -> tuple[int, int]:
     """Round to nearest the output channels whose error AdaRound did not beat; ``(how many, of)``.
 
@@ -239,30 +250,39 @@ def _keep_nearest_where_better(
     output), so the result is never worse than round-to-nearest on the training rows, however few
     iterations ran. A block's layers are judged each on its own output, and the swap is kept only
     if the block's error on its training rows does not grow (a block's layers may trade errors).
+    With a learned scale, "nearest" is on the searched grid where a channel has scales of its own
+    (they are reset), on the learned grid per tensor (:meth:`RoundingVariable.use_nearest`).
     """
     kept, channels, undo = 0, 0, []
-    for name, rounding, weight, grid in zip(names, roundings, weights, grids):
+    for name, rounding, weight in zip(names, roundings, weights):
         channel_error = channel_errors.get(name)
         if channel_error is None:
             continue
         channels += weight.shape[0]
-        nearest_better = channel_error(grid.fake_quantize(weight), exact=True) < channel_error(rounding.hard_weight(), exact=True)
+        nearest_better = channel_error(rounding.nearest_weight(weight), exact=True) < channel_error(rounding.hard_weight(), exact=True)
         if bool(nearest_better.any()):
-            undo.append((rounding, rounding.v.detach().clone()))
+            undo.append((rounding, rounding.state()))
             rounding.use_nearest(weight, nearest_better)
             kept += int(nearest_better.sum())
     if undo and len(roundings) > 1:
-        swapped = [rounding.v.detach().clone() for rounding, _ in undo]
+        swapped = [rounding.state() for rounding, _ in undo]
         swapped_error = objective.fit_error([r.hard_weight() for r in roundings])
-        with torch.no_grad():
-            for rounding, v in undo:
-                rounding.v.copy_(v)
-            if swapped_error <= objective.fit_error([r.hard_weight() for r in roundings]):
-                for (rounding, _), v in zip(undo, swapped):
-                    rounding.v.copy_(v)
-            else:
-                kept = 0
+        for rounding, state in undo:
+            rounding.load_state(state)
+        if swapped_error <= objective.fit_error([r.hard_weight() for r in roundings]):
+            for (rounding, _), state in zip(undo, swapped):
+                rounding.load_state(state)
+        else:
+            kept = 0
     return kept, channels
+
+
+def _learned_scale_note(roundings: Sequence[RoundingVariable], searched: Sequence[QuantGrid]) -> str:
+    """How far the learned scales moved from the searched ones, for the summary."""
+    ratios = torch.cat([
+        (r.grid.scale.cpu() / g.scale.cpu()).flatten() for r, g in zip(roundings, searched)
+    ])
+    return f"learned scale x{float(ratios.min()):.3f}-{float(ratios.max()):.3f} of searched"
 
 
 def _checksum(finished: list[LayerResult]) -> list[float]:
