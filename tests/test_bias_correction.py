@@ -222,7 +222,7 @@ def test_failure_during_correction_restores_the_batchnorm_running_means(monkeypa
 
 # ------------------------------------------------------------------ bias_correction="auto"
 
-NOTE = re.compile(r"bias corrected on (\d+)/(\d+) channels \(held-out mean error² (\S+) -> (\S+)\)")
+NOTE = re.compile(r"bias corrected on (\d+)/(\d+) channels \(held-out squared mean error (\S+) -> (\S+)\)")
 
 
 def _held_out_mask(batches, fraction, seed=0):

@@ -155,8 +155,9 @@ def correct_biases(
     the layer is held out (``holdout_fraction=0``, too few samples, or input rows that are not
     per sample), the layer falls back to ``True``'s shift on every channel, and its note says so.
     ``LayerResult.bias_shift`` holds the shift applied (zero on channels left alone), and the
-    note the decision: kept channels and the held-out mean squared error of the mean output
-    (the part of the output MSE a bias can change) before and after.
+    note the decision: the channels kept, and the held-out squared mean error ``mean_c(m_c**2)``
+    before and ``mean_c((m_c - shift_c)**2)`` after, the part of the layer's held-out output MSE
+    a bias can change (the rest, the error's variance, is the same before and after).
     """
     if mode not in MODES or not isinstance(mode, (bool, str)):
         raise ValueError(f"bias correction mode {mode!r}: expected one of {MODES}")
@@ -186,9 +187,9 @@ def correct_biases(
             if not applies:
                 note = f"bias correction would keep {where} (only reported: no bias)"
             elif bool(kept.any()):
-                note = f"bias corrected on {where} (held-out mean error² {before:.2e} -> {after:.2e})"
+                note = f"bias corrected on {where} (held-out squared mean error {before:.2e} -> {after:.2e})"
             else:
-                note = f"bias left alone: no channel's held-out error fell (held-out mean error² {before:.2e})"
+                note = f"bias left alone: no channel's held-out error fell (held-out squared mean error {before:.2e})"
         elif judged:
             unjudged.append(name)
             note = "bias corrected on every channel, not judged: no held-out rows"
