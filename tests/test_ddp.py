@@ -179,6 +179,9 @@ def test_plain_torch_distributed_cases(tmp_path):
     corrected = report[0]["bias_correction"]
     assert corrected["integer_weights_equal"] and corrected["bias_rel_diff"] < 1e-5, corrected
     assert corrected["restored"], corrected
+    assert corrected["auto_integer_weights_equal"] and corrected["auto_bias_diff"] < 1e-6, corrected
+    assert corrected["auto_kept"] == corrected["auto_kept_single"], corrected
+    assert all(k.startswith(("corrected on", "left alone")) for k in corrected["auto_kept"]), corrected
     assert "rank 1: RuntimeError while correcting the bias of layer '0': no output error" in (
         errors["bias_correction_on_rank1"])
 

@@ -201,10 +201,16 @@ class InputCapture:
         different shapes as rows); calls that cannot be stacked (a convolution run at two
         resolutions) come one each.
         """
-        for _, group in groupby(self.calls(name, layer, {}, {}), key=lambda c: c[0]):
+        for _, found in self.batch_inputs(name, layer):
+            yield from _stack_calls(found, isinstance(layer, nn.Linear))
+
+    def batch_inputs(self, name: str, layer: nn.Module) -> Iterator[tuple[int, list[Tensor]]]:
+        """Per batch that reaches the layer: the batch's index and the layer's input of each call,
+        in the model as it is now (bias correction: the index tells which rows are held out)."""
+        for index, group in groupby(self.calls(name, layer, {}, {}), key=lambda c: c[0]):
             found = [call[0][0].detach() for _, call, _ in group]
             check_finite(f"layer {name!r}", [("input", x) for x in found])
-            yield from _stack_calls(found, isinstance(layer, nn.Linear))
+            yield index, found
 
     def calls(
         self,

@@ -142,7 +142,10 @@ def round_model(
             )
             if config.bias_correction:  # fresh captures: inputs change as earlier biases are corrected
                 fresh = lambda: InputCapture(model, staged, run, chains, device, cache_device, seen.calls)  # noqa: E731
-                correct_biases(model, result, fresh, float_weights, device, reducer)
+                correct_biases(
+                    model, result, fresh, float_weights, device, reducer,
+                    config.bias_correction, data.held_out, layout.sizes,  # "auto" judges on the held-out samples
+                )
             result.folded, result.equalized = prepared.folded, prepared.equalized
             if staged:
                 result.float_modules = account_for_float(model, result, config, seen, staged[0], run)
