@@ -108,13 +108,7 @@ def inner_layer_moments(
     """
     layers = {name: unit.layer_module(name) for name in unit.layers}
     found = {name: LayerMoments(layer, device) for name, layer in layers.items() if moments_supported(layer)}
-    n = data.num_samples if data is not None and found else 0
-    dtype = weights[0].dtype
-    for start in range(0, n, chunk):
-        assert data is not None
-        x, args, kwargs = data.rows(
-            lambda t, _key: t[start:start + chunk].to(device, dtype if t.is_floating_point() else t.dtype)
-        )
+    for _, x, args, kwargs in data.chunks(chunk, device, weights[0].dtype) if data is not None and found else ():
         inputs: list[tuple[str, Tensor]] = []
         handles = [
             layers[name].register_forward_pre_hook(lambda _m, a, name=name: inputs.append((name, a[0])))

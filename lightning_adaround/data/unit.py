@@ -8,7 +8,7 @@ its loss includes. One builder, one data class and one minibatch objective serve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -111,6 +111,13 @@ class UnitData:
         args = tuple(take(a, f"a{i}") if f"a{i}" in self.per_sample else a for i, a in enumerate(self.args))
         kwargs = {k: take(v, f"k{k}") if f"k{k}" in self.per_sample else v for k, v in self.kwargs.items()}
         return take(self.inputs, "x"), args, kwargs
+
+    def chunks(self, size: int, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[slice, Tensor, tuple, dict]]:
+        """``(rows, input, args, kwargs)`` for ``size`` samples at a time, on ``device``, floating
+        tensors in ``dtype``: for passes of the unit over every cached row."""
+        for start in range(0, self.num_samples, size):
+            rows = slice(start, start + size)
+            yield (rows, *self.rows(lambda t, _key: t[rows].to(device, dtype if t.is_floating_point() else t.dtype)))
 
 
 class UnitArguments:

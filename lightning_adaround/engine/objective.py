@@ -199,10 +199,8 @@ def unit_channel_errors(
     channel_dim = unit.channel_dim
     total: Optional[Tensor] = None
     count = 0
-    for start in range(0, data.num_samples, chunk):
-        take = lambda t, _key="": t[start:start + chunk].to(device, dtype if t.is_floating_point() else t.dtype)  # noqa: E731
-        x, args, kwargs = data.rows(take)
-        err = (unit.run(weights, x, args, kwargs) - take(data.targets)).double().pow(2)
+    for rows, x, args, kwargs in data.chunks(chunk, device, dtype):
+        err = (unit.run(weights, x, args, kwargs) - data.targets[rows].to(device, dtype)).double().pow(2)
         sums = err.transpose(0, channel_dim).reshape(err.shape[channel_dim], -1).sum(1)
         total = sums if total is None else total + sums
         count += err.numel()
