@@ -162,7 +162,7 @@ def expand_groups(values: Tensor, shape: Sequence[int], group_size: int) -> Tens
     return values.repeat_interleave(group_size, dim=1)[:, :inputs].reshape(shape)
 
 
-def _group_view(weight: Tensor, group_size: int) -> Tensor:
+def group_view(weight: Tensor, group_size: int) -> Tensor:
     """``weight`` as ``(out, G, block)``, the last group padded with zeros (on every grid; they move no range)."""
     rows = weight.reshape(weight.shape[0], -1)
     groups, block = group_count(rows.shape[1], group_size)
@@ -328,7 +328,7 @@ def choose_grid(
 
 def _group_grid(w: Tensor, bits: int, symmetric: bool, group_size: int, method: ScaleMethod, num_candidates: int) -> QuantGrid:
     """:func:`choose_grid` per group: the search runs on the ``(out, G, block)`` view, one candidate per group."""
-    groups = _group_view(w, group_size)
+    groups = group_view(w, group_size)
     w_min = groups.amin(dim=2, keepdim=True)
     w_max = groups.amax(dim=2, keepdim=True)
     if method == "minmax":

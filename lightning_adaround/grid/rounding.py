@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from lightning_adaround.grid.quant import QuantGrid, _group_view, expand_groups
+from lightning_adaround.grid.quant import QuantGrid, group_view, expand_groups
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -150,7 +150,7 @@ class RoundingVariable:
         size = self._grid.group_size
         if size is None:
             return product.sum_to_size(self.log_scale.shape)
-        return _group_view(product, size).sum(-1)
+        return group_view(product, size).sum(-1)
 
     def soft(self) -> tuple[Tensor, Tensor]:
         """``(weight, h)``: the differentiable weight used during optimisation and its h(V)."""
