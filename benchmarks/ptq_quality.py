@@ -27,7 +27,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -68,7 +68,7 @@ BIAS_CORRECTION = {"off": False, "on": True, "auto": "auto"}  # --bias-correctio
 
 def quantize(
     model: nn.Module, method: str, grid: dict[str, Any], preparation: str, batches: list[Any], iterations: int,
-    batch_size: int = 32, lr: float = 1e-3, scale_method: str = "mse", bias_correction: Union[bool, str] = False,
+    batch_size: int = 32, lr: Optional[float] = 1e-3, scale_method: str = "mse", bias_correction: Union[bool, str] = False,
     gptq_blocks: tuple[str, ...] = (), learn_scale: bool = False, scale_lr: float = 1e-4, **options: Any,
 ) -> float:
     """Quantize ``model`` in place; seconds spent."""
@@ -103,6 +103,17 @@ def _scale_of(method: str, scale_method: str, learn: bool = False, scale_lr: flo
     return f"{scale_method}+learned ({scale_lr:g})" if learn else scale_method
 
 
+def _learning_rate(text: str) -> Optional[float]:
+    """--lr: a number, or 'tied' for ``lr=None`` (the rate follows the iteration count)."""
+    return None if text == "tied" else float(text)
+
+
+def _lr_cell(lr: Optional[float], iterations: int) -> str:
+    if lr is not None:
+        return f"{lr:g}"
+    return f"tied ({AdaRoundConfig(lr=None, iterations=iterations).learning_rate:.2g})"
+
+
 def _plan(grid: str, methods: list[str], preparations: list[str]) -> list[tuple[str, str]]:
     """(method, preparation) pairs: every preparation for nearest; equalization only where it can help."""
     pairs = []
@@ -135,7 +146,7 @@ def effnet_rows(args: argparse.Namespace) -> list[dict[str, object]]:
             quantized = lite.logits(model, held_out)
             rows.append({
                 "model": "EfficientNet-Lite1", "grid": grid, "method": method, "prep": preparation,
-                "lr": args.lr, "scale": _scale_of(method, args.scale_method, args.learn_scale, args.scale_lr),
+                "lr": _lr_cell(args.lr, args.iterations), "scale": _scale_of(method, args.scale_method, args.learn_scale, args.scale_lr),
                 "bias corr.": _bias_cell(args.bias_correction) if method in ("layer", "block") else "off",
                 "top-1 agreement": lite.top1_agreement(reference, quantized),
                 f"agreement, FP p>=0.5 ({int(confident.sum())})": lite.top1_agreement(reference[confident], quantized[confident]),
@@ -167,7 +178,7 @@ def minilm_rows(args: argparse.Namespace) -> list[dict[str, object]]:
             )
             rows.append({
                 "model": "MiniLM-L6", "grid": grid, "method": method, "prep": "none",
-                "lr": args.lr, "scale": _scale_of(method, args.scale_method, args.learn_scale, args.scale_lr),
+                "lr": _lr_cell(args.lr, args.iterations), "scale": _scale_of(method, args.scale_method, args.learn_scale, args.scale_lr),
                 "bias corr.": _bias_cell(args.bias_correction) if method in ("layer", "block") else "off",
                 "cosine": minilm.held_out_cosine(model, dm, reference), "seconds": seconds,
             })
@@ -183,7 +194,8 @@ def main() -> None:
     parser.add_argument("--preparation", nargs="+", choices=list(PREPARATIONS), default=list(PREPARATIONS),
                         help="EfficientNet only; MiniLM has no BatchNorm or ReLU pairs")
     parser.add_argument("--iterations", type=int, default=500, help="per layer (layer mode) or per block")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate on the rounding variables")
+    parser.add_argument("--lr", type=_learning_rate, default=AdaRoundConfig().lr,
+                        help="Adam learning rate on the rounding variables, or 'tied' (lr=None: tied to --iterations)")
     parser.add_argument("--scale-method", choices=["mse", "minmax", "output", "auto"], default="mse",
                         help="grid scale search for the AdaRound rows (nearest rows name their own)")
     parser.add_argument("--learn-scale", action="store_true",
