@@ -81,8 +81,9 @@ class AdaRoundConfig:
         beta_start, beta_end: Regularizer exponent, annealed on a cosine after the warm start.
         include_activation: Put the BatchNorm/activation that directly follows a layer in an
             ``nn.Sequential`` into its reconstruction loss.
-        holdout_fraction: Share of calibration samples kept out of optimisation to report
-            nearest vs AdaRound error (0: report on the training samples).
+        holdout_fraction: Share of calibration samples kept out of each layer's (or block's)
+            optimisation to report nearest vs AdaRound error and judge its choices on; each layer
+            draws its own, so every sample is fitted by most layers (0: report on the training samples).
         device_cache_bytes: Per-layer budget for cached activations on the compute device
             (``None``: half the free GPU memory when the layer starts; on a CPU device the
             host budget applies). A layer over budget is cached in host memory; so are the

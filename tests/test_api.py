@@ -515,3 +515,34 @@ def test_learning_rate_is_tied_to_iterations_unless_given():
     paper = adaround(copy.deepcopy(model), data, AdaRoundConfig(iterations=60, lr=1e-3))
     assert all(torch.equal(tied.layers[n].integer_weight, given.layers[n].integer_weight) for n in tied.layers)
     assert any(not torch.equal(tied.layers[n].integer_weight, paper.layers[n].integer_weight) for n in tied.layers)
+
+
+def test_each_layer_holds_out_its_own_samples_so_every_sample_is_fitted(monkeypatch):
+    """With one held-out set for the whole run a tenth of the calibration samples reached no layer's
+    optimisation (and cost EfficientNet-Lite1 with bias correction, docs/four-bits.md). Each unit now
+    draws its own set, from the seed and its position only, so a resumed run and every process
+    draw the same one whatever ran before."""
+    from lightning_adaround.data.calibration import SampleLayout
+
+    drawn: dict[int, torch.Tensor] = {}
+    original = SampleLayout.unit_held_out
+
+    def record(self, fraction, seed, position):
+        masks = original(self, fraction, seed, position)
+        drawn[position] = torch.cat(masks)
+        return masks
+
+    monkeypatch.setattr(SampleLayout, "unit_held_out", record)
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
+    data = [torch.randn(10, 8) for _ in range(4)]  # 40 samples, 10 held out of each layer
+    result = adaround(model, data, AdaRoundConfig(holdout_fraction=0.25, **FAST))
+    assert sorted(drawn) == [0, 1, 2, 3] and len(result.layers) == 4
+    assert all(int(held.sum()) == 10 for held in drawn.values())
+    assert len({tuple(held.tolist()) for held in drawn.values()}) == 4  # not one set for all
+    held_by_every_layer = torch.stack(list(drawn.values())).all(dim=0)
+    assert not held_by_every_layer.any()  # every sample is fitted by some layer
+    layout = SampleLayout.of(data)
+    torch.manual_seed(123)  # the global and any other generator's state do not matter
+    assert torch.equal(torch.cat(original(layout, 0.25, 0, 2)), drawn[2])
+    assert not torch.equal(torch.cat(original(layout, 0.25, 1, 2)), drawn[2])  # the seed does

@@ -283,7 +283,7 @@ def test_blocks_take_fixed_arguments_as_given_beside_per_sample_ones():
         lengths = torch.randint(2, 6, (16,))
         mask = (torch.arange(5)[None, :] < lengths[:, None])[:, None, :].expand(16, 5, 5)
         batches.append((torch.randn(16, 5, 8), mask))
-    config = AdaRoundConfig(bits=3, iterations=60, batch_size=8, reconstruction="block", blocks=["blocks.*"])
+    config = AdaRoundConfig(bits=3, iterations=200, batch_size=8, reconstruction="block", blocks=["blocks.*"])
     result = adaround(model, batches, config, forward_fn=lambda m, b: m(*b))
     assert [result.layers[n].block for n in ("blocks.0.mix", "blocks.1.out")] == ["blocks.0", "blocks.1"]
     errors = [(result.layers[n].adaround_mse, result.layers[n].nearest_mse) for n in ("blocks.0.mix", "blocks.1.mix")]

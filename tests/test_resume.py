@@ -350,7 +350,8 @@ def test_a_file_with_the_right_checksum_but_another_layer_is_refused(tmp_path):
     ('{"format": "lightning-adaround checkpoint", "version": 99}', "format version 99"),
     ('{"format": "lightning-adaround checkpoint", "version": 1}', "format version 1"),  # before nearest-where-better
     ('{"format": "lightning-adaround checkpoint", "version": 2}', "format version 2"),  # per-layer hold-out
-    ('{"format": "lightning-adaround checkpoint", "version": 3, "fingerprint": {}}', "incomplete"),
+    ('{"format": "lightning-adaround checkpoint", "version": 3}', "format version 3"),  # one hold-out per run
+    ('{"format": "lightning-adaround checkpoint", "version": 4, "fingerprint": {}}', "incomplete"),
 ])
 def test_an_unreadable_manifest_is_a_clear_error(tmp_path, content, words):
     (tmp_path / MANIFEST).write_text(content)

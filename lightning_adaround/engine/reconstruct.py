@@ -51,17 +51,18 @@ class RunData:
 
     capture: InputCapture
     config: AdaRoundConfig
-    generator: torch.Generator  # one seeded stream for the hold-out draw and every minibatch, in turn
+    generator: torch.Generator  # one seeded stream: bias_correction="auto"'s held-out draw, then every minibatch
     device: torch.device
     cache_device: torch.device
     layout: SampleLayout
-    held_out: list[Tensor]  # per calibration batch: which of its samples are held out
+    held_out: list[Tensor]  # per calibration batch: the samples bias_correction="auto" judges on
     reducer: Reducer
     task_loss: Optional[TaskLoss] = None  # for a block's Fisher loss
 
 
-def _held_out_rows(run: RunData, index: int, rows: int) -> tuple[Tensor, Tensor, bool]:
-    """``(training rows, held-out rows, per sample)`` of a call on batch ``index`` with ``rows`` input rows.
+def _held_out_rows(run: RunData, held_out: list[Tensor], index: int, rows: int) -> tuple[Tensor, Tensor, bool]:
+    """``(training rows, held-out rows, per sample)`` of a call on batch ``index`` with ``rows`` input rows,
+    ``held_out`` giving the unit's held-out samples per batch.
 
     Rows follow their sample when the input's first dim is a whole number of rows per sample
     (a Linear fed flattened tokens has several); otherwise no row of the call is held out.
@@ -69,7 +70,7 @@ def _held_out_rows(run: RunData, index: int, rows: int) -> tuple[Tensor, Tensor,
     size = run.layout.sizes[index]
     if rows % size:
         return torch.arange(rows), torch.arange(0), False
-    held = run.held_out[index].repeat_interleave(rows // size)
+    held = held_out[index].repeat_interleave(rows // size)
     return (~held).nonzero().flatten(), held.nonzero().flatten(), True
 
 
@@ -183,12 +184,13 @@ def _stacking(rows: list[list[float]], at: int, unit: Unit, rank: int) -> tuple[
 
 def build_objective(
     run: RunData, unit: Unit, rounded: dict[str, nn.Module], float_weights: dict[str, Tensor],
+    held_out: list[Tensor],
 ) -> Optional[UnitObjective]:
     """Everything one unit's optimisation needs, or ``None`` when no batch reaches it.
 
     Per calibration batch: the unit's input in the rounded model, its other per-sample
     arguments and its output in the float model, split into training and held-out rows (the
-    rows of the held-out samples). A layer called several times per forward (weight sharing)
+    rows of the unit's held-out samples, ``held_out`` per batch). A layer called several times per forward (weight sharing)
     contributes every call's rows (or moments). A unit of one layer may take the moments form,
     which keeps second moments instead of rows. With ``run.task_loss`` (a block's Fisher loss)
     the cache also holds the squared gradient of the task loss at the unit's output.
@@ -226,7 +228,7 @@ def build_objective(
         x_float = x if float_call is rounded_call else float_call[0][0].detach()
         per_sample = arguments.per_sample(rounded_call, x.shape)
         check_finite(f"{unit.kind} {unit.name!r}", [("input", x), ("float-model input", x_float)], fix=_fix(unit))
-        keep, held, by_sample = _held_out_rows(run, index, x.shape[0])
+        keep, held, by_sample = _held_out_rows(run, held_out, index, x.shape[0])
         per_sample_rows = per_sample_rows and by_sample
         pieces = []
         if held.numel():

@@ -48,8 +48,8 @@ def round_units(
 
     A unit is a layer, or a block whose layers are rounded together when the forward pass
     reaches its first layer; both go through the same builder, objective and loop.
-    One generator, seeded once, draws the held-out samples and then every unit's minibatches in
-    turn. A checkpoint stores its state after each layer, so a resumed run continues the same
+    Each unit holds out its own samples (drawn from ``seed`` and its position); one generator,
+    seeded once, draws every unit's minibatches in turn. A checkpoint stores its state after each layer, so a resumed run continues the same
     sequence; with several processes rank 0 writes it and every process reads it.
     """
     config, reducer, device, generator = data.config, data.reducer, data.device, data.generator
@@ -89,7 +89,8 @@ def round_units(
                     observer.on_layer_restored(saved.result)
                 continue
         started = time.perf_counter()
-        prepared = build_objective(data, unit, rounded, float_weights)
+        held_out = data.layout.unit_held_out(config.holdout_fraction, config.seed, positions[0])
+        prepared = build_objective(data, unit, rounded, float_weights, held_out)
         if prepared is None:
             result.unreached.extend(names)
             for position, name in zip(positions, names):

@@ -31,7 +31,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 FORMAT = "lightning-adaround checkpoint"
 # 2: moments-form layers keep round-to-nearest on channels where it fits better (other integer weights)
 # 3: the held-out samples are drawn once per run, not per layer (other minibatches, other integer weights)
-VERSION = 3
+# 4: each unit holds out its own samples again, drawn from the seed and its position (other integer weights)
+VERSION = 4
 MANIFEST = "manifest.json"
 # Settings that change no integer weight: a resumed run may change them.
 NOT_FINGERPRINTED = (
