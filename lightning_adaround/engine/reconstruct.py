@@ -190,8 +190,8 @@ def build_objective(
 
     Per calibration batch: the unit's input in the rounded model, its other per-sample
     arguments and its output in the float model, split into training and held-out rows (the
-    rows of the unit's held-out samples, ``held_out`` per batch). A layer called several times per forward (weight sharing)
-    contributes every call's rows (or moments). A unit of one layer may take the moments form,
+    rows of the unit's held-out samples, ``held_out`` per batch). A layer called several times
+    per forward (weight sharing) contributes every call's rows (or moments). A unit of one layer may take the moments form,
     which keeps second moments instead of rows. With ``run.task_loss`` (a block's Fisher loss)
     the cache also holds the squared gradient of the task loss at the unit's output.
 

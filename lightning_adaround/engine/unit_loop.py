@@ -49,8 +49,9 @@ def round_units(
     A unit is a layer, or a block whose layers are rounded together when the forward pass
     reaches its first layer; both go through the same builder, objective and loop.
     Each unit holds out its own samples (drawn from ``seed`` and its position); one generator,
-    seeded once, draws every unit's minibatches in turn. A checkpoint stores its state after each layer, so a resumed run continues the same
-    sequence; with several processes rank 0 writes it and every process reads it.
+    seeded once, draws every unit's minibatches in turn. A checkpoint stores its state after
+    each layer, so a resumed run continues the same sequence; with several processes rank 0
+    writes it and every process reads it.
     """
     config, reducer, device, generator = data.config, data.reducer, data.device, data.generator
     writes = checkpoint is not None and reducer.is_main
