@@ -90,6 +90,15 @@ class SampleLayout:
         return self.held_out(fraction, torch.Generator().manual_seed(seed * 1_000_003 + position + 1))
 
 
+def held_rows(held: Tensor, size: int, rows: int) -> Optional[Tensor]:
+    """Which of a call's ``rows`` input rows belong to held-out samples, given ``held`` for its batch of
+    ``size`` samples: rows follow their sample when the first dim is a whole number of rows per
+    sample (a Linear fed flattened tokens has several); otherwise ``None``, rows are not per sample."""
+    if not size or rows % size:
+        return None
+    return held.repeat_interleave(rows // size)
+
+
 def leading_rows(batch: Any, start: int, stop: int, size: int) -> Any:
     """Samples ``start:stop`` of every tensor whose leading dim is the batch size ``size``."""
     return map_tensors(batch, lambda t: t[start:stop] if t.dim() > 0 and t.shape[0] == size else t)

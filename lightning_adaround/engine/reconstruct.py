@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_adaround.data.cache import CachePlan, ChunkStore
-from lightning_adaround.data.calibration import SampleLayout
+from lightning_adaround.data.calibration import SampleLayout, held_rows
 from lightning_adaround.data.capture import Call, InputCapture, check_finite
 from lightning_adaround.data.capture import float_weights as float_weights_in
 from lightning_adaround.config import AdaRoundConfig
@@ -64,13 +64,11 @@ def _held_out_rows(run: RunData, held_out: list[Tensor], index: int, rows: int) 
     """``(training rows, held-out rows, per sample)`` of a call on batch ``index`` with ``rows`` input rows,
     ``held_out`` giving the unit's held-out samples per batch.
 
-    Rows follow their sample when the input's first dim is a whole number of rows per sample
-    (a Linear fed flattened tokens has several); otherwise no row of the call is held out.
+    Rows that are not per sample (:func:`held_rows`) are all training rows.
     """
-    size = run.layout.sizes[index]
-    if rows % size:
+    held = held_rows(held_out[index], run.layout.sizes[index], rows)
+    if held is None:
         return torch.arange(rows), torch.arange(0), False
-    held = held_out[index].repeat_interleave(rows // size)
     return (~held).nonzero().flatten(), held.nonzero().flatten(), True
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from lightning_adaround.data.calibration import held_rows
 from lightning_adaround.data.capture import InputCapture, float_weights
 from lightning_adaround.model.layers import following_ops
 from lightning_adaround.engine.reducer import Reducer
@@ -44,9 +45,8 @@ def _held_rows(held_out: Optional[Sequence[Tensor]], sizes: Sequence[int], index
     As in reconstruction: rows follow their sample when the first dim is a whole number of rows
     per sample; otherwise (or without held-out masks) none of the call's rows is held out.
     """
-    if held_out is None or index >= len(held_out) or not sizes[index] or rows % sizes[index]:
-        return torch.zeros(rows, dtype=torch.bool)
-    return held_out[index].repeat_interleave(rows // sizes[index])
+    held = None if held_out is None or index >= len(held_out) else held_rows(held_out[index], sizes[index], rows)
+    return torch.zeros(rows, dtype=torch.bool) if held is None else held
 
 
 def _output_sums(
