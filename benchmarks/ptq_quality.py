@@ -69,7 +69,8 @@ BIAS_CORRECTION = {"off": False, "on": True, "auto": "auto"}  # --bias-correctio
 def quantize(
     model: nn.Module, method: str, grid: dict[str, Any], preparation: str, batches: list[Any], iterations: int,
     batch_size: int = 32, lr: Optional[float] = 1e-3, scale_method: str = "mse", bias_correction: Union[bool, str] = False,
-    gptq_blocks: tuple[str, ...] = (), learn_scale: bool = False, scale_lr: float = 1e-4, **options: Any,
+    gptq_blocks: tuple[str, ...] = (), learn_scale: bool = False, scale_lr: float = 1e-4,
+    upstream_correction: float = 1.0, **options: Any,
 ) -> float:
     """Quantize ``model`` in place; seconds spent."""
     started = time.perf_counter()
@@ -83,7 +84,8 @@ def quantize(
     else:
         config = AdaRoundConfig(
             iterations=iterations, reconstruction=method, batch_size=batch_size, lr=lr, scale_method=scale_method,
-            bias_correction=bias_correction, learn_scale=learn_scale, scale_lr=scale_lr, **manual, **grid,
+            bias_correction=bias_correction, learn_scale=learn_scale, scale_lr=scale_lr,
+            upstream_correction=upstream_correction, **manual, **grid,
         )
         result = adaround(model, batches, config, **options)
         if SHOW_SUMMARY:
@@ -141,6 +143,7 @@ def effnet_rows(args: argparse.Namespace) -> list[dict[str, object]]:
             seconds = quantize(
                 model, method, GRIDS[grid], preparation, batches, args.iterations, args.batch_size, args.lr,
                 args.scale_method, args.bias_correction, learn_scale=args.learn_scale, scale_lr=args.scale_lr,
+                upstream_correction=args.upstream_correction,
                 gptq_blocks=("stem", *(f"blocks.{i}" for i in range(len(model.blocks))), "head"),
             )
             quantized = lite.logits(model, held_out)
@@ -148,6 +151,7 @@ def effnet_rows(args: argparse.Namespace) -> list[dict[str, object]]:
                 "model": "EfficientNet-Lite1", "grid": grid, "method": method, "prep": preparation,
                 "lr": _lr_cell(args.lr, args.iterations), "scale": _scale_of(method, args.scale_method, args.learn_scale, args.scale_lr),
                 "bias corr.": _bias_cell(args.bias_correction) if method in ("layer", "block") else "off",
+                "upstream": f"{args.upstream_correction:g}" if method in ("layer", "block") else "-",
                 "top-1 agreement": lite.top1_agreement(reference, quantized),
                 f"agreement, FP p>=0.5 ({int(confident.sum())})": lite.top1_agreement(reference[confident], quantized[confident]),
                 "KL": lite.mean_kl(reference, quantized), "seconds": seconds,
@@ -173,6 +177,7 @@ def minilm_rows(args: argparse.Namespace) -> list[dict[str, object]]:
             seconds = quantize(
                 model, method, GRIDS[grid], "none", batches, args.iterations, args.batch_size, args.lr,
                 args.scale_method, args.bias_correction, learn_scale=args.learn_scale, scale_lr=args.scale_lr,
+                upstream_correction=args.upstream_correction,
                 forward_fn=forward,
                 gptq_blocks=tuple(f"encoder.encoder.layer.{i}" for i in range(len(model.encoder.encoder.layer))),
             )
@@ -180,6 +185,7 @@ def minilm_rows(args: argparse.Namespace) -> list[dict[str, object]]:
                 "model": "MiniLM-L6", "grid": grid, "method": method, "prep": "none",
                 "lr": _lr_cell(args.lr, args.iterations), "scale": _scale_of(method, args.scale_method, args.learn_scale, args.scale_lr),
                 "bias corr.": _bias_cell(args.bias_correction) if method in ("layer", "block") else "off",
+                "upstream": f"{args.upstream_correction:g}" if method in ("layer", "block") else "-",
                 "cosine": minilm.held_out_cosine(model, dm, reference), "seconds": seconds,
             })
             print_table("so far", rows[-1:])
@@ -201,6 +207,9 @@ def main() -> None:
     parser.add_argument("--learn-scale", action="store_true",
                         help="AdaRound rows learn the grid scales jointly with the rounding (learn_scale=True)")
     parser.add_argument("--scale-lr", type=float, default=1e-4, help="Adam rate of the learned scales (--learn-scale)")
+    parser.add_argument("--upstream-correction", type=float, default=AdaRoundConfig().upstream_correction,
+                        help="AdaRound rows: how much of the earlier layers' error each layer makes up for "
+                             "(upstream_correction; 1 targets the float model, as the paper)")
     parser.add_argument("--bias-correction", nargs="?", const="on", default="off", choices=list(BIAS_CORRECTION),
                         help="bias correction after AdaRound: off, on (bias_correction=True; also the bare flag) "
                              "or auto (kept per channel where it lowers the held-out error)")

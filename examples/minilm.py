@@ -260,6 +260,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=500, help="AdaRound steps per layer")
+    parser.add_argument(
+        "--upstream-correction", type=float, default=1.0,
+        help="share of the earlier layers' rounding error each layer makes up for (1: the paper; "
+             "0.5 held up better at 2,000 iterations, docs/four-bits.md)",
+    )
     parser.add_argument("--calibration-samples", type=int, default=128, help="calibration chunks")
     parser.add_argument("--holdout-samples", type=int, default=256, help="held-out chunks scored")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per chunk (padded)")
@@ -296,7 +301,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     adarounded = copy.deepcopy(float_model)
     config = AdaRoundConfig(
         bits=args.bits, iterations=args.iterations, loss_form=args.loss_form, layers=layers, seed=args.seed,
-        carry_activations=not args.no_carry,
+        carry_activations=not args.no_carry, upstream_correction=args.upstream_correction,
     )
     callback = AdaRoundCallback(
         config=config, run_on="validate", num_calibration_samples=args.calibration_samples, verbose=not args.quiet,

@@ -445,7 +445,8 @@ def test_every_config_field_is_reachable_from_lightning_cli_yaml(tmp_path):
     yaml_values = {
         "bits": 3, "symmetric": False, "granularity": {"class_path": "lightning_adaround.PerTensor"},
         "scale_method": "minmax", "loss_form": "minibatch", "reconstruction": "block", "blocks": ["net"],
-        "block_loss": "fisher", "iterations": 10, "batch_size": 8, "lr": 0.01, "reg_lambda": 0.02,
+        "block_loss": "fisher", "iterations": 10, "batch_size": 8, "lr": 0.01, "upstream_correction": 0.5,
+        "reg_lambda": 0.02,
         "warm_start": 0.1, "beta_start": 16.0, "beta_end": 3.0, "include_activation": False,
         "holdout_fraction": 0.0, "device_cache_bytes": 1000, "host_cache_bytes": 2000,
         "cache_dir": str(tmp_path), "cache_dtype": "torch.bfloat16", "carry_activations": False, "seed": 7,

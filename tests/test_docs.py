@@ -422,6 +422,7 @@ def _error_cases() -> list[Any]:
         "granularity str": lambda: AdaRoundConfig(granularity="per_channel"),
         "iterations": lambda: AdaRoundConfig(iterations=0),
         "lr": lambda: AdaRoundConfig(lr=0.0),
+        "upstream_correction": lambda: AdaRoundConfig(upstream_correction=1.5),
         "reg_lambda": lambda: AdaRoundConfig(reg_lambda=-1.0),
         "warm_start": lambda: AdaRoundConfig(warm_start=1.0),
         "holdout": lambda: AdaRoundConfig(holdout_fraction=1.0),

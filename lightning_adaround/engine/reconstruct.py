@@ -226,6 +226,7 @@ def build_objective(
         x_float = x if float_call is rounded_call else float_call[0][0].detach()
         per_sample = arguments.per_sample(rounded_call, x.shape)
         check_finite(f"{unit.kind} {unit.name!r}", [("input", x), ("float-model input", x_float)], fix=_fix(unit))
+        x_float = target_input(x, x_float, config.upstream_correction)
         keep, held, by_sample = _held_out_rows(run, held_out, index, x.shape[0])
         per_sample_rows = per_sample_rows and by_sample
         pieces = []
@@ -332,6 +333,17 @@ def _agree_on_form(
         )
     reached_by = [r for r in rows if r[0]]
     return _FORMS[int(reached_by[0][1])] if reached_by else None
+
+
+def target_input(rounded: Tensor, float_input: Tensor, correction: float) -> Tensor:
+    """The input whose float output a unit is fitted to: ``correction`` of the way from its input in
+    the rounded model to its input in the float model (``upstream_correction``). At 1 the unit
+    makes up for the earlier layers' rounding error (the paper); at 0 it only fits its own."""
+    if correction == 1.0 or float_input is rounded:
+        return float_input
+    if correction == 0.0:
+        return rounded
+    return torch.lerp(rounded, float_input, correction)
 
 
 def _fix(unit: Unit) -> str:
