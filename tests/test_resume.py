@@ -196,6 +196,26 @@ def test_settings_that_change_no_weight_may_change_on_resume(tmp_path):
     _assert_same_result(result, reference, model, reference_model)
 
 
+@pytest.mark.parametrize("here, resumes", [(1.0, True), (0.5, False)])
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(tmp_path, here, resumes):
+    """A checkpoint written before ``upstream_correction`` existed lacks it: it counts as the
+    default there (which rounds as before), so only a run that sets another value is refused."""
+    config = _config()
+    reference, reference_model = _reference(config)
+    _interrupted_after_three_layers(tmp_path, config)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    del manifest["fingerprint"]["settings"]["upstream_correction"]
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    model = _model()
+    if resumes:
+        result = adaround(model, _data(), _config(upstream_correction=here), checkpoint_dir=tmp_path)
+        assert result.restored == LAYERS[:3]
+        _assert_same_result(result, reference, model, reference_model)
+    else:
+        with pytest.raises(ValueError, match="upstream_correction is 1.0 there and 0.5 here"):
+            adaround(model, _data(), _config(upstream_correction=here), checkpoint_dir=tmp_path)
+
+
 def test_unreached_layers_are_remembered(tmp_path):
     class WithUnused(nn.Module):
         def __init__(self):

@@ -139,7 +139,11 @@ def _hash_batches(batches: Sequence[Any]) -> str:
 def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """What differs between a saved fingerprint and this run's, in words."""
     found = []
-    old, new = saved.get("settings", {}), now["settings"]
+    # A setting added after the checkpoint was written counts as its default there: a new
+    # setting's default rounds as the library did before it (else VERSION is raised).
+    defaults = {f.name: _plain(getattr(AdaRoundConfig(), f.name)) for f in dataclasses.fields(AdaRoundConfig)}
+    old = {**{k: v for k, v in defaults.items() if k in now["settings"]}, **saved.get("settings", {})}
+    new = now["settings"]
     for key in sorted(set(old) | set(new)):
         if old.get(key, "<unset>") != new.get(key, "<unset>"):
             found.append(f"{key} is {old.get(key, '<unset>')!r} there and {new.get(key, '<unset>')!r} here")
