@@ -226,17 +226,17 @@ def build_objective(
         x_float = x if float_call is rounded_call else float_call[0][0].detach()
         per_sample = arguments.per_sample(rounded_call, x.shape)
         check_finite(f"{unit.kind} {unit.name!r}", [("input", x), ("float-model input", x_float)], fix=_fix(unit))
-        x_float = target_input(x, x_float, config.upstream_correction)
+        x_target = target_input(x, x_float, config.upstream_correction)
         keep, held, by_sample = _held_out_rows(run, held_out, index, x.shape[0])
         per_sample_rows = per_sample_rows and by_sample
         pieces = []
         if held.numel():
-            pieces += [("eval_in", x[held]), ("eval_out", unit_targets(unit, weights, x_float[held], float_call, held))]
+            pieces += [("eval_in", x[held]), ("eval_out", unit_targets(unit, weights, x_target[held], float_call, held))]
             pieces += [(f"eval_{key}", t[held]) for key, t in per_sample.items()]
         if moments is not None:
-            moments.add(x[keep], None if x_float is x else x_float[keep])
+            moments.add(x[keep], None if x_target is x else x_target[keep])
         else:
-            target = unit_targets(unit, weights, x_float[keep], float_call, keep)
+            target = unit_targets(unit, weights, x_target[keep], float_call, keep)
             check_finite(f"{unit.kind} {unit.name!r}", [("full-precision output", target)], fix=_fix(unit))
             pieces += [("train_in", x[keep]), ("train_out", target)]
             pieces += [(f"train_{key}", t[keep]) for key, t in per_sample.items()]
