@@ -23,7 +23,7 @@ from lightning_adaround import AdaRoundConfig, adaround
 from lightning_adaround.data.unit import Unit, UnitData
 from lightning_adaround.model.layers import output_channel_dim, run_with_weight
 from lightning_adaround.grid.loss import BetaSchedule
-from lightning_adaround.data.moments import LayerMoments
+from lightning_adaround.data.moments import LayerMoments, patch_rows
 from lightning_adaround.engine.objective import MinibatchObjective, MomentsObjective, reconstruction_loss
 from lightning_adaround.engine.optimize import optimize_rounding
 from lightning_adaround.grid.quant import PerChannel, choose_grid
@@ -92,6 +92,39 @@ def per_step_rows(quick: bool, steps: int) -> list[dict[str, object]]:
             "layer": name, "irreducible ms": 1e3 * t_base, "minibatch step ms": 1e3 * t_minibatch,
             "minibatch / irreducible": t_minibatch / t_base,
             "moments step ms": 1e3 * t_moments, "moments / irreducible": t_moments / t_base,
+        })
+    return rows
+
+
+def moments_rows(quick: bool) -> list[dict[str, object]]:
+    """Accumulating a layer's moments from inputs that differ (rounded vs target) and from equal
+    ones, against GPTQ's one float32 ``X^T X`` on the same rows, unfolded the same way (``benchmarks/gptq.py``)."""
+    s = 4 if quick else 1
+    cases = [
+        ("Linear 384->384 x128 tokens", nn.Linear(384, 384), (128, 384)),
+        ("Linear 384->1536 x128 tokens", nn.Linear(384, 1536), (128, 384)),
+        ("Linear 1536->384 x128 tokens", nn.Linear(1536 // s, 384 // s), (128, 1536 // s)),
+        ("Conv2d 1x1 96->32 @28x28", nn.Conv2d(96, 32, 1), (96, 28, 28)),
+        ("depthwise 3x3 128 @28x28", nn.Conv2d(128, 128, 3, padding=1, groups=128), (128, 28 // s, 28 // s)),
+    ]
+    rows = []
+    for name, layer, shape in cases:
+        torch.manual_seed(0)
+        x = torch.randn(32 // s, *shape)
+        x_rounded = x + 0.01 * torch.randn_like(x)
+
+        def gptq_h() -> None:
+            for group in patch_rows(layer, x):
+                group.T @ group
+
+        def accumulate(float_input) -> Callable[[], None]:
+            return lambda: LayerMoments(layer, torch.device("cpu")).add(x_rounded, float_input)
+
+        t_h = timed(gptq_h, 3)
+        rows.append({
+            "layer": name, "GPTQ's H ms": 1e3 * t_h,
+            "moments, inputs differ / H": timed(accumulate(x), 3) / t_h,
+            "moments, same input / H": timed(accumulate(None), 3) / t_h,
         })
     return rows
 
@@ -352,6 +385,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print_table("Per-step time vs the irreducible work (layer forward + weight gradient, same minibatch of 32)",
                 per_step_rows(args.quick, steps=3 if args.quick else 10))
+    print_table("Moments accumulation vs GPTQ's X^T X on the same rows (target: inputs differ <= 3)", moments_rows(args.quick))
     print_table("Whole run vs the irreducible minibatch work (target for moments: <= 0.35)",
                 forms_rows(args.quick, iterations=20 if args.quick else 1000))
     print_table("Capture: full passes vs carried block inputs (calibration: 64 samples quick, 256 full)",

@@ -242,7 +242,7 @@ class MomentsObjective:
 
     With ``D = W~ - W`` and ``x~ = x + e``:  ``mean ||W~ x~ - W x||^2 =
     tr(D A D^T) + 2 tr(D M W^T) + tr(W K W^T)``, ``A = E[x~ x~^T]``, ``M = E[x~ e^T]``,
-    ``K = E[e e^T]``. Written around ``D`` the value stays accurate (and non-negative)
+    ``K = E[e e^T]``; :class:`LayerMoments` keeps ``W M^T = E[(W e) x~^T]`` and ``diag(W K W^T)``. Written around ``D`` the value stays accurate (and non-negative)
     as W~ approaches W, where the expanded form would cancel. A BatchNorm after the layer
     weighs each output channel by its squared scale.
     """
@@ -278,13 +278,15 @@ class MomentsObjective:
         if scale is not None:
             channel_weight = scale.double().to(device) ** 2
         # float64 copies for exact reporting; ``dtype`` ones for the steps
+        wx, ee = moments.error_terms()
+        channel_weight = channel_weight.reshape(w.shape[0], w.shape[1], 1)
         self.exact = {
             "a": moments.xx / rows,
-            "wm": w @ (moments.x_diff / rows).transpose(1, 2),
-            "channel_weight": channel_weight.reshape(w.shape[0], w.shape[1], 1),
+            "wm": wx / rows,
+            "channel_weight": channel_weight,
             "float_weight": w,
+            "const": (channel_weight[..., 0] * ee).sum() / rows,
         }
-        self.exact["const"] = (self.exact["channel_weight"] * (w @ (moments.diff_diff / rows)) * w).sum()
         self.a, self.wm, self.const, self.channel_weight, self.float_weight = (
             self.exact[k].to(dtype) for k in ("a", "wm", "const", "channel_weight", "float_weight")
         )

@@ -214,7 +214,7 @@ def build_objective(
     if unit.is_layer:
         unit = dataclasses.replace(unit, ops=ops)
     weights = [float_weights[n].to(compute_dtype(float_weights[n].dtype)) for n in unit.layers]
-    moments = LayerMoments(unit.module, device) if form == "moments" else None
+    moments = LayerMoments(unit.module, device, float_weights[unit.name]) if form == "moments" else None
     cache = _Cache(CachePlan(
         device, config.device_cache_bytes, config.host_cache_bytes, config.cache_dir, config.cache_dtype,
     ), len(run.capture.batches) * run.capture.calls_per_batch(first_name))
@@ -249,7 +249,7 @@ def build_objective(
     if moments is not None:
         count = torch.tensor([float(moments.rows), float(moments.samples)], dtype=torch.float64, device=device)
         rows = reducer.sum(
-            [moments.xx, moments.x_diff, moments.diff_diff, count], f"summing the moments of {unit.kind} {unit.name!r}",
+            [*moments.sums(), count], f"summing the moments of {unit.kind} {unit.name!r}",
             numbers=numbers,
         )
         moments.rows, moments.samples = int(count[0].item()), int(count[1].item())
