@@ -1,5 +1,7 @@
 """The rounding variable: identity at init, hard rounding on the grid, V's sign picks the side."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -118,14 +120,18 @@ def test_soft_weight_clamped_to_grid_range():
 
 @pytest.mark.parametrize("beta", [None, 20.0, 7.3, 2.0])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_fused_soft_rounding_equals_autograd_reference(beta, symmetric):
+@pytest.mark.parametrize("clipped", [True, False], ids=["clipped", "inside"])
+def test_fused_soft_rounding_equals_autograd_reference(beta, symmetric, clipped):
     """The fast path (hand-written gradient) against autograd through soft() and the regularizer."""
     from lightning_adaround.grid.loss import rounding_regularizer
 
     torch.manual_seed(0)
     w = torch.randn(16, 3, 3, 3)
     grid = choose_grid(w, 3, symmetric=symmetric, method="mse")  # mse: some weights clipped
+    if not clipped:  # a range twice as wide: no weight can leave it
+        grid = dataclasses.replace(grid, scale=grid.scale * 2.0)
     r = RoundingVariable(w, grid)
+    assert (r.edges is not None) == clipped
     r.v = (r.v + 2.0 * torch.randn_like(r.v)).detach().requires_grad_(True)  # some h saturated
     upstream = torch.randn_like(w)
     weight, h = r.soft()

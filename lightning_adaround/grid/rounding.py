@@ -27,21 +27,48 @@ def inverse_rectified_sigmoid(h: Tensor) -> Tensor:
     return -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1.0)
 
 
-def soft_forward(
-    v: Tensor, weight_floor: Tensor, low: Tensor, high: Tensor, scale: Tensor, beta: Optional[float],
-) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-    """``(soft weight, regularizer, saved)``: the step's elementwise work in one pass, no graph.
+@dataclasses.dataclass(frozen=True)
+class Edges:
+    """The weights whose ``floor(W/s) + h`` can leave ``[low, high]`` for some ``h`` in ``[0, 1]`` (clipped
+    by the scale search, or at the top of the range): flat indices and their bounds. Every other
+    weight stays inside, so a step clamps and masks only these few."""
 
-    ``saved`` is what :func:`soft_backward` needs; ``beta=None`` means no regularizer (0).
+    index: Tensor
+    low: Tensor
+    high: Tensor
+
+    @staticmethod
+    def of(weight_floor: Tensor, low: Tensor, high: Tensor) -> Optional["Edges"]:
+        low, high = low.expand_as(weight_floor).reshape(-1), high.expand_as(weight_floor).reshape(-1)
+        floor = weight_floor.reshape(-1)
+        index = ((floor < low) | (floor + 1.0 > high)).nonzero().flatten()
+        return Edges(index, low[index], high[index]) if index.numel() else None
+
+
+def soft_forward(
+    v: Tensor, weight_floor: Tensor, edges: Optional[Edges], scale: Tensor, beta: Optional[float],
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """``(soft weight, regularizer, saved)``: the step's elementwise work in few passes, no graph.
+
+    ``saved`` is what :func:`soft_backward` needs; ``beta=None`` means no regularizer (0). Masks are
+    built from ``sign`` rather than comparisons: on a CPU a float pass costs a fraction of a
+    comparison into a bool tensor and of a float-by-bool product.
     """
     s = torch.sigmoid(v)
-    h = s * (ZETA - GAMMA) + GAMMA
-    h_inside = (h > 0) & (h < 1)
+    h = s.mul(ZETA - GAMMA).add_(GAMMA)
+    twice_inside = torch.rsub(h, 1.0).sign_().add_(torch.sign(h))  # 2 where 0 < h < 1, else 0
     h.clamp_(0.0, 1.0)
+    dh_dv = torch.addcmul(s, s, s, value=-1.0).mul_(twice_inside).mul_((ZETA - GAMMA) / 2.0)  # s (1 - s) h'
     w_int = weight_floor + h
-    dw_dh = ((w_int >= low) & (w_int <= high)) * scale
-    weight = torch.minimum(torch.maximum(w_int, low), high).mul_(scale)
-    dh_dv = s.mul_(1.0 - s).mul_(ZETA - GAMMA).mul_(h_inside)
+    dw_dh = scale
+    if edges is not None:
+        flat = w_int.view(-1)
+        at_edge = flat[edges.index]
+        kept = ((at_edge >= edges.low) & (at_edge <= edges.high)).to(flat.dtype)
+        flat[edges.index] = torch.minimum(torch.maximum(at_edge, edges.low), edges.high)
+        dw_dh = scale.expand_as(w_int).clone()
+        dw_dh.view(-1)[edges.index] *= kept
+    weight = w_int.mul_(scale)
     if beta is None:
         return weight, weight.new_zeros(()), (dh_dv, dw_dh)
     t = h.mul_(2.0).sub_(1.0)  # 2h - 1
@@ -49,7 +76,7 @@ def soft_forward(
     # and its gradient are < 1e-30 there, so the floor changes nothing measurable.
     magnitude = t.abs().clamp_min_(1e-30 ** (1.0 / beta))
     power = magnitude.pow(beta - 1.0)
-    reg = (1.0 - power * magnitude).sum()
+    reg = (power * magnitude).neg_().add_(1.0).sum()
     dreg_dh = power.mul_(t.sign_()).mul_(-2.0 * beta)
     return weight, reg, (dh_dv, dw_dh, dreg_dh)
 
@@ -78,9 +105,9 @@ class _SoftRounding(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, v, weight_floor, low, high, scale, beta):
-        weight, reg, saved = soft_forward(v, weight_floor, low, high, scale, beta)
-        ctx.learns_scale = ctx.needs_input_grad[4]
+    def forward(ctx, v, weight_floor, edges, scale, beta):
+        weight, reg, saved = soft_forward(v, weight_floor, edges, scale, beta)
+        ctx.learns_scale = ctx.needs_input_grad[3]
         ctx.save_for_backward(*saved, *((weight, scale) if ctx.learns_scale else ()))
         return weight, reg
 
@@ -90,7 +117,7 @@ class _SoftRounding(torch.autograd.Function):
         if ctx.learns_scale:
             saved, (weight, scale) = saved[:-2], saved[-2:]
             grad_scale = (grad_weight * weight / scale).sum_to_size(scale.shape)
-        return soft_backward(saved, grad_weight, grad_reg), None, None, None, grad_scale, None
+        return soft_backward(saved, grad_weight, grad_reg), None, None, grad_scale, None
 
 
 class RoundingVariable:
@@ -118,6 +145,7 @@ class RoundingVariable:
         # Bounds of floor(W/s) + h so that the integer weight stays in [qmin, qmax].
         self.low = grid.qmin - zero_point
         self.high = grid.qmax - zero_point
+        self.edges = Edges.of(self.weight_floor, self.low, self.high)
         self.v = inverse_rectified_sigmoid(scaled - self.weight_floor).requires_grad_(True)
         self.log_scale: Optional[Tensor] = (
             torch.zeros_like(grid.scale, dtype=torch.float32).requires_grad_(True) if learn_scale else None
@@ -159,12 +187,12 @@ class RoundingVariable:
 
     def soft_with_regularizer(self, beta: Optional[float]) -> tuple[Tensor, Tensor]:
         """``(weight, sum(1 - |2h - 1|^beta))`` in one fused op; ``beta=None``: regularizer 0."""
-        return _SoftRounding.apply(self.v, self.weight_floor, self.low, self.high, self.current_scale(), beta)
+        return _SoftRounding.apply(self.v, self.weight_floor, self.edges, self.current_scale(), beta)
 
     @torch.no_grad()
     def soft_step(self, beta: Optional[float]) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         """:meth:`soft_with_regularizer` without autograd, plus what :func:`soft_backward` needs."""
-        return soft_forward(self.v, self.weight_floor, self.low, self.high, self.current_scale(), beta)
+        return soft_forward(self.v, self.weight_floor, self.edges, self.current_scale(), beta)
 
     @torch.no_grad()
     def refit_scale(self, channel_error: Callable[..., Tensor]) -> int:
