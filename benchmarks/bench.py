@@ -385,7 +385,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print_table("Per-step time vs the irreducible work (layer forward + weight gradient, same minibatch of 32)",
                 per_step_rows(args.quick, steps=3 if args.quick else 10))
-    print_table("Moments accumulation vs GPTQ's X^T X on the same rows (target: inputs differ <= 3)", moments_rows(args.quick))
+    print_table("Moments accumulation vs GPTQ's X^T X on the same rows", moments_rows(args.quick))
     print_table("Whole run vs the irreducible minibatch work (target for moments: <= 0.35)",
                 forms_rows(args.quick, iterations=20 if args.quick else 1000))
     print_table("Capture: full passes vs carried block inputs (calibration: 64 samples quick, 256 full)",
