@@ -49,9 +49,7 @@ def optimize_rounding(
     params: list[dict] = [{"params": [r.v for r in group]}]
     if scales:
         params.append({"params": scales, "lr": lr if scale_lr is None else scale_lr})
-    # the fused kernel: one pass over V and Adam's state per step instead of several (CPU and CUDA)
-    fused = all(p.device.type in ("cpu", "cuda") for group_params in params for p in group_params["params"])
-    optimizer = torch.optim.Adam(params, lr=lr, fused=fused)
+    optimizer = _adam(params, lr)
     value_and_grad = getattr(objective, "value_and_grad", None) if len(group) == 1 else None
     for step in range(iterations):
         if should_stop is not None and should_stop():
@@ -82,3 +80,12 @@ def optimize_rounding(
                 "reg_loss": float(reg.detach()),
                 "beta": beta,
             })
+
+
+def _adam(params: list[dict], lr: float) -> torch.optim.Adam:
+    """Adam with the fused kernel (one pass over V and its state per step instead of several) where
+    this torch has one for the parameters' device: CUDA, and the CPU from torch 2.4; else the default."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:
+        return torch.optim.Adam(params, lr=lr)
