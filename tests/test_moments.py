@@ -227,3 +227,25 @@ def test_step_without_autograd_follows_the_autograd_step(key):
     for a, b in zip(logs["analytic"], logs["autograd"]):
         assert a["recon_loss"] == pytest.approx(b["recon_loss"], rel=1e-4, abs=1e-7)
         assert a["reg_loss"] == pytest.approx(b["reg_loss"], rel=1e-5)
+
+
+def test_an_unbatched_conv_input_is_refused_with_the_fix():
+    conv = nn.Conv2d(3, 2, 3, padding=1)
+    with pytest.raises(ValueError, match=r"without a batch dimension.*unsqueeze\(0\).*minibatch"):
+        patch_rows(conv, torch.randn(3, 6, 5))
+
+
+def test_full_float32_products_put_the_users_matmul_precision_back():
+    """On CUDA the accumulation takes full float32 products; the user's setting ("medium" here) comes back."""
+    from lightning_adaround.data.moments import _full_float32
+
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        with _full_float32(torch.device("cuda")):  # only the setting: runs without a GPU
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "medium"
+        with _full_float32(torch.device("cpu")):
+            assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(saved)

@@ -1,5 +1,6 @@
 """The rounding variable: identity at init, hard rounding on the grid, V's sign picks the side."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -145,3 +146,37 @@ def test_fused_soft_rounding_equals_autograd_reference(beta, symmetric, clipped)
     else:
         assert reg.item() == pytest.approx(rounding_regularizer(h, beta).item(), rel=1e-6)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_weights_on_the_grid_get_no_gradient_and_stay():
+    """h is exactly 0 for a weight on the grid (a pruned zero): the step leaves its V alone, as autograd's
+    strict interior would, so a sparse model keeps its zeros."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 32)
+    w[:, :4] = 0.0
+    grid = choose_grid(w, 4, granularity=PerChannel(), method="minmax")
+    r = RoundingVariable(w, grid)
+    _, h = r.soft()
+    assert torch.all(h[:, :4] == 0.0)
+    _, _, saved = r.soft_step(10.0)
+    dh_dv = saved[0]
+    assert torch.all(dh_dv[:, :4] == 0.0) and torch.all(dh_dv[:, 4:][h[:, 4:] > 0] > 0)
+
+
+@pytest.mark.parametrize("form", ["moments", "minibatch"])
+def test_a_channels_last_model_rounds_as_a_contiguous_one(form):
+    from torch import nn
+
+    from lightning_adaround import AdaRoundConfig, adaround
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    twin = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    config = AdaRoundConfig(bits=4, iterations=20, batch_size=8, loss_form=form)
+    adaround(model, batches, config)
+    adaround(twin, batches, config)
+    assert twin[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(model, twin):
+        if isinstance(a, nn.Conv2d):
+            torch.testing.assert_close(b.weight, a.weight, rtol=0, atol=1e-6)

@@ -56,22 +56,30 @@ def patch_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
     if isinstance(layer, nn.Linear):
         return inputs.reshape(1, -1, inputs.shape[-1])
     g, d = layer.groups, patch_dim(layer)
-    inputs = inputs.to(torch.promote_types(inputs.dtype, torch.float32))  # half-precision models: exact patches
+    if inputs.dim() != len(layer.kernel_size) + 2:
+        raise ValueError(
+            f"a {type(layer).__name__} received an input of shape {tuple(inputs.shape)} without a batch "
+            "dimension; the moments form needs batched inputs (call it on x.unsqueeze(0)) or use "
+            "loss_form='minibatch'."
+        )
+    dtype = torch.promote_types(inputs.dtype, torch.float32)  # half-precision models: exact patches
     n = inputs.shape[0]
     if _unfolds(layer):
         two_d = (lambda v: tuple(v)) if isinstance(layer, nn.Conv2d) else (lambda v: (1, *v))  # noqa: E731
         if isinstance(layer, nn.Conv1d):
             inputs = inputs.unsqueeze(2)
         patches = F.unfold(
-            inputs, two_d(layer.kernel_size), dilation=two_d(layer.dilation),
+            inputs.to(dtype), two_d(layer.kernel_size), dilation=two_d(layer.dilation),
             padding=two_d(layer.padding) if isinstance(layer, nn.Conv2d) else (0, *layer.padding),
             stride=two_d(layer.stride),
         )
     else:
+        # float64 on CUDA: cuDNN convolutions take TF32 by default, which would round the inputs
+        exact = torch.float64 if inputs.is_cuda else dtype
         kernel = layer.kernel_size
-        eye = torch.eye(d, dtype=inputs.dtype, device=inputs.device)
+        eye = torch.eye(d, dtype=exact, device=inputs.device)
         eye = eye.reshape(d, layer.in_channels // g, *kernel).repeat(g, *([1] * (len(kernel) + 1)))
-        patches = torch.func.functional_call(layer, {"weight": eye, "bias": None}, (inputs,))
+        patches = torch.func.functional_call(layer, {"weight": eye, "bias": None}, (inputs.to(exact),)).to(dtype)
     return patches.reshape(n, g, d, -1).permute(1, 0, 3, 2).reshape(g, -1, d)
 
 
@@ -127,7 +135,7 @@ class LayerMoments:
         per_sample = positions * groups_of(self.layer) * patch_dim(self.layer) * dtype.itemsize
         step = max(1, _CHUNK_BYTES // per_sample)
         weight = self.weight.to(dtype)
-        with _without_tf32(rounded_input.device):
+        with _full_float32(rounded_input.device):
             for start in range(0, rounded_input.shape[0], step):
                 rows = patch_rows(self.layer, rounded_input[start:start + step].to(dtype))
                 self.xx += rows.transpose(1, 2) @ rows
@@ -157,19 +165,18 @@ class LayerMoments:
 
 
 @contextmanager
-def _without_tf32(device: torch.device) -> Iterator[None]:
-    """Full float32 products on CUDA: cuDNN convolutions (the patch unfolding) take TF32 by default,
-    and a user's ``set_float32_matmul_precision("high")`` would give it to the products too."""
+def _full_float32(device: torch.device) -> Iterator[None]:
+    """Full float32 matrix products on CUDA, whatever ``torch.set_float32_matmul_precision`` the user
+    chose ("high" and "medium" allow TF32 or bfloat16 there), put back afterwards."""
     if device.type != "cuda":
         yield
         return
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    saved = matmul.allow_tf32, cudnn.allow_tf32
-    matmul.allow_tf32 = cudnn.allow_tf32 = False
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
     try:
         yield
     finally:
-        matmul.allow_tf32, cudnn.allow_tf32 = saved
+        torch.set_float32_matmul_precision(saved)
 
 
 @torch.no_grad()

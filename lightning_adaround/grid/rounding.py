@@ -56,17 +56,18 @@ def soft_forward(
     """
     s = torch.sigmoid(v)
     h = s.mul(ZETA - GAMMA).add_(GAMMA)
-    twice_inside = torch.rsub(h, 1.0).sign_().add_(torch.sign(h))  # 2 where 0 < h < 1, else 0
+    # 1 where 0 < h < 1, else 0: at exactly 0 (a weight on the grid, a pruned zero) V gets no gradient
+    inside = torch.rsub(h, 1.0).sign_().add_(torch.sign(h)).sub_(1.0).clamp_min_(0.0)
     h.clamp_(0.0, 1.0)
-    dh_dv = torch.addcmul(s, s, s, value=-1.0).mul_(twice_inside).mul_((ZETA - GAMMA) / 2.0)  # s (1 - s) h'
-    w_int = weight_floor + h
+    dh_dv = torch.addcmul(s, s, s, value=-1.0).mul_(inside).mul_(ZETA - GAMMA)  # s (1 - s) (zeta - gamma)
+    w_int = (weight_floor + h).contiguous()  # a channels_last weight gives a channels_last sum
     dw_dh = scale
     if edges is not None:
         flat = w_int.view(-1)
         at_edge = flat[edges.index]
         kept = ((at_edge >= edges.low) & (at_edge <= edges.high)).to(flat.dtype)
         flat[edges.index] = torch.minimum(torch.maximum(at_edge, edges.low), edges.high)
-        dw_dh = scale.expand_as(w_int).clone()
+        dw_dh = scale.expand_as(w_int).clone(memory_format=torch.contiguous_format)
         dw_dh.view(-1)[edges.index] *= kept
     weight = w_int.mul_(scale)
     if beta is None:
@@ -134,7 +135,7 @@ class RoundingVariable:
     """
 
     def __init__(self, weight: Tensor, grid: QuantGrid, learn_scale: bool = False) -> None:
-        w = weight.detach().float()
+        w = weight.detach().float().contiguous()  # a channels_last weight: the steps index it flat
         grid = grid.to(w.device)
         self._grid = grid
         # per group: each group's scale and zero point repeated over its weights, once, so the
