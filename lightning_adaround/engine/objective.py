@@ -242,9 +242,10 @@ class MomentsObjective:
 
     With ``D = W~ - W`` and ``x~ = x + e``:  ``mean ||W~ x~ - W x||^2 =
     tr(D A D^T) + 2 tr(D M W^T) + tr(W K W^T)``, ``A = E[x~ x~^T]``, ``M = E[x~ e^T]``,
-    ``K = E[e e^T]``; :class:`LayerMoments` keeps ``W M^T = E[(W e) x~^T]`` and ``diag(W K W^T)``. Written around ``D`` the value stays accurate (and non-negative)
-    as W~ approaches W, where the expanded form would cancel. A BatchNorm after the layer
-    weighs each output channel by its squared scale.
+    ``K = E[e e^T]``; :class:`LayerMoments` keeps ``W M^T = E[(W e) x~^T]`` and ``diag(W K W^T)``.
+    Written around ``D`` the value stays accurate (and non-negative) as W~ approaches W, where the
+    expanded form would cancel. A BatchNorm after the layer weighs each output channel by its
+    squared scale.
     """
 
     form = "moments"

@@ -60,7 +60,7 @@ def soft_forward(
     inside = torch.rsub(h, 1.0).sign_().add_(torch.sign(h)).sub_(1.0).clamp_min_(0.0)
     h.clamp_(0.0, 1.0)
     dh_dv = torch.addcmul(s, s, s, value=-1.0).mul_(inside).mul_(ZETA - GAMMA)  # s (1 - s) (zeta - gamma)
-    w_int = (weight_floor + h).contiguous()  # a channels_last weight gives a channels_last sum
+    w_int = weight_floor + h  # contiguous (RoundingVariable keeps its tensors so): indexed flat below
     dw_dh = scale
     if edges is not None:
         flat = w_int.view(-1)
