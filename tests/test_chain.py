@@ -155,3 +155,49 @@ def test_carrying_makes_capture_linear_in_depth():
     assert carried[2] - carried[1] == carried[1] - carried[0]
     assert full[2] - full[1] > 1.5 * (full[1] - full[0])
     assert carried[2] < full[2] / 2
+
+
+class InPlaceBlock(nn.Module):
+    """Changes a layer's input in place after the layer has seen it."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        z = self.fc2(h)
+        h.mul_(0.5)
+        return self.fc3(h) + z
+
+
+def in_place_chain():
+    torch.manual_seed(0)
+    return nn.Sequential(InPlaceBlock(8), InPlaceBlock(8), InPlaceBlock(8)).eval()
+
+
+def _rounded_and_forwards(make, batches, **options):
+    model = make()
+    count = {"n": 0}
+    handles = [m.register_forward_pre_hook(lambda *_: count.__setitem__("n", count["n"] + 1))
+               for _, m in select_layers(model)]
+    result = adaround(model, batches, AdaRoundConfig(bits=3, iterations=20, batch_size=4, **options))
+    for h in handles:
+        h.remove()
+    return {n: (layer.integer_weight, layer.adaround_mse) for n, layer in result.layers.items()}, count["n"]
+
+
+@pytest.mark.parametrize("form", ["minibatch", "moments"])
+@pytest.mark.parametrize("make, data", [(Encoder, token_batches), (in_place_chain, lambda: [torch.randn(8, 8) for _ in range(3)])])
+def test_one_float_pass_per_block_gives_the_same_rounding(make, data, form):
+    """Each block's float-model side runs once per batch for all its layers (not once per layer),
+    with the same integer weights as per-layer passes (a budget of 1 byte) and as full passes."""
+    batches = data()
+    shared, shared_forwards = _rounded_and_forwards(make, batches, loss_form=form)
+    per_layer, per_layer_forwards = _rounded_and_forwards(make, batches, loss_form=form, host_cache_bytes=1)
+    full, _ = _rounded_and_forwards(make, batches, loss_form=form, carry_activations=False)
+    for name, (integer_weight, mse) in full.items():
+        for other in (shared, per_layer):
+            assert torch.equal(other[name][0], integer_weight), name
+            assert other[name][1] == mse, name
+    assert shared_forwards < per_layer_forwards

@@ -11,12 +11,12 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import groupby
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from lightning_adaround.data.calibration import tensors_in
+from lightning_adaround.data.calibration import map_tensors, tensors_in
 from lightning_adaround.data.chain import BlockChain
 from lightning_adaround.model.layers import ForwardFn, forward_with_hooks
 
@@ -154,8 +154,14 @@ def float_weights(modules: dict[str, nn.Module], weights: dict[str, Tensor]) -> 
 
 
 def check_finite(subject: str, tensors: Sequence[tuple[str, Tensor]], fix: str = "exclude this layer") -> None:
-    """A clear error naming ``subject`` (``"layer 'x'"``) and which of its tensors holds a NaN/Inf."""
+    """A clear error naming ``subject`` (``"layer 'x'"``) and which of its tensors holds a NaN/Inf.
+
+    A finite sum means every element is finite (a NaN or Inf would carry into it), in one cheap
+    reduction; only a sum that is not (an overflow, or a bad value) is checked element by element.
+    """
     for what, t in tensors:
+        if t.is_floating_point() and torch.isfinite(t.sum()):
+            continue
         if not torch.isfinite(t).all():
             raise ValueError(
                 f"the {what} of {subject} contains NaN or Inf on the calibration data; "
@@ -181,13 +187,17 @@ class InputCapture:
         device: torch.device = torch.device("cpu"),
         cache_device: torch.device = torch.device("cpu"),
         call_counts: Optional[dict[str, int]] = None,
+        float_pass_budget: Optional[Callable[[], Optional[int]]] = None,
     ) -> None:
+        """``float_pass_budget``: bytes a chain may keep of one block's float-model layer inputs
+        (``None`` from it: no limit); without it every layer runs its own float-model pass."""
         self.model = model
         self.batches = batches
         self.forward_fn = forward_fn
         self.device = device
         self.cache_device = cache_device
         self.call_counts = dict(call_counts or {})  # module name -> calls per forward (first pass)
+        self.float_pass_budget = float_pass_budget
         self._carried = [_CarriedInputs(self, chain) for chain in chains]
 
     def calls_per_batch(self, name: str) -> int:
@@ -295,6 +305,11 @@ class _CarriedInputs:
     layers out of order) starts again from forward passes that stop at that block.
     ``float_inputs[i] is None`` while the float model's block input equals the rounded one.
     Kept tensors live on the cache device; blocks run on the compute device.
+
+    The float model's side of block ``at`` never changes while its layers are rounded, so one
+    float pass of the whole block per batch gives every inner layer's float-model call and the
+    block's float output for the step to the next block (when they fit the capture's
+    ``float_pass_budget``; else each layer runs the float block up to itself).
     """
 
     def __init__(self, capture: InputCapture, chain: BlockChain) -> None:
@@ -303,6 +318,7 @@ class _CarriedInputs:
         self.at = -1
         self.calls_at: list[Call] = []  # block ``at``'s (args, kwargs) in the rounded model
         self.float_inputs: list[Optional[Tensor]] = []
+        self.float_pass: Optional[_FloatPass] = None  # of block ``at``, once a layer needed it
         self.disabled = False
 
     def holds(self, name: str) -> bool:
@@ -321,7 +337,7 @@ class _CarriedInputs:
     def _prime(self, k: int, rounded: dict[str, nn.Module], originals: dict[str, Tensor]) -> bool:
         """Forward passes that stop at block ``k``: its call in both models, per batch."""
         capture, block = self.capture, self.chain.blocks[k][1]
-        self.calls_at, self.float_inputs = [], []
+        self.calls_at, self.float_inputs, self.float_pass = [], [], None
         for batch in capture.batches:
             call = call_reaching(capture.model, block, batch, capture.forward_fn)
             if call is None:
@@ -340,16 +356,74 @@ class _CarriedInputs:
         """Run block ``at`` on its kept inputs: block ``at + 1``'s inputs."""
         block = self.chain.blocks[self.at][1]
         changed = self._rounded_inside(self.at, rounded)
+        float_pass, self.float_pass = self.float_pass, None
         for index, (args, kwargs) in enumerate(self.calls_at):
             out = block(self._run(args[0]), *args[1:], **kwargs)
             float_input = self.float_inputs[index]
-            if float_input is not None or changed:
-                source = float_input if float_input is not None else args[0]
+            if float_pass is not None and float_pass.outputs:
+                self.float_inputs[index] = float_pass.outputs[index]
+            elif float_input is not None or changed:
                 with float_weights(rounded, originals):
-                    float_out = block(self._run(source), *args[1:], **kwargs)
+                    float_out = block(self._run(self._float_source(index)), *args[1:], **kwargs)
                 self.float_inputs[index] = self._keep(self.chain.carry(float_out))
             self.calls_at[index] = ((self._keep(self.chain.carry(out)),) + args[1:], kwargs)
         self.at += 1
+
+    def _float_source(self, index: int) -> Tensor:
+        """Block ``at``'s input in the float model on batch ``index``."""
+        float_input = self.float_inputs[index]
+        return float_input if float_input is not None else self.calls_at[index][0][0]
+
+    @torch.no_grad()
+    def _run_float_pass(self, rounded: dict[str, nn.Module], originals: dict[str, Tensor]) -> Optional["_FloatPass"]:
+        """Block ``at`` run whole in the float model on every batch, keeping each inner layer's first
+        call and the block's output; ``None`` when that exceeds the budget or there is none.
+
+        A layer's tensor is copied (a later in-place operation of the block cannot change it) once
+        per batch however many layers read it (q, k and v), and not at all when it is one the block
+        was given unchanged (the kept block input, a mask).
+        """
+        capture = self.capture
+        block_name, block = self.chain.blocks[self.at]
+        inner = {n: capture.model.get_submodule(n) for n in capture.call_counts if n.startswith(block_name + ".")}
+        budget = capture.float_pass_budget() if capture.float_pass_budget is not None else 0
+        if not inner or budget == 0:
+            return None
+        kept = _FloatPass([], [], 0)
+        for index, (args, kwargs) in enumerate(self.calls_at):
+            source = self._float_source(index)
+            given = self._run(source)
+            known = _KeptTensors([(given, source)] + [(t, t) for t in tensors_in((args[1:], kwargs))])
+
+            def keep(value: Any) -> Any:
+                if not isinstance(value, Tensor):
+                    return value
+                copy = known.get(value)
+                if copy is None:
+                    copy = known.add(value, value.detach().to(capture.cache_device, copy=True))
+                    kept.nbytes += copy.numel() * copy.element_size()
+                    if budget is not None and kept.nbytes > budget:
+                        raise _StopForward
+                return copy
+
+            seen: dict[str, Call] = {}
+            handles = []
+            for name, module in inner.items():
+                def record(_module, call_args, call_kwargs, name=name):
+                    if name not in seen:
+                        seen[name] = map_tensors((call_args, dict(call_kwargs)), keep)
+                handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
+            try:
+                with float_weights(rounded, originals):
+                    out = block(given, *args[1:], **kwargs)
+            except _StopForward:
+                return None  # over the budget: each layer runs its own float pass
+            finally:
+                for handle in handles:
+                    handle.remove()
+            kept.calls.append(seen)
+            kept.outputs.append(self._keep(self.chain.carry(out)))
+        return kept
 
     def calls(
         self, name: str, module: nn.Module, rounded: dict[str, nn.Module], originals: dict[str, Tensor],
@@ -369,14 +443,62 @@ class _CarriedInputs:
             rounded_call = _call_in(block, module, (self._run(args[0]),) + args[1:], kwargs)
             if rounded_call is None:
                 continue
-            float_input = self.float_inputs[index]
-            if float_input is None and not changed:
+            if self.float_inputs[index] is None and not changed:
                 yield index, rounded_call, rounded_call
                 continue
-            source = float_input if float_input is not None else args[0]
-            with float_weights(rounded, originals):
-                float_call = _call_in(block, module, (self._run(source),) + args[1:], kwargs)
+            if self.float_pass is None and module is not block:
+                self.float_pass = self._run_float_pass(rounded, originals) or _NOT_KEPT
+            kept = self.float_pass.calls if self.float_pass is not None else []
+            float_call = kept[index].get(name) if kept else None
+            if float_call is None:
+                with float_weights(rounded, originals):
+                    float_call = _call_in(block, module, (self._run(self._float_source(index)),) + args[1:], kwargs)
+            else:
+                float_call = map_tensors(float_call, self._run)
             yield index, rounded_call, float_call
+
+
+@dataclass
+class _FloatPass:
+    """One block's float-model pass per batch: each inner layer's first call, and the block's output."""
+
+    calls: list[dict[str, Call]]  # per batch: layer name -> (args, kwargs), on the cache device
+    outputs: list[Tensor]  # per batch: the block's carried output, on the cache device
+    nbytes: int
+
+
+_NOT_KEPT = _FloatPass([], [], 0)
+
+
+class _KeptTensors:
+    """What was kept for tensors seen in one pass: the same tensor, unchanged since (its version
+    counter), maps to the same kept one. The seen tensors are held, so their ``id`` stays theirs."""
+
+    def __init__(self, pairs: Sequence[tuple[Tensor, Tensor]]) -> None:
+        self._kept: dict[int, tuple[Tensor, int, Tensor]] = {}
+        for seen, kept in pairs:
+            self.add(seen, kept)
+
+    def get(self, seen: Tensor) -> Optional[Tensor]:
+        entry = self._kept.get(id(seen))
+        version = _version(seen)
+        if entry is None or version is None or entry[0] is not seen or entry[1] != version:
+            return None
+        return entry[2]
+
+    def add(self, seen: Tensor, kept: Tensor) -> Tensor:
+        version = _version(seen)
+        if version is not None:
+            self._kept[id(seen)] = (seen, version, kept)
+        return kept
+
+
+def _version(t: Tensor) -> Optional[int]:
+    """``t``'s in-place version counter; ``None`` for a tensor without one (made under inference mode)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None  # a block whose float pass was not kept: every layer runs its own
 
 
 def stacked_shape(shapes: Sequence[torch.Size], name: str, flatten: Optional[bool] = None) -> tuple[int, ...]:

@@ -125,7 +125,9 @@ def round_model(
             run = (lambda m, b: forward_fn(m, move_to_device(b, device))) if cache_device != device else forward_fn
             seen = _first_pass(model, layers, staged[0], run) if staged else FirstPass([n for n, _ in layers], {}, set())
             chains = find_block_chains(model, seen.order, staged[0], run) if config.carry_activations and staged else []
-            capture = InputCapture(model, staged, run, chains, device, cache_device, seen.calls)
+            capture = InputCapture(
+                model, staged, run, chains, device, cache_device, seen.calls, _float_pass_budget(cache_device, config),
+            )
             blocks = _blocks(model, config, seen.order, staged[0], run) if staged else []
             generator = torch.Generator().manual_seed(config.seed)
             loss_on_device = None  # the task loss is only used for the Fisher weights
@@ -187,6 +189,13 @@ def _staging_device(batches: list[Any], device: torch.device, config: AdaRoundCo
     nbytes = sum(t.numel() * t.element_size() for b in batches for t in tensors_in(b))
     plan = CachePlan(device, config.device_cache_bytes, config.host_cache_bytes)
     return device if plan.tier_for(nbytes) == "device" else torch.device("cpu")
+
+
+def _float_pass_budget(cache_device: torch.device, config: AdaRoundConfig) -> Callable[[], Optional[int]]:
+    """What a block's float-model layer inputs may take where the capture keeps them (see InputCapture):
+    the per-layer cache budget of that memory."""
+    plan = CachePlan(cache_device, config.device_cache_bytes, config.host_cache_bytes)
+    return lambda: plan.budget("host" if cache_device.type == "cpu" else "device")
 
 
 def _clone_inference_tensors(batch: Any) -> Any:
