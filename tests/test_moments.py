@@ -29,6 +29,10 @@ LAYERS = {
     "conv2d-groups-circular": (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="circular"), (3, 4, 5, 5)),
     "conv2d-depthwise": (lambda: nn.Conv2d(4, 4, 3, stride=2, groups=4), (3, 4, 7, 7)),
     "conv3d": (lambda: nn.Conv3d(2, 3, 2, padding=1), (2, 2, 4, 4, 4)),
+    # from 256 inputs the symmetric products are built from half-width blocks (an odd width: unequal halves)
+    "linear-halved-narrow": (lambda: nn.Linear(301, 5), (40, 301)),
+    "linear-halved-wide": (lambda: nn.Linear(257, 300), (40, 257)),
+    "conv2d-halved-groups": (lambda: nn.Conv2d(64, 4, 3, padding=1, groups=2), (2, 64, 6, 6)),
 }
 
 
