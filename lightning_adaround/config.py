@@ -110,7 +110,9 @@ class AdaRoundConfig:
             of blocks run one after another, as in transformers) feed each layer from its
             block's kept input rather than re-running the model from the start: capture
             time linear in depth instead of quadratic, for the memory of one block input
-            (two copies) per calibration sample. Inputs are identical either way.
+            (two copies) per calibration sample. Inputs are identical either way. While a
+            block's layers are rounded, the float model's inputs of its layers (one pass of
+            the block per batch) are kept too where they fit the per-layer cache budget.
         seed: Seed of the minibatch sampler; same seed, same integer weights.
         layers: Name globs of layers to round (``None``: every supported layer).
         exclude: Name globs of layers to leave in full precision.

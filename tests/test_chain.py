@@ -176,6 +176,23 @@ def in_place_chain():
     return nn.Sequential(InPlaceBlock(8), InPlaceBlock(8), InPlaceBlock(8)).eval()
 
 
+class InPlaceResidual(nn.Module):
+    """Adds its residual into its own input (``x += ...``), as some pre-norm blocks do."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        x += self.fc2(torch.relu(self.fc1(x)))
+        return x
+
+
+def in_place_input_chain():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), *[InPlaceResidual(8) for _ in range(3)]).eval()
+
+
 def _rounded_and_forwards(make, batches, **options):
     model = make()
     count = {"n": 0}
@@ -188,7 +205,11 @@ def _rounded_and_forwards(make, batches, **options):
 
 
 @pytest.mark.parametrize("form", ["minibatch", "moments"])
-@pytest.mark.parametrize("make, data", [(Encoder, token_batches), (in_place_chain, lambda: [torch.randn(8, 8) for _ in range(3)])])
+@pytest.mark.parametrize("make, data", [
+    (Encoder, token_batches),
+    (in_place_chain, lambda: [torch.randn(8, 8) for _ in range(3)]),
+    (in_place_input_chain, lambda: [torch.randn(8, 8) for _ in range(3)]),
+], ids=["encoder", "in-place-inside", "in-place-input"])
 def test_one_float_pass_per_block_gives_the_same_rounding(make, data, form):
     """Each block's float-model side runs once per batch for all its layers (not once per layer),
     with the same integer weights as per-layer passes (a budget of 1 byte) and as full passes."""

@@ -189,8 +189,9 @@ class InputCapture:
         call_counts: Optional[dict[str, int]] = None,
         float_pass_budget: Optional[Callable[[], Optional[int]]] = None,
     ) -> None:
-        """``float_pass_budget``: bytes a chain may keep of one block's float-model layer inputs
-        (``None`` from it: no limit); without it every layer runs its own float-model pass."""
+        """``float_pass_budget``: bytes a chain may keep of one block's float-model pass (its layers'
+        inputs and its output, for every batch; ``None`` from it: no limit), beside the layer's own
+        cache; without it every layer runs its own float-model pass."""
         self.model = model
         self.batches = batches
         self.forward_fn = forward_fn
@@ -238,6 +239,8 @@ class InputCapture:
         """
         indices = range(len(self.batches)) if only is None else only
         originals = {n: float_weight_of[n] for n in rounded}
+        for carried in self._carried:
+            carried.release(name)
         if self.calls_per_batch(name) > 1:
             yield from self._every_call(name, module, rounded, originals, indices)
             return
@@ -319,6 +322,7 @@ class _CarriedInputs:
         self.calls_at: list[Call] = []  # block ``at``'s (args, kwargs) in the rounded model
         self.float_inputs: list[Optional[Tensor]] = []
         self.float_pass: Optional[_FloatPass] = None  # of block ``at``, once a layer needed it
+        self.float_pass_over_budget = False  # a block's pass did not fit: per-layer passes from then on
         self.disabled = False
 
     def holds(self, name: str) -> bool:
@@ -332,7 +336,14 @@ class _CarriedInputs:
         return t.detach().to(self.capture.cache_device)
 
     def _run(self, t: Tensor) -> Tensor:
-        return t.to(self.capture.device)
+        """A kept block input as a block's argument: a copy on the compute device, so a block that
+        changes its input in place (``x += ...``) cannot change the kept one."""
+        return t.to(self.capture.device, copy=True)
+
+    def release(self, name: str) -> None:
+        """Drop the kept float pass unless ``name`` is in its block (the capture moved on)."""
+        if self.float_pass is not None and self.chain.block_of(name) != self.at:
+            self.float_pass = None
 
     def _prime(self, k: int, rounded: dict[str, nn.Module], originals: dict[str, Tensor]) -> bool:
         """Forward passes that stop at block ``k``: its call in both models, per batch."""
@@ -353,7 +364,8 @@ class _CarriedInputs:
 
     @torch.no_grad()
     def _advance(self, rounded: dict[str, nn.Module], originals: dict[str, Tensor]) -> None:
-        """Run block ``at`` on its kept inputs: block ``at + 1``'s inputs."""
+        """Run block ``at`` on its kept inputs: block ``at + 1``'s inputs (the float model's from the
+        block's float pass, when one was kept)."""
         block = self.chain.blocks[self.at][1]
         changed = self._rounded_inside(self.at, rounded)
         float_pass, self.float_pass = self.float_pass, None
@@ -387,10 +399,13 @@ class _CarriedInputs:
         block_name, block = self.chain.blocks[self.at]
         inner = {n: capture.model.get_submodule(n) for n in capture.call_counts if n.startswith(block_name + ".")}
         budget = capture.float_pass_budget() if capture.float_pass_budget is not None else 0
-        if not inner or budget == 0:
+        if not inner or budget == 0 or self.float_pass_over_budget:
             return None
         kept = _FloatPass([], [], 0)
         for index, (args, kwargs) in enumerate(self.calls_at):
+            if index == 1 and budget is not None and kept.nbytes * len(self.calls_at) > budget:
+                self.float_pass_over_budget = True  # the other batches would not fit either
+                return None
             source = self._float_source(index)
             given = self._run(source)
             known = _KeptTensors([(given, source)] + [(t, t) for t in tensors_in((args[1:], kwargs))])
@@ -408,21 +423,22 @@ class _CarriedInputs:
 
             seen: dict[str, Call] = {}
             handles = []
-            for name, module in inner.items():
-                def record(_module, call_args, call_kwargs, name=name):
-                    if name not in seen:
-                        seen[name] = map_tensors((call_args, dict(call_kwargs)), keep)
-                handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
             try:
+                for name, module in inner.items():
+                    def record(_module, call_args, call_kwargs, name=name):
+                        if name not in seen:
+                            seen[name] = map_tensors((call_args, dict(call_kwargs)), keep)
+                    handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
                 with float_weights(rounded, originals):
                     out = block(given, *args[1:], **kwargs)
+                kept.outputs.append(keep(self.chain.carry(out)))
             except _StopForward:
-                return None  # over the budget: each layer runs its own float pass
+                self.float_pass_over_budget = True  # each layer runs its own float pass from now on
+                return None
             finally:
                 for handle in handles:
                     handle.remove()
             kept.calls.append(seen)
-            kept.outputs.append(self._keep(self.chain.carry(out)))
         return kept
 
     def calls(
@@ -454,7 +470,7 @@ class _CarriedInputs:
                 with float_weights(rounded, originals):
                     float_call = _call_in(block, module, (self._run(self._float_source(index)),) + args[1:], kwargs)
             else:
-                float_call = map_tensors(float_call, self._run)
+                float_call = map_tensors(float_call, lambda t: t.to(self.capture.device))
             yield index, rounded_call, float_call
 
 
@@ -467,7 +483,7 @@ class _FloatPass:
     nbytes: int
 
 
-_NOT_KEPT = _FloatPass([], [], 0)
+_NOT_KEPT = _FloatPass([], [], 0)  # a block whose float pass was not kept: every layer runs its own
 
 
 class _KeptTensors:
@@ -498,7 +514,7 @@ def _version(t: Tensor) -> Optional[int]:
     try:
         return t._version
     except RuntimeError:
-        return None  # a block whose float pass was not kept: every layer runs its own
+        return None  # such a tensor is copied every time, never shared
 
 
 def stacked_shape(shapes: Sequence[torch.Size], name: str, flatten: Optional[bool] = None) -> tuple[int, ...]:

@@ -192,10 +192,15 @@ def _staging_device(batches: list[Any], device: torch.device, config: AdaRoundCo
 
 
 def _float_pass_budget(cache_device: torch.device, config: AdaRoundConfig) -> Callable[[], Optional[int]]:
-    """What a block's float-model layer inputs may take where the capture keeps them (see InputCapture):
-    the per-layer cache budget of that memory."""
+    """What a block's float-model pass may keep where the capture keeps it (see InputCapture): half of
+    the per-layer cache budget of that memory, the layer's own cache having the rest."""
     plan = CachePlan(cache_device, config.device_cache_bytes, config.host_cache_bytes)
-    return lambda: plan.budget("host" if cache_device.type == "cpu" else "device")
+
+    def budget() -> Optional[int]:
+        whole = plan.budget("host" if cache_device.type == "cpu" else "device")
+        return None if whole is None else whole // 2
+
+    return budget
 
 
 def _clone_inference_tensors(batch: Any) -> Any:
