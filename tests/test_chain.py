@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lightning_adaround import AdaRoundConfig, adaround
-from lightning_adaround.data.capture import default_forward
+from lightning_adaround.data.capture import _CarriedInputs, default_forward
 from lightning_adaround.data.chain import find_block_chains
 from lightning_adaround.model.layers import select_layers
 
@@ -94,10 +94,28 @@ def token_batches(n=3):
     return [{"tokens": torch.randn(4, 7, 6, generator=g), "lengths": torch.tensor([7, 5, 3, 6])} for _ in range(n)]
 
 
+class MixOfBlocks(nn.Module):
+    """A chain whose head reads the sum of every block's output (a scalar mix), not only the last."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        total = 0
+        for block in self.blocks:
+            x = block(x)
+            total = total + x
+        return self.head(total)
+
+
 CASES = {
     "resnet": (resnet, image_batches),
     "encoder": (Encoder, token_batches),
     "twice": (TwiceThrough, lambda: [torch.randn(8, 8, generator=torch.Generator().manual_seed(s)) for s in range(3)]),
+    "mix": (MixOfBlocks, lambda: [torch.randn(8, 8, generator=torch.Generator().manual_seed(s)) for s in range(3)]),
 }
 
 
@@ -204,6 +222,10 @@ def _rounded_and_forwards(make, batches, **options):
     return {n: (layer.integer_weight, layer.adaround_mse) for n, layer in result.layers.items()}, count["n"]
 
 
+def _same_rounding(a, b):
+    return list(a) == list(b) and all(torch.equal(a[n][0], b[n][0]) and a[n][1] == b[n][1] for n in a)
+
+
 @pytest.mark.parametrize("form", ["minibatch", "moments"])
 @pytest.mark.parametrize("make, data", [
     (Encoder, token_batches),
@@ -222,3 +244,27 @@ def test_one_float_pass_per_block_gives_the_same_rounding(make, data, form):
             assert torch.equal(other[name][0], integer_weight), name
             assert other[name][1] == mse, name
     assert shared_forwards < per_layer_forwards
+
+
+@pytest.mark.parametrize("form", ["minibatch", "moments"])
+def test_a_layer_after_the_chain_skips_its_blocks(form, monkeypatch):
+    """The head after an encoder's chain gets its input from the chain's kept output (the blocks
+    are not run again, past a first batch that checks it), with the same rounding as running them."""
+    batches = token_batches(4)
+    skipped, skipped_forwards = _rounded_and_forwards(Encoder, batches, loss_form=form)
+    monkeypatch.setattr(_CarriedInputs, "comes_before", lambda self, name: False)
+    run_through, run_through_forwards = _rounded_and_forwards(Encoder, batches, loss_form=form)
+    assert _same_rounding(skipped, run_through)
+    # the head's capture runs the 4 blocks' 5 layers on 3 of the 4 batches less, in both models; the
+    # rounded model's last block runs once more per batch (to the chain's output), and the first
+    # batch's check reaches the embedding and the head once more in each model
+    assert run_through_forwards - skipped_forwards == 2 * 3 * 4 * 5 - 4 * 5 - 2 * 2
+
+
+def test_a_head_reading_more_than_the_chain_output_runs_the_blocks():
+    """A head over every block's output: skipping the blocks would change its input, which the first
+    batch's check finds; the rounding is that of full passes."""
+    batches = [torch.randn(8, 8, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    carried, _ = _rounded_and_forwards(MixOfBlocks, batches)
+    full, _ = _rounded_and_forwards(MixOfBlocks, batches, carry_activations=False)
+    assert _same_rounding(carried, full)

@@ -174,8 +174,11 @@ class InputCapture:
 
     By default each input comes from a forward pass that stops at the layer. Layers inside
     a :class:`~lightning_adaround.data.chain.BlockChain` are fed from their block's kept input
-    instead, carried one block at a time, so capture stays linear in depth. Both ways give
-    bit-identical inputs (the same operations on the same tensors).
+    instead, carried one block at a time, so capture stays linear in depth; a layer after a
+    chain gets its input from the chain's kept output, the blocks not run again (checked against
+    a real pass on the first batch). Both ways give bit-identical inputs (the same operations on
+    the same tensors; blocks get copies of the kept inputs, so one that changes its input in
+    place changes no kept one).
     """
 
     def __init__(
@@ -239,25 +242,50 @@ class InputCapture:
         """
         indices = range(len(self.batches)) if only is None else only
         originals = {n: float_weight_of[n] for n in rounded}
+        shared = self.calls_per_batch(name) > 1
+        holder = next((c for c in self._carried if c.holds(name)), None) if not shared else None
+        chains_before = [c for c in self._carried if c.comes_before(name)] if not shared and holder is None else []
+        after = max(chains_before, key=lambda c: c.last_inside()) if chains_before else None  # the latest chain
+        if after is not None:
+            after.finish(rounded, originals)  # before its last block's float pass is let go
         for carried in self._carried:
             carried.release(name)
-        if self.calls_per_batch(name) > 1:
+        if shared:
             yield from self._every_call(name, module, rounded, originals, indices)
             return
-        for carried in self._carried:
-            if carried.holds(name):
-                yield from carried.calls(name, module, rounded, originals, indices)
-                return
+        if holder is not None:
+            yield from holder.calls(name, module, rounded, originals, indices)
+            return
         for index in indices:
-            batch = self.batches[index]
-            rounded_call = call_reaching(self.model, module, batch, self.forward_fn)
+            rounded_call = self._reach(module, index, after, None)
             if rounded_call is None:
                 continue
             float_call = rounded_call  # nothing rounded yet: both models agree
             if rounded:
                 with float_weights(rounded, originals):
-                    float_call = call_reaching(self.model, module, batch, self.forward_fn)
+                    float_call = self._reach(module, index, after, originals)
             yield index, rounded_call, float_call
+
+    def _reach(
+        self, module: nn.Module, index: int, after: Optional["_CarriedInputs"], originals: Optional[dict[str, Tensor]],
+    ) -> Optional[Call]:
+        """``module``'s first call on batch ``index`` (in the float model when ``originals`` are given and
+        in place). Past a chain carried to its end (``after``) the chain's blocks are not run: they
+        hand on the kept output. The first batch checks that against a real pass, per model."""
+        batch = self.batches[index]
+        if after is None or after.skip_failed:
+            return call_reaching(self.model, module, batch, self.forward_fn)
+        float_model = originals is not None
+        with after.blocks_skipped(index, float_model):
+            call = call_reaching(self.model, module, batch, self.forward_fn)
+        if float_model not in after.skip_checked:
+            real = call_reaching(self.model, module, batch, self.forward_fn)
+            if not _same_call(call, real):
+                after.skip_failed = True  # the layer depends on more than the chain's output
+                return real
+            if real is not None:
+                after.skip_checked.add(float_model)
+        return call
 
     def _every_call(
         self, name: str, module: nn.Module, rounded: dict[str, nn.Module], originals: dict[str, Tensor],
@@ -323,6 +351,9 @@ class _CarriedInputs:
         self.float_inputs: list[Optional[Tensor]] = []
         self.float_pass: Optional[_FloatPass] = None  # of block ``at``, once a layer needed it
         self.float_pass_over_budget = False  # a block's pass did not fit: per-layer passes from then on
+        self.tails: list[tuple] = []  # past the last block (``at == len(blocks)``): the rest of its output tuple
+        self.skip_checked: set[bool] = set()  # models (float or not) where skipping the blocks was checked
+        self.skip_failed = False  # a layer after the chain read more than the chain's output: real passes
         self.disabled = False
 
     def holds(self, name: str) -> bool:
@@ -369,6 +400,8 @@ class _CarriedInputs:
         block = self.chain.blocks[self.at][1]
         changed = self._rounded_inside(self.at, rounded)
         float_pass, self.float_pass = self.float_pass, None
+        if self.at == len(self.chain.blocks) - 1:
+            self.tails = []
         for index, (args, kwargs) in enumerate(self.calls_at):
             out = block(self._run(args[0]), *args[1:], **kwargs)
             float_input = self.float_inputs[index]
@@ -379,7 +412,51 @@ class _CarriedInputs:
                     float_out = block(self._run(self._float_source(index)), *args[1:], **kwargs)
                 self.float_inputs[index] = self._keep(self.chain.carry(float_out))
             self.calls_at[index] = ((self._keep(self.chain.carry(out)),) + args[1:], kwargs)
+            if self.at == len(self.chain.blocks) - 1:
+                self.tails.append(tuple(out[1:]) if isinstance(out, (tuple, list)) else ())
         self.at += 1
+
+    def last_inside(self) -> int:
+        """Position of this chain's last layer in the first pass's order (-1: none)."""
+        inside = [i for i, n in enumerate(self.capture.call_counts) if self.chain.block_of(n) is not None]
+        return max(inside, default=-1)
+
+    def comes_before(self, name: str) -> bool:
+        """Whether layer ``name`` runs after every layer of this chain (the first pass's order), so its
+        calls can come from the chain's kept output instead of running the blocks again."""
+        order = list(self.capture.call_counts)
+        if self.disabled or self.skip_failed or self.at < 0 or name not in order:
+            return False
+        return 0 <= self.last_inside() < order.index(name)
+
+    def finish(self, rounded: dict[str, nn.Module], originals: dict[str, Tensor]) -> None:
+        """Carry the inputs past the last block: the chain's output, per batch, in both models."""
+        while self.at < len(self.chain.blocks):
+            self._advance(rounded, originals)
+
+    @contextmanager
+    def blocks_skipped(self, index: int, float_model: bool) -> Iterator[None]:
+        """The chain's blocks replaced, for one pass over batch ``index``: each hands its first argument
+        on, the last returns the chain's kept output (the float model's with ``float_model``), so the
+        model runs only what lies outside the chain."""
+        rounded_out = self.calls_at[index][0][0]
+        float_out = self.float_inputs[index]
+        hidden = float_out if float_model and float_out is not None else rounded_out
+        tail = self.tails[index] if self.chain.tuple_output else ()
+        wrap = (lambda first: (first, *tail)) if self.chain.tuple_output else (lambda first: first)
+        blocks = [block for _, block in self.chain.blocks]
+        saved = [block.__dict__.get("forward", _NO_FORWARD) for block in blocks]
+        for block in blocks[:-1]:
+            block.forward = lambda *args, **kwargs: wrap(args[0])
+        blocks[-1].forward = lambda *args, **kwargs: wrap(self._run(hidden))
+        try:
+            yield
+        finally:
+            for block, forward in zip(blocks, saved):
+                if forward is _NO_FORWARD:
+                    del block.forward
+                else:
+                    block.forward = forward
 
     def _float_source(self, index: int) -> Tensor:
         """Block ``at``'s input in the float model on batch ``index``."""
@@ -472,6 +549,19 @@ class _CarriedInputs:
             else:
                 float_call = map_tensors(float_call, lambda t: t.to(self.capture.device))
             yield index, rounded_call, float_call
+
+
+_NO_FORWARD = object()  # a block without a ``forward`` of its own (the class's is used)
+
+
+def _same_call(a: Optional[Call], b: Optional[Call]) -> bool:
+    """Whether two calls hold equal tensors (bit for bit) in the same places."""
+    if a is None or b is None:
+        return a is b
+    left, right = list(tensors_in(a)), list(tensors_in(b))
+    return len(left) == len(right) and all(
+        x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(left, right)
+    )
 
 
 @dataclass
