@@ -111,11 +111,84 @@ class MixOfBlocks(nn.Module):
         return self.head(total)
 
 
+class PoolThenSkipHead(nn.Module):
+    """A pooler on the chain's output, then a head that also reads the first block's output."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(8, 8)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+        self.pool = nn.Linear(8, 8)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        outs = []
+        for block in self.blocks:
+            x = block(x)
+            outs.append(x)
+        return self.head(torch.cat([torch.tanh(self.pool(x)), outs[0]], -1))
+
+
+class TinyUNet(nn.Module):
+    """Encoder stages that form a chain, their outputs kept as skip connections for the decoder."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.downs = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU()),
+        ])
+        self.up1 = nn.Conv2d(16 + 8, 8, 3, padding=1)
+        self.up0 = nn.Conv2d(8 + 4, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        skips = [x]
+        for down in self.downs:
+            x = down(x)
+            skips.append(x)
+        x = nn.functional.interpolate(x, scale_factor=2)
+        x = torch.relu(self.up1(torch.cat([x, skips[1]], 1)))
+        x = nn.functional.interpolate(x, scale_factor=2)
+        return self.up0(torch.cat([x, skips[0]], 1))
+
+
+class Gated(nn.Module):
+    """A head that reads the first block's output only on batches that ask for it (not the first)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(8, 8)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x, mix):
+        x = self.embed(x)
+        first = None
+        for block in self.blocks:
+            x = block(x)
+            first = x if first is None else first
+        return self.head(x + first if bool(mix) else x)
+
+
+def _vectors(seed=0):
+    return [torch.randn(8, 8, generator=torch.Generator().manual_seed(seed + s)) for s in range(3)]
+
+
 CASES = {
     "resnet": (resnet, image_batches),
     "encoder": (Encoder, token_batches),
     "twice": (TwiceThrough, lambda: [torch.randn(8, 8, generator=torch.Generator().manual_seed(s)) for s in range(3)]),
-    "mix": (MixOfBlocks, lambda: [torch.randn(8, 8, generator=torch.Generator().manual_seed(s)) for s in range(3)]),
+    "mix": (MixOfBlocks, _vectors),
+    # layers after the chain that read more than its output: caught by the check, the NaN, the failure
+    "two-heads": (PoolThenSkipHead, _vectors),
+    "unet": (TinyUNet, lambda: [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in range(3)]),
+    "gated": (Gated, lambda: [{"x": x, "mix": torch.tensor(s > 0)} for s, x in enumerate(_vectors())]),
 }
 
 

@@ -175,8 +175,8 @@ class InputCapture:
     By default each input comes from a forward pass that stops at the layer. Layers inside
     a :class:`~lightning_adaround.data.chain.BlockChain` are fed from their block's kept input
     instead, carried one block at a time, so capture stays linear in depth; a layer after a
-    chain gets its input from the chain's kept output, the blocks not run again (checked against
-    a real pass on the first batch). Both ways give bit-identical inputs (the same operations on
+    chain gets its input from the chain's kept output, the blocks not run again (see
+    :meth:`_reach` for how a layer that reads more than that output is found). Both ways give bit-identical inputs (the same operations on
     the same tensors; blocks get copies of the kept inputs, so one that changes its input in
     place changes no kept one).
     """
@@ -257,34 +257,44 @@ class InputCapture:
             yield from holder.calls(name, module, rounded, originals, indices)
             return
         for index in indices:
-            rounded_call = self._reach(module, index, after, None)
+            rounded_call = self._reach(name, module, index, after, float_model=False)
             if rounded_call is None:
                 continue
             float_call = rounded_call  # nothing rounded yet: both models agree
             if rounded:
                 with float_weights(rounded, originals):
-                    float_call = self._reach(module, index, after, originals)
+                    float_call = self._reach(name, module, index, after, float_model=True)
             yield index, rounded_call, float_call
 
     def _reach(
-        self, module: nn.Module, index: int, after: Optional["_CarriedInputs"], originals: Optional[dict[str, Tensor]],
+        self, name: str, module: nn.Module, index: int, after: Optional["_CarriedInputs"], float_model: bool,
     ) -> Optional[Call]:
-        """``module``'s first call on batch ``index`` (in the float model when ``originals`` are given and
-        in place). Past a chain carried to its end (``after``) the chain's blocks are not run: they
-        hand on the kept output. The first batch checks that against a real pass, per model."""
+        """``module``'s first call on batch ``index`` (in the model as it is: the float model's weights are
+        in place with ``float_model``). Past a chain carried to its end (``after``) the chain's blocks
+        are not run but hand on its kept output, and NaN from every block but the last: a call that
+        holds a NaN, or a pass that fails, read more than the chain's output and takes a real pass
+        (as do all later ones past this chain). Each layer's first call, per model, is also checked
+        against a real pass bit for bit."""
         batch = self.batches[index]
         if after is None or after.skip_failed:
             return call_reaching(self.model, module, batch, self.forward_fn)
-        float_model = originals is not None
-        with after.blocks_skipped(index, float_model):
-            call = call_reaching(self.model, module, batch, self.forward_fn)
-        if float_model not in after.skip_checked:
+        try:
+            with after.blocks_skipped(index, float_model):
+                call = call_reaching(self.model, module, batch, self.forward_fn)
+        except Exception:  # noqa: BLE001 - the code after the chain needs the blocks' own outputs
+            call = None
+            after.skip_failed = True
+        if call is not None and any(t.is_floating_point() and bool(t.isnan().any()) for t in tensors_in(call)):
+            after.skip_failed = True  # the layer read an earlier block's output (or the float model's tail)
+        checked = (name, float_model) in after.skip_checked
+        if after.skip_failed or not checked:
             real = call_reaching(self.model, module, batch, self.forward_fn)
-            if not _same_call(call, real):
-                after.skip_failed = True  # the layer depends on more than the chain's output
+            if not after.skip_failed and not _same_call(call, real):
+                after.skip_failed = True
+            if after.skip_failed:
                 return real
             if real is not None:
-                after.skip_checked.add(float_model)
+                after.skip_checked.add((name, float_model))
         return call
 
     def _every_call(
@@ -351,8 +361,9 @@ class _CarriedInputs:
         self.float_inputs: list[Optional[Tensor]] = []
         self.float_pass: Optional[_FloatPass] = None  # of block ``at``, once a layer needed it
         self.float_pass_over_budget = False  # a block's pass did not fit: per-layer passes from then on
-        self.tails: list[tuple] = []  # past the last block (``at == len(blocks)``): the rest of its output tuple
-        self.skip_checked: set[bool] = set()  # models (float or not) where skipping the blocks was checked
+        # past the last block (``at == len(blocks)``): the rest of its output tuple in the rounded model
+        self.tails: list[tuple] = []
+        self.skip_checked: set[tuple[str, bool]] = set()  # (layer, float model) checked against a real pass
         self.skip_failed = False  # a layer after the chain read more than the chain's output: real passes
         self.disabled = False
 
@@ -413,7 +424,7 @@ class _CarriedInputs:
                 self.float_inputs[index] = self._keep(self.chain.carry(float_out))
             self.calls_at[index] = ((self._keep(self.chain.carry(out)),) + args[1:], kwargs)
             if self.at == len(self.chain.blocks) - 1:
-                self.tails.append(tuple(out[1:]) if isinstance(out, (tuple, list)) else ())
+                self.tails.append(tuple(map_tensors(tuple(out[1:]), self._keep)) if isinstance(out, (tuple, list)) else ())
         self.at += 1
 
     def last_inside(self) -> int:
@@ -436,19 +447,22 @@ class _CarriedInputs:
 
     @contextmanager
     def blocks_skipped(self, index: int, float_model: bool) -> Iterator[None]:
-        """The chain's blocks replaced, for one pass over batch ``index``: each hands its first argument
-        on, the last returns the chain's kept output (the float model's with ``float_model``), so the
-        model runs only what lies outside the chain."""
+        """The chain's blocks replaced, for one pass over batch ``index``, so that the model runs only
+        what lies outside the chain: the last returns the chain's kept output (the float model's with
+        ``float_model``), every other one NaN in its output's place, and so does the last one's tail
+        (the rest of its output tuple) in the float model, where only the rounded model's is kept."""
         rounded_out = self.calls_at[index][0][0]
         float_out = self.float_inputs[index]
         hidden = float_out if float_model and float_out is not None else rounded_out
         tail = self.tails[index] if self.chain.tuple_output else ()
-        wrap = (lambda first: (first, *tail)) if self.chain.tuple_output else (lambda first: first)
+        nan = lambda t: torch.full_like(t, float("nan")) if t.is_floating_point() else t  # noqa: E731
+        last_tail = map_tensors(tail, nan) if float_model else map_tensors(tail, self._run)
+        wrap = (lambda first, rest: (first, *rest)) if self.chain.tuple_output else (lambda first, rest: first)
         blocks = [block for _, block in self.chain.blocks]
         saved = [block.__dict__.get("forward", _NO_FORWARD) for block in blocks]
         for block in blocks[:-1]:
-            block.forward = lambda *args, **kwargs: wrap(args[0])
-        blocks[-1].forward = lambda *args, **kwargs: wrap(self._run(hidden))
+            block.forward = lambda *args, **kwargs: wrap(nan(args[0]), map_tensors(tail, nan))
+        blocks[-1].forward = lambda *args, **kwargs: wrap(self._run(hidden), last_tail)
         try:
             yield
         finally:
