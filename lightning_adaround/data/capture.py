@@ -176,9 +176,9 @@ class InputCapture:
     a :class:`~lightning_adaround.data.chain.BlockChain` are fed from their block's kept input
     instead, carried one block at a time, so capture stays linear in depth; a layer after a
     chain gets its input from the chain's kept output, the blocks not run again (see
-    :meth:`_reach` for how a layer that reads more than that output is found). Both ways give bit-identical inputs (the same operations on
-    the same tensors; blocks get copies of the kept inputs, so one that changes its input in
-    place changes no kept one).
+    :meth:`_reach` for how a layer that reads more than that output is found). Both ways give
+    bit-identical inputs (the same operations on the same tensors; blocks get copies of the
+    kept inputs, so one that changes its input in place changes no kept one).
     """
 
     def __init__(
@@ -411,7 +411,8 @@ class _CarriedInputs:
         block = self.chain.blocks[self.at][1]
         changed = self._rounded_inside(self.at, rounded)
         float_pass, self.float_pass = self.float_pass, None
-        if self.at == len(self.chain.blocks) - 1:
+        last = self.at == len(self.chain.blocks) - 1
+        if last:
             self.tails = []
         for index, (args, kwargs) in enumerate(self.calls_at):
             out = block(self._run(args[0]), *args[1:], **kwargs)
@@ -423,8 +424,8 @@ class _CarriedInputs:
                     float_out = block(self._run(self._float_source(index)), *args[1:], **kwargs)
                 self.float_inputs[index] = self._keep(self.chain.carry(float_out))
             self.calls_at[index] = ((self._keep(self.chain.carry(out)),) + args[1:], kwargs)
-            if self.at == len(self.chain.blocks) - 1:
-                self.tails.append(tuple(map_tensors(tuple(out[1:]), self._keep)) if isinstance(out, (tuple, list)) else ())
+            if last:  # the rest of the chain's output tuple, for layers after the chain
+                self.tails.append(map_tensors(tuple(out[1:]), self._keep) if isinstance(out, (tuple, list)) else ())
         self.at += 1
 
     def last_inside(self) -> int:
