@@ -245,7 +245,7 @@ class InputCapture:
         shared = self.calls_per_batch(name) > 1
         holder = next((c for c in self._carried if c.holds(name)), None) if not shared else None
         chains_before = [c for c in self._carried if c.comes_before(name)] if not shared and holder is None else []
-        after = max(chains_before, key=lambda c: c.last_inside()) if chains_before else None  # the latest chain
+        after = max(chains_before, key=lambda c: c.last_inside) if chains_before else None  # the latest chain
         if after is not None:
             after.finish(rounded, originals)  # before its last block's float pass is let go
         for carried in self._carried:
@@ -365,6 +365,9 @@ class _CarriedInputs:
         self.tails: list[tuple] = []
         self.skip_checked: set[tuple[str, bool]] = set()  # (layer, float model) checked against a real pass
         self.skip_failed = False  # a layer after the chain read more than the chain's output: real passes
+        # position of the chain's last layer in the first pass's order (-1: none)
+        inside = [i for i, n in enumerate(capture.call_counts) if chain.block_of(n) is not None]
+        self.last_inside = max(inside, default=-1)
         self.disabled = False
 
     def holds(self, name: str) -> bool:
@@ -428,18 +431,13 @@ class _CarriedInputs:
                 self.tails.append(map_tensors(tuple(out[1:]), self._keep) if isinstance(out, (tuple, list)) else ())
         self.at += 1
 
-    def last_inside(self) -> int:
-        """Position of this chain's last layer in the first pass's order (-1: none)."""
-        inside = [i for i, n in enumerate(self.capture.call_counts) if self.chain.block_of(n) is not None]
-        return max(inside, default=-1)
-
     def comes_before(self, name: str) -> bool:
         """Whether layer ``name`` runs after every layer of this chain (the first pass's order), so its
         calls can come from the chain's kept output instead of running the blocks again."""
         order = list(self.capture.call_counts)
         if self.disabled or self.skip_failed or self.at < 0 or name not in order:
             return False
-        return 0 <= self.last_inside() < order.index(name)
+        return 0 <= self.last_inside < order.index(name)
 
     def finish(self, rounded: dict[str, nn.Module], originals: dict[str, Tensor]) -> None:
         """Carry the inputs past the last block: the chain's output, per batch, in both models."""
