@@ -1,11 +1,13 @@
 """Carrying block inputs through a chain: same inputs as full passes, linear in depth."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
 
 from lightning_adaround import AdaRoundConfig, adaround
-from lightning_adaround.data.capture import _CarriedInputs, default_forward
+from lightning_adaround.data.capture import _CarriedInputs, _LayerOutputs, default_forward
 from lightning_adaround.data.chain import find_block_chains
 from lightning_adaround.model.layers import select_layers
 
@@ -267,6 +269,24 @@ def in_place_chain():
     return nn.Sequential(InPlaceBlock(8), InPlaceBlock(8), InPlaceBlock(8)).eval()
 
 
+class InPlaceOutput(nn.Module):
+    """Changes a layer's output in place before any other layer reads it."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h.mul_(0.5)
+        return self.fc3(torch.relu(self.fc2(h)))
+
+
+def in_place_output_chain():
+    torch.manual_seed(0)
+    return nn.Sequential(InPlaceOutput(8), InPlaceOutput(8), InPlaceOutput(8)).eval()
+
+
 class InPlaceResidual(nn.Module):
     """Adds its residual into its own input (``x += ...``), as some pre-norm blocks do."""
 
@@ -320,6 +340,40 @@ def test_one_float_pass_per_block_gives_the_same_rounding(make, data, form):
 
 
 @pytest.mark.parametrize("form", ["minibatch", "moments"])
+@pytest.mark.parametrize("make, data, saved", [
+    # 4 blocks of 5 layers, 4 batches: without reuse a block's passes run 0 + 1 + 2 + 3 + 4 of its
+    # layers for the captures and 5 for the step to the next block, with reuse each layer once
+    (Encoder, lambda: token_batches(4), 4 * 4 * (15 - 5)),
+    # 3 blocks of 3 layers, 3 batches, the last block with no step after it (nothing follows the
+    # chain): 6 against 3 runs per batch in the first two blocks, 3 against 2 in the last
+    (in_place_chain, lambda: [torch.randn(8, 8) for _ in range(3)], 3 * (3 + 3 + 1)),
+    # the same, but each block halves fc1's output in place right away: fc1 runs every time (its kept
+    # output changed), fc2 is kept for the step to the next block: 6 against 5 in the first two blocks
+    (in_place_output_chain, lambda: [torch.randn(8, 8) for _ in range(3)], 3 * (1 + 1)),
+], ids=["encoder", "in-place-inside", "in-place-output"])
+def test_a_block_runs_each_rounded_layer_once_per_batch(make, data, saved, form, monkeypatch):
+    """A rounded layer's output in its block is kept and handed to the block's later passes (the
+    next layers' captures, the step to the next block) instead of being computed again, with the
+    same rounding; a block that changes a layer's output in place gets it as the layer returns it."""
+    batches = data()
+    runs = {"n": 0}
+    linear = nn.Linear.forward
+
+    def counted(module, x):
+        runs["n"] += 1
+        return linear(module, x)
+
+    monkeypatch.setattr(nn.Linear, "forward", counted)
+    reused, _ = _rounded_and_forwards(make, batches, loss_form=form)
+    with_reuse = runs["n"]
+    monkeypatch.setattr(_LayerOutputs, "reused", lambda self, index: contextlib.nullcontext())
+    runs["n"] = 0
+    recomputed, _ = _rounded_and_forwards(make, batches, loss_form=form)
+    assert _same_rounding(reused, recomputed)
+    assert runs["n"] - with_reuse == saved
+
+
+@pytest.mark.parametrize("form", ["minibatch", "moments"])
 def test_a_layer_after_the_chain_skips_its_blocks(form, monkeypatch):
     """The head after an encoder's chain gets its input from the chain's kept output (the blocks
     are not run again, past a first batch that checks it), with the same rounding as running them."""
@@ -341,3 +395,34 @@ def test_a_head_reading_more_than_the_chain_output_runs_the_blocks():
     carried, _ = _rounded_and_forwards(MixOfBlocks, batches)
     full, _ = _rounded_and_forwards(MixOfBlocks, batches, carry_activations=False)
     assert _same_rounding(carried, full)
+
+
+def test_kept_layer_outputs_follow_the_block_parameters(monkeypatch):
+    """A kept output is reused only while the parameters it depends on are unchanged: its own layer's
+    and those of the block's modules before it, not those of the layers after it."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    outputs = _LayerOutputs(block, {"0": block[0], "2": block[2]}, lambda: None)
+    x = torch.randn(3, 4)
+    ran = []
+    linear = nn.Linear.forward
+    monkeypatch.setattr(nn.Linear, "forward", lambda module, t: ran.append(module) or linear(module, t))
+
+    def run():
+        ran.clear()
+        with outputs.reused(0):
+            out = block(x)
+        assert torch.equal(out, linear(block[2], torch.relu(linear(block[0], x))))
+        return [next(n for n, m in block.named_children() if m is r) for r in ran]
+
+    assert run() == ["0", "2"]
+    assert run() == []
+    with torch.no_grad():
+        block[2].weight.mul_(0.5)  # a later layer changed: the first layer's output still holds
+    assert run() == ["2"]
+    with torch.no_grad():
+        block[0].bias.add_(1.0)  # an earlier one: everything after it runs again
+    assert run() == ["0", "2"]
+    block[0].weight.data = block[0].weight.data * 2  # a swapped tensor (as float weights are put back)
+    assert run() == ["0", "2"]
+    assert run() == []

@@ -7,6 +7,7 @@ forward (weight sharing) is the exception: its passes run to the end and keep ev
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -360,6 +361,7 @@ class _CarriedInputs:
         self.calls_at: list[Call] = []  # block ``at``'s (args, kwargs) in the rounded model
         self.float_inputs: list[Optional[Tensor]] = []
         self.float_pass: Optional[_FloatPass] = None  # of block ``at``, once a layer needed it
+        self.outputs: Optional[_LayerOutputs] = None  # block ``at``'s rounded layers' outputs, per batch
         self.float_pass_over_budget = False  # a block's pass did not fit: per-layer passes from then on
         # past the last block (``at == len(blocks)``): the rest of its output tuple in the rounded model
         self.tails: list[tuple] = []
@@ -393,7 +395,7 @@ class _CarriedInputs:
     def _prime(self, k: int, rounded: dict[str, nn.Module], originals: dict[str, Tensor]) -> bool:
         """Forward passes that stop at block ``k``: its call in both models, per batch."""
         capture, block = self.capture, self.chain.blocks[k][1]
-        self.calls_at, self.float_inputs, self.float_pass = [], [], None
+        self.calls_at, self.float_inputs, self.float_pass, self.outputs = [], [], None, None
         for batch in capture.batches:
             call = call_reaching(capture.model, block, batch, capture.forward_fn)
             if call is None:
@@ -414,11 +416,13 @@ class _CarriedInputs:
         block = self.chain.blocks[self.at][1]
         changed = self._rounded_inside(self.at, rounded)
         float_pass, self.float_pass = self.float_pass, None
+        outputs, self.outputs = self._layer_outputs(), None
         last = self.at == len(self.chain.blocks) - 1
         if last:
             self.tails = []
         for index, (args, kwargs) in enumerate(self.calls_at):
-            out = block(self._run(args[0]), *args[1:], **kwargs)
+            with outputs.reused(index):
+                out = block(self._run(args[0]), *args[1:], **kwargs)
             float_input = self.float_inputs[index]
             if float_pass is not None and float_pass.outputs:
                 self.float_inputs[index] = float_pass.outputs[index]
@@ -476,6 +480,29 @@ class _CarriedInputs:
         float_input = self.float_inputs[index]
         return float_input if float_input is not None else self.calls_at[index][0][0]
 
+    def _inner_layers(self) -> dict[str, nn.Module]:
+        """Block ``at``'s layers being rounded, in the order the first pass called them."""
+        prefix = self.chain.blocks[self.at][0] + "."
+        return {n: self.capture.model.get_submodule(n) for n in self.capture.call_counts if n.startswith(prefix)}
+
+    def _room(self, used_elsewhere: int) -> Optional[int]:
+        """Bytes the chain may keep of block ``at`` (its float pass and its rounded layers' outputs share
+        the capture's ``float_pass_budget``) besides ``used_elsewhere``; ``None``: no limit."""
+        budget = self.capture.float_pass_budget() if self.capture.float_pass_budget is not None else 0
+        return None if budget is None else max(0, budget - used_elsewhere)
+
+    def _layer_outputs(self) -> "_LayerOutputs":
+        """Block ``at``'s kept rounded-layer outputs (made on first use), within what the float pass
+        left of the budget; none where the cache is not on the compute device."""
+        if self.outputs is None:
+            capture = self.capture
+            room = lambda: self._room(self.float_pass.nbytes if self.float_pass is not None else 0)  # noqa: E731
+            # kept where the cache lives only when that is the compute device: a GPU computes a layer
+            # again faster than it copies the output back from the host
+            inner = self._inner_layers() if capture.cache_device == capture.device else {}
+            self.outputs = _LayerOutputs(self.chain.blocks[self.at][1], inner, room)
+        return self.outputs
+
     @torch.no_grad()
     def _run_float_pass(self, rounded: dict[str, nn.Module], originals: dict[str, Tensor]) -> Optional["_FloatPass"]:
         """Block ``at`` run whole in the float model on every batch, keeping each inner layer's first
@@ -486,9 +513,9 @@ class _CarriedInputs:
         was given unchanged (the kept block input, a mask).
         """
         capture = self.capture
-        block_name, block = self.chain.blocks[self.at]
-        inner = {n: capture.model.get_submodule(n) for n in capture.call_counts if n.startswith(block_name + ".")}
-        budget = capture.float_pass_budget() if capture.float_pass_budget is not None else 0
+        block = self.chain.blocks[self.at][1]
+        inner = self._inner_layers()
+        budget = self._room(self.outputs.nbytes if self.outputs is not None else 0)
         if not inner or budget == 0 or self.float_pass_over_budget:
             return None
         kept = _FloatPass([], [], 0)
@@ -544,9 +571,11 @@ class _CarriedInputs:
             self._advance(rounded, originals)
         block = self.chain.blocks[k][1]
         changed = self._rounded_inside(k, rounded)
+        outputs = self._layer_outputs()
         for index in indices:
             args, kwargs = self.calls_at[index]
-            rounded_call = _call_in(block, module, (self._run(args[0]),) + args[1:], kwargs)
+            with outputs.reused(index):
+                rounded_call = _call_in(block, module, (self._run(args[0]),) + args[1:], kwargs)
             if rounded_call is None:
                 continue
             if self.float_inputs[index] is None and not changed:
@@ -587,6 +616,71 @@ class _FloatPass:
 
 
 _NOT_KEPT = _FloatPass([], [], 0)  # a block whose float pass was not kept: every layer runs its own
+
+
+class _LayerOutputs:
+    """One block's rounded layers' outputs per batch, reused by the block's later passes.
+
+    While a block's layers are rounded one at a time, each one's capture runs the rounded block up
+    to it and the step to the next block runs it whole, so without this the block's first layer
+    runs once for every later one. A layer's output is a function of the block's input (the kept
+    one, the same per batch) and of the block's parameters and buffers, less those of the layers
+    that run after it (the assumption the float pass makes too); it is kept with a fingerprint of
+    those tensors (storage and in-place version counter) and reused while it matches, so a layer
+    just rounded, or one before it, runs again. A kept output is the one the layer returned (a
+    change the block makes to it in place shows in its version counter, and the layer runs
+    again); each pass gets a copy of it.
+    """
+
+    def __init__(self, block: nn.Module, inner: dict[str, nn.Module], room: Callable[[], Optional[int]]) -> None:
+        """``room``: the bytes it may keep now (``None``: no limit); ``inner``: the block's layers in call order."""
+        self._inner, self._room = inner, room
+        order = list(inner)
+        state = list(block.parameters()) + list(block.buffers())
+        self._watched: dict[str, list[Tensor]] = {}
+        for i, name in enumerate(order):
+            later = {id(t) for n in order[i + 1:] for t in (*inner[n].parameters(), *inner[n].buffers())}
+            self._watched[name] = [t for t in state if id(t) not in later]
+        self._kept: dict[tuple[str, int], tuple[tuple, tuple, Tensor, int]] = {}  # (layer, batch) -> output
+        self.nbytes = 0
+
+    def _fingerprint(self, name: str) -> Optional[tuple]:
+        versions = [(t.data_ptr(), _version(t)) for t in self._watched[name]]
+        return None if any(v is None for _, v in versions) else tuple(versions)
+
+    @contextmanager
+    def reused(self, index: int) -> Iterator[None]:
+        """The block's rounded layers serve batch ``index``'s kept outputs during one pass."""
+        saved = {name: module.__dict__.get("forward", _NO_FORWARD) for name, module in self._inner.items()}
+        for name, module in self._inner.items():
+            module.forward = functools.partial(self._forward, name, index, module.forward)
+        try:
+            yield
+        finally:
+            for name, module in self._inner.items():
+                if saved[name] is _NO_FORWARD:
+                    del module.forward
+                else:
+                    module.forward = saved[name]
+
+    def _forward(self, name: str, index: int, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        fingerprint = self._fingerprint(name)
+        shapes = tuple((t.shape, t.dtype) for t in tensors_in((args, kwargs)))
+        entry = self._kept.get((name, index))
+        if entry is not None and fingerprint is not None and entry[:2] == (fingerprint, shapes):
+            if _version(entry[2]) == entry[3]:
+                return entry[2].clone()  # a copy: what a pass keeps or changes is its own
+        out = forward(*args, **kwargs)
+        if entry is not None:
+            self.nbytes -= entry[2].numel() * entry[2].element_size()
+            del self._kept[(name, index)]
+        room = self._room()
+        size = out.numel() * out.element_size() if isinstance(out, Tensor) else 0
+        version = _version(out) if isinstance(out, Tensor) else None
+        if fingerprint is not None and version is not None and (room is None or self.nbytes + size <= room):
+            self._kept[(name, index)] = (fingerprint, shapes, out.detach(), version)
+            self.nbytes += size
+        return out
 
 
 class _KeptTensors:
