@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -194,8 +194,9 @@ class InputCapture:
         float_pass_budget: Optional[Callable[[], Optional[int]]] = None,
     ) -> None:
         """``float_pass_budget``: bytes a chain may keep of one block's float-model pass (its layers'
-        inputs and its output, for every batch; ``None`` from it: no limit), beside the layer's own
-        cache; without it every layer runs its own float-model pass."""
+        inputs and its output, for every batch) and of its rounded layers' outputs (``None`` from it:
+        no limit), beside the layer's own cache; without it every layer runs its own float-model pass
+        and the rounded block up to itself."""
         self.model = model
         self.batches = batches
         self.forward_fn = forward_fn
@@ -388,9 +389,11 @@ class _CarriedInputs:
         return t.to(self.capture.device, copy=True)
 
     def release(self, name: str) -> None:
-        """Drop the kept float pass unless ``name`` is in its block (the capture moved on)."""
-        if self.float_pass is not None and self.chain.block_of(name) != self.at:
-            self.float_pass = None
+        """Drop the kept float pass and layer outputs unless ``name`` is in their block or a later one
+        of the chain (whose capture first steps to it with them)."""
+        k = self.chain.block_of(name)
+        if k is None or k < self.at:
+            self.float_pass, self.outputs = None, None
 
     def _prime(self, k: int, rounded: dict[str, nn.Module], originals: dict[str, Tensor]) -> bool:
         """Forward passes that stop at block ``k``: its call in both models, per batch."""
@@ -421,7 +424,7 @@ class _CarriedInputs:
         if last:
             self.tails = []
         for index, (args, kwargs) in enumerate(self.calls_at):
-            with outputs.reused(index):
+            with outputs.reused(index, (args[1:], kwargs), keep=False):
                 out = block(self._run(args[0]), *args[1:], **kwargs)
             float_input = self.float_inputs[index]
             if float_pass is not None and float_pass.outputs:
@@ -500,6 +503,7 @@ class _CarriedInputs:
             # kept where the cache lives only when that is the compute device: a GPU computes a layer
             # again faster than it copies the output back from the host
             inner = self._inner_layers() if capture.cache_device == capture.device else {}
+            inner = {n: m for n, m in inner.items() if capture.calls_per_batch(n) == 1}
             self.outputs = _LayerOutputs(self.chain.blocks[self.at][1], inner, room)
         return self.outputs
 
@@ -574,7 +578,7 @@ class _CarriedInputs:
         outputs = self._layer_outputs()
         for index in indices:
             args, kwargs = self.calls_at[index]
-            with outputs.reused(index):
+            with outputs.reused(index, (args[1:], kwargs)):
                 rounded_call = _call_in(block, module, (self._run(args[0]),) + args[1:], kwargs)
             if rounded_call is None:
                 continue
@@ -623,39 +627,44 @@ class _LayerOutputs:
 
     While a block's layers are rounded one at a time, each one's capture runs the rounded block up
     to it and the step to the next block runs it whole, so without this the block's first layer
-    runs once for every later one. A layer's output is a function of the block's input (the kept
-    one, the same per batch) and of the block's parameters and buffers, less those of the layers
-    that run after it (the assumption the float pass makes too); it is kept with a fingerprint of
-    those tensors (storage and in-place version counter) and reused while it matches, so a layer
-    just rounded, or one before it, runs again. A kept output is the one the layer returned (a
-    change the block makes to it in place shows in its version counter, and the layer runs
-    again); each pass gets a copy of it.
+    runs once for every later one. A layer's output is a function of the block's arguments and of
+    the tensors the pass read up to the layer's return; while the pass computes it, every tensor
+    of the block's state (parameters, buffers) and of its arguments other than the input (a mask)
+    handed to a torch function is recorded, and the output is kept with a fingerprint of those
+    (storage and in-place version counter). A later pass reuses it while the fingerprint matches
+    (the layer rounded since, or one that ran before it, or a weight tied to them, changes it)
+    and its recorded reads count as that pass's own. The block's input is the kept one, the same
+    per batch. Kept outputs are private copies, and each pass gets a copy of its own. A layer
+    called twice in one pass runs each time, and so does one whose state has no storage (a sparse
+    buffer). What a pass draws at random, or reads from outside the block and its arguments, is
+    not seen: blocks are taken to be functions of those (in eval mode).
     """
 
     def __init__(self, block: nn.Module, inner: dict[str, nn.Module], room: Callable[[], Optional[int]]) -> None:
-        """``room``: the bytes it may keep now (``None``: no limit); ``inner``: the block's layers in call order."""
+        """``inner``: the block's layers whose outputs may be kept; ``room``: the bytes that may be
+        kept now (``None``: no limit)."""
         self._inner, self._room = inner, room
-        order = list(inner)
-        state = list(block.parameters()) + list(block.buffers())
-        self._watched: dict[str, list[Tensor]] = {}
-        for i, name in enumerate(order):
-            later = {id(t) for n in order[i + 1:] for t in (*inner[n].parameters(), *inner[n].buffers())}
-            self._watched[name] = [t for t in state if id(t) not in later]
-        self._kept: dict[tuple[str, int], tuple[tuple, tuple, Tensor, int]] = {}  # (layer, batch) -> output
+        self._state = {id(t): t for t in (*block.parameters(), *block.buffers())}
+        # (layer, batch) -> (tensors read up to the layer's return, their fingerprint, input shapes, output)
+        self._kept: dict[tuple[str, int], tuple[list[Tensor], tuple, tuple, Tensor]] = {}
         self.nbytes = 0
 
-    def _fingerprint(self, name: str) -> Optional[tuple]:
-        versions = [(t.data_ptr(), _version(t)) for t in self._watched[name]]
-        return None if any(v is None for _, v in versions) else tuple(versions)
-
     @contextmanager
-    def reused(self, index: int) -> Iterator[None]:
-        """The block's rounded layers serve batch ``index``'s kept outputs during one pass."""
+    def reused(self, index: int, call: Call, keep: bool = True) -> Iterator[None]:
+        """One pass of the block on batch ``index`` (``call``: its arguments; ``keep=False``: use what
+        is kept, keep nothing new)."""
+        if not self._inner:
+            yield
+            return
+        tracked = dict(self._state)
+        tracked.update((id(t), t) for t in tensors_in(call))
+        pass_ = _BlockPass(index, keep, tracked)
         saved = {name: module.__dict__.get("forward", _NO_FORWARD) for name, module in self._inner.items()}
         for name, module in self._inner.items():
-            module.forward = functools.partial(self._forward, name, index, module.forward)
+            module.forward = functools.partial(self._forward, pass_, name, module.forward)
         try:
-            yield
+            with _Reads(pass_):
+                yield
         finally:
             for name, module in self._inner.items():
                 if saved[name] is _NO_FORWARD:
@@ -663,24 +672,77 @@ class _LayerOutputs:
                 else:
                     module.forward = saved[name]
 
-    def _forward(self, name: str, index: int, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        fingerprint = self._fingerprint(name)
+    def _forward(self, pass_: "_BlockPass", name: str, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        key = (name, pass_.index)
+        if name in pass_.called:  # called again in one pass: a kept output is not its output
+            self._drop(key)
+            return forward(*args, **kwargs)
+        pass_.called.add(name)
         shapes = tuple((t.shape, t.dtype) for t in tensors_in((args, kwargs)))
-        entry = self._kept.get((name, index))
-        if entry is not None and fingerprint is not None and entry[:2] == (fingerprint, shapes):
-            if _version(entry[2]) == entry[3]:
-                return entry[2].clone()  # a copy: what a pass keeps or changes is its own
+        entry = self._kept.get(key)
+        if entry is not None and entry[2] == shapes and _fingerprint(entry[0]) == entry[1]:
+            pass_.read.update((id(t), t) for t in entry[0])
+            return entry[3].clone()
+        self._drop(key)
         out = forward(*args, **kwargs)
-        if entry is not None:
-            self.nbytes -= entry[2].numel() * entry[2].element_size()
-            del self._kept[(name, index)]
-        room = self._room()
-        size = out.numel() * out.element_size() if isinstance(out, Tensor) else 0
-        version = _version(out) if isinstance(out, Tensor) else None
-        if fingerprint is not None and version is not None and (room is None or self.nbytes + size <= room):
-            self._kept[(name, index)] = (fingerprint, shapes, out.detach(), version)
-            self.nbytes += size
+        if not pass_.keep or not isinstance(out, Tensor):
+            return out
+        read = list(pass_.read.values())
+        fingerprint = _fingerprint(read)
+        size = out.numel() * out.element_size()
+        if fingerprint is not None:
+            if pass_.room is _UNKNOWN:
+                pass_.room = self._room()
+            if pass_.room is None or self.nbytes + size <= pass_.room:
+                self._kept[key] = (read, fingerprint, shapes, out.detach().clone())
+                self.nbytes += size
         return out
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        entry = self._kept.pop(key, None)
+        if entry is not None:
+            self.nbytes -= entry[3].numel() * entry[3].element_size()
+
+
+_UNKNOWN = object()
+
+
+@dataclass
+class _BlockPass:
+    """What one pass of a block has done so far: the layers it called and the tracked tensors it read."""
+
+    index: int
+    keep: bool
+    tracked: dict[int, Tensor]  # id -> the block's state and argument tensors
+    read: dict[int, Tensor] = field(default_factory=dict)
+    called: set[str] = field(default_factory=set)
+    room: Any = _UNKNOWN  # the bytes that may be kept, asked for once per pass
+
+
+class _Reads(torch.overrides.TorchFunctionMode):
+    """Records which tracked tensors a pass hands to torch functions."""
+
+    def __init__(self, pass_: _BlockPass) -> None:
+        super().__init__()
+        self._pass = pass_
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tracked, read = self._pass.tracked, self._pass.read
+        for t in tensors_in((args, kwargs)):
+            if id(t) in tracked and tracked[id(t)] is t:
+                read[id(t)] = t
+        return func(*args, **kwargs)
+
+
+def _fingerprint(tensors: Sequence[Tensor]) -> Optional[tuple]:
+    """Storage and in-place version of each tensor; ``None`` if one has neither (no storage, or made
+    under inference mode)."""
+    try:
+        found = tuple((t.data_ptr(), _version(t)) for t in tensors)
+    except RuntimeError:  # a sparse or wrapper tensor: no storage to point at
+        return None
+    return None if any(version is None for _, version in found) else found
 
 
 class _KeptTensors:
