@@ -481,16 +481,25 @@ class SparseGraph(nn.Module):
         return x + self.fc2(torch.relu(torch.sparse.mm(self.adjacency, self.fc1(x))))
 
 
-@pytest.mark.parametrize("block", [CalledTwice, Tied, ChangedThroughData, SparseGraph])
-def test_kept_layer_outputs_give_the_same_rounding(block, monkeypatch):
+def attention_layer(width):
+    return nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True)
+
+
+@pytest.mark.parametrize("block, shape", [
+    (CalledTwice, (16, 32)), (Tied, (16, 32)), (ChangedThroughData, (16, 32)), (SparseGraph, (16, 32)),
+    (attention_layer, (16, 6, 32)),
+], ids=["called-twice", "tied", "changed-through-data", "sparse-buffer", "transformer-layer"])
+def test_kept_layer_outputs_give_the_same_rounding(block, shape, monkeypatch):
     """Blocks where a kept output could go wrong: a layer called twice in one pass, a weight tied to
-    a later layer, outputs changed where no version counter sees it, state without storage."""
+    a later layer, outputs changed where no version counter sees it, state without storage, and
+    torch's own encoder layer (its fused fast path is taken only when no torch-function mode is
+    active: a pass must run as it would without kept outputs)."""
     def make():
         torch.manual_seed(0)
         return nn.Sequential(block(32), block(32), block(32)).eval()
 
     generator = torch.Generator().manual_seed(1)
-    batches = [torch.randn(16, 32, generator=generator) for _ in range(3)]
+    batches = [torch.randn(*shape, generator=generator) for _ in range(3)]
     reused, _ = _rounded_and_forwards(make, batches, iterations=200, bits=2, batch_size=16)
     monkeypatch.setattr(_LayerOutputs, "reused", lambda self, *a, **k: contextlib.nullcontext())
     recomputed, _ = _rounded_and_forwards(make, batches, iterations=200, bits=2, batch_size=16)

@@ -627,44 +627,49 @@ class _LayerOutputs:
 
     While a block's layers are rounded one at a time, each one's capture runs the rounded block up
     to it and the step to the next block runs it whole, so without this the block's first layer
-    runs once for every later one. A layer's output is a function of the block's arguments and of
-    the tensors the pass read up to the layer's return; while the pass computes it, every tensor
-    of the block's state (parameters, buffers) and of its arguments other than the input (a mask)
-    handed to a torch function is recorded, and the output is kept with a fingerprint of those
-    (storage and in-place version counter). A later pass reuses it while the fingerprint matches
-    (the layer rounded since, or one that ran before it, or a weight tied to them, changes it)
-    and its recorded reads count as that pass's own. The block's input is the kept one, the same
-    per batch. Kept outputs are private copies, and each pass gets a copy of its own. A layer
-    called twice in one pass runs each time, and so does one whose state has no storage (a sparse
-    buffer). What a pass draws at random, or reads from outside the block and its arguments, is
-    not seen: blocks are taken to be functions of those (in eval mode).
+    runs once for every later one. A layer's output is a function of the block's arguments (the
+    kept ones, the same per batch) and of the block's parameters and buffers, less those held only
+    by the block's layers that run after it: it is kept with a fingerprint of those tensors and of
+    the arguments (storage and in-place version counter) and reused while that matches, so a layer
+    just rounded runs again, and so does every layer after it, and one whose weight is tied to a
+    layer rounded since. Kept outputs are private copies taken as the layer returned them, and
+    each pass gets a copy of its own. A layer called twice in one pass runs each time, and nothing
+    is kept where the state has no storage (a sparse buffer). Not seen, so taken not to happen (as
+    the float pass takes it): a layer's output that depends on a later layer's own parameters (read
+    by the block before that layer runs), on random draws, or on anything outside the block and
+    its arguments.
     """
 
     def __init__(self, block: nn.Module, inner: dict[str, nn.Module], room: Callable[[], Optional[int]]) -> None:
-        """``inner``: the block's layers whose outputs may be kept; ``room``: the bytes that may be
-        kept now (``None``: no limit)."""
+        """``inner``: the block's layers whose outputs may be kept, in call order; ``room``: the bytes
+        that may be kept now (``None``: no limit)."""
         self._inner, self._room = inner, room
-        self._state = {id(t): t for t in (*block.parameters(), *block.buffers())}
-        # (layer, batch) -> (tensors read up to the layer's return, their fingerprint, input shapes, output)
-        self._kept: dict[tuple[str, int], tuple[list[Tensor], tuple, tuple, Tensor]] = {}
+        holders: dict[int, list[int]] = {}  # tensor id -> ids of the modules holding it
+        state: dict[int, Tensor] = {}
+        for _, module in block.named_modules(remove_duplicate=False):
+            for t in (*module._parameters.values(), *module._buffers.values()):
+                if t is not None:
+                    holders.setdefault(id(t), []).append(id(module))
+                    state[id(t)] = t
+        order = list(inner)
+        self._watched: dict[str, list[Tensor]] = {}
+        for i, name in enumerate(order):
+            later = {id(m) for n in order[i + 1:] for m in inner[n].modules()}
+            self._watched[name] = [t for key, t in state.items() if not all(h in later for h in holders[key])]
+        # (layer, batch) -> (fingerprint, input shapes, output)
+        self._kept: dict[tuple[str, int], tuple[tuple, tuple, Tensor]] = {}
         self.nbytes = 0
 
     @contextmanager
     def reused(self, index: int, call: Call, keep: bool = True) -> Iterator[None]:
-        """One pass of the block on batch ``index`` (``call``: its arguments; ``keep=False``: use what
-        is kept, keep nothing new)."""
-        if not self._inner:
-            yield
-            return
-        tracked = dict(self._state)
-        tracked.update((id(t), t) for t in tensors_in(call))
-        pass_ = _BlockPass(index, keep, tracked)
+        """One pass of the block on batch ``index`` (``call``: its arguments but the input;
+        ``keep=False``: use what is kept, keep nothing new)."""
+        pass_ = _BlockPass(index, keep, list(tensors_in(call)))
         saved = {name: module.__dict__.get("forward", _NO_FORWARD) for name, module in self._inner.items()}
         for name, module in self._inner.items():
             module.forward = functools.partial(self._forward, pass_, name, module.forward)
         try:
-            with _Reads(pass_):
-                yield
+            yield
         finally:
             for name, module in self._inner.items():
                 if saved[name] is _NO_FORWARD:
@@ -678,30 +683,27 @@ class _LayerOutputs:
             self._drop(key)
             return forward(*args, **kwargs)
         pass_.called.add(name)
+        fingerprint = _fingerprint(self._watched[name] + pass_.arguments)
         shapes = tuple((t.shape, t.dtype) for t in tensors_in((args, kwargs)))
         entry = self._kept.get(key)
-        if entry is not None and entry[2] == shapes and _fingerprint(entry[0]) == entry[1]:
-            pass_.read.update((id(t), t) for t in entry[0])
-            return entry[3].clone()
+        if entry is not None and fingerprint is not None and entry[:2] == (fingerprint, shapes):
+            return entry[2].clone()
         self._drop(key)
         out = forward(*args, **kwargs)
-        if not pass_.keep or not isinstance(out, Tensor):
+        if not pass_.keep or fingerprint is None or not isinstance(out, Tensor):
             return out
-        read = list(pass_.read.values())
-        fingerprint = _fingerprint(read)
         size = out.numel() * out.element_size()
-        if fingerprint is not None:
-            if pass_.room is _UNKNOWN:
-                pass_.room = self._room()
-            if pass_.room is None or self.nbytes + size <= pass_.room:
-                self._kept[key] = (read, fingerprint, shapes, out.detach().clone())
-                self.nbytes += size
+        if pass_.room is _UNKNOWN:
+            pass_.room = self._room()
+        if pass_.room is None or self.nbytes + size <= pass_.room:
+            self._kept[key] = (fingerprint, shapes, out.detach().clone())
+            self.nbytes += size
         return out
 
     def _drop(self, key: tuple[str, int]) -> None:
         entry = self._kept.pop(key, None)
         if entry is not None:
-            self.nbytes -= entry[3].numel() * entry[3].element_size()
+            self.nbytes -= entry[2].numel() * entry[2].element_size()
 
 
 _UNKNOWN = object()
@@ -709,30 +711,13 @@ _UNKNOWN = object()
 
 @dataclass
 class _BlockPass:
-    """What one pass of a block has done so far: the layers it called and the tracked tensors it read."""
+    """One pass of a block: its batch, whether it keeps outputs, its tensor arguments, the layers it called."""
 
     index: int
     keep: bool
-    tracked: dict[int, Tensor]  # id -> the block's state and argument tensors
-    read: dict[int, Tensor] = field(default_factory=dict)
+    arguments: list[Tensor]
     called: set[str] = field(default_factory=set)
     room: Any = _UNKNOWN  # the bytes that may be kept, asked for once per pass
-
-
-class _Reads(torch.overrides.TorchFunctionMode):
-    """Records which tracked tensors a pass hands to torch functions."""
-
-    def __init__(self, pass_: _BlockPass) -> None:
-        super().__init__()
-        self._pass = pass_
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        tracked, read = self._pass.tracked, self._pass.read
-        for t in tensors_in((args, kwargs)):
-            if id(t) in tracked and tracked[id(t)] is t:
-                read[id(t)] = t
-        return func(*args, **kwargs)
 
 
 def _fingerprint(tensors: Sequence[Tensor]) -> Optional[tuple]:
