@@ -664,7 +664,7 @@ class _LayerOutputs:
     def reused(self, index: int, call: Call, keep: bool = True) -> Iterator[None]:
         """One pass of the block on batch ``index`` (``call``: its arguments but the input;
         ``keep=False``: use what is kept, keep nothing new)."""
-        pass_ = _BlockPass(index, keep, list(tensors_in(call)))
+        pass_ = _BlockPass(index, list(tensors_in(call)), self._room() if keep else 0)
         saved = {name: module.__dict__.get("forward", _NO_FORWARD) for name, module in self._inner.items()}
         for name, module in self._inner.items():
             module.forward = functools.partial(self._forward, pass_, name, module.forward)
@@ -690,11 +690,9 @@ class _LayerOutputs:
             return entry[2].clone()
         self._drop(key)
         out = forward(*args, **kwargs)
-        if not pass_.keep or fingerprint is None or not isinstance(out, Tensor):
+        if fingerprint is None or not isinstance(out, Tensor):
             return out
         size = out.numel() * out.element_size()
-        if pass_.room is _UNKNOWN:
-            pass_.room = self._room()
         if pass_.room is None or self.nbytes + size <= pass_.room:
             self._kept[key] = (fingerprint, shapes, out.detach().clone())
             self.nbytes += size
@@ -706,18 +704,14 @@ class _LayerOutputs:
             self.nbytes -= entry[2].numel() * entry[2].element_size()
 
 
-_UNKNOWN = object()
-
-
 @dataclass
 class _BlockPass:
-    """One pass of a block: its batch, whether it keeps outputs, its tensor arguments, the layers it called."""
+    """One pass of a block: its batch, its tensor arguments, what it may keep, the layers it called."""
 
     index: int
-    keep: bool
     arguments: list[Tensor]
+    room: Optional[int]  # the bytes that may be kept in all, as of the pass's start (0: keep nothing new)
     called: set[str] = field(default_factory=set)
-    room: Any = _UNKNOWN  # the bytes that may be kept, asked for once per pass
 
 
 def _fingerprint(tensors: Sequence[Tensor]) -> Optional[tuple]:
