@@ -465,18 +465,11 @@ class _CarriedInputs:
         last_tail = map_tensors(tail, nan) if float_model else map_tensors(tail, self._run)
         wrap = (lambda first, rest: (first, *rest)) if self.chain.tuple_output else (lambda first, rest: first)
         blocks = [block for _, block in self.chain.blocks]
-        saved = [block.__dict__.get("forward", _NO_FORWARD) for block in blocks]
-        for block in blocks[:-1]:
-            block.forward = lambda *args, **kwargs: wrap(nan(args[0]), map_tensors(tail, nan))
-        blocks[-1].forward = lambda *args, **kwargs: wrap(self._run(hidden), last_tail)
-        try:
+        nan_out = lambda *args, **kwargs: wrap(nan(args[0]), map_tensors(tail, nan))  # noqa: E731
+        handed_on = [(block, nan_out) for block in blocks[:-1]]
+        handed_on.append((blocks[-1], lambda *args, **kwargs: wrap(self._run(hidden), last_tail)))
+        with _forwards_replaced(handed_on):
             yield
-        finally:
-            for block, forward in zip(blocks, saved):
-                if forward is _NO_FORWARD:
-                    del block.forward
-                else:
-                    block.forward = forward
 
     def _float_source(self, index: int) -> Tensor:
         """Block ``at``'s input in the float model on batch ``index``."""
@@ -597,7 +590,23 @@ class _CarriedInputs:
             yield index, rounded_call, float_call
 
 
-_NO_FORWARD = object()  # a block without a ``forward`` of its own (the class's is used)
+_NO_FORWARD = object()  # a module without a ``forward`` of its own (the class's is used)
+
+
+@contextmanager
+def _forwards_replaced(replacements: Sequence[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+    """Each module's ``forward`` replaced (hooks still run around it), put back afterwards."""
+    saved = [(module, module.__dict__.get("forward", _NO_FORWARD)) for module, _ in replacements]
+    for module, forward in replacements:
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module, forward in saved:
+            if forward is _NO_FORWARD:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 def _same_call(a: Optional[Call], b: Optional[Call]) -> bool:
@@ -665,17 +674,10 @@ class _LayerOutputs:
         """One pass of the block on batch ``index`` (``call``: its arguments but the input;
         ``keep=False``: use what is kept, keep nothing new)."""
         pass_ = _BlockPass(index, list(tensors_in(call)), self._room() if keep else 0)
-        saved = {name: module.__dict__.get("forward", _NO_FORWARD) for name, module in self._inner.items()}
-        for name, module in self._inner.items():
-            module.forward = functools.partial(self._forward, pass_, name, module.forward)
-        try:
+        with _forwards_replaced([
+            (module, functools.partial(self._forward, pass_, name, module.forward)) for name, module in self._inner.items()
+        ]):
             yield
-        finally:
-            for name, module in self._inner.items():
-                if saved[name] is _NO_FORWARD:
-                    del module.forward
-                else:
-                    module.forward = saved[name]
 
     def _forward(self, pass_: "_BlockPass", name: str, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         key = (name, pass_.index)
