@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -419,12 +419,12 @@ class _CarriedInputs:
         block = self.chain.blocks[self.at][1]
         changed = self._rounded_inside(self.at, rounded)
         float_pass, self.float_pass = self.float_pass, None
-        outputs, self.outputs = self._layer_outputs(), None
+        outputs, self.outputs = self.outputs, None  # none kept (a block only stepped through): plain passes
         last = self.at == len(self.chain.blocks) - 1
         if last:
             self.tails = []
         for index, (args, kwargs) in enumerate(self.calls_at):
-            with outputs.reused(index, (args[1:], kwargs), keep=False):
+            with outputs.reused(index, (args[1:], kwargs), keep=False) if outputs is not None else nullcontext():
                 out = block(self._run(args[0]), *args[1:], **kwargs)
             float_input = self.float_inputs[index]
             if float_pass is not None and float_pass.outputs:
