@@ -13,7 +13,9 @@ held-out crops. MiniLM (``examples/minilm.py``): mean cosine similarity of held-
 embeddings to full precision. Grids: W4 per-channel, W4 per-tensor, W3 per-channel, all
 symmetric. The full-precision model is unsure on many crops (median top-1 probability about
 0.15), where any perturbation flips a near-tie: agreement is also given on the crops where
-its top class has probability 0.5 or more. Method ``gptq``: the GPTQ baseline of ``gptq.py`` (not
+its top class has probability 0.5 or more. The same scores on the calibration crops/chunks
+(``KL, calibration crops``, ``cosine, calibration chunks``) show how much of the fit carries over
+to other data (docs/four-bits.md). Method ``gptq``: the GPTQ baseline of ``gptq.py`` (not
 part of the library), on ``nearest mse``'s grid and the AdaRound rows' calibration batches.
 ``seconds`` is the time to quantize (folding, equalization and rounding), not
 to score. Slow on a CPU: run the cases you need with ``--case`` and ``--grid``.
@@ -135,6 +137,7 @@ def effnet_rows(args: argparse.Namespace) -> list[dict[str, object]]:
     calibration, held_out = lite.photo_crops(args.calibration, args.holdout, seed=args.seed)
     batches = list(calibration.split(32))
     reference = lite.logits(float_model, held_out)
+    calibration_reference = lite.logits(float_model, calibration)
     confident = reference.softmax(-1).amax(-1) >= 0.5  # crops where FP's top class is not a near-tie
     rows = []
     for grid in args.grid:
@@ -154,7 +157,9 @@ def effnet_rows(args: argparse.Namespace) -> list[dict[str, object]]:
                 "upstream": f"{args.upstream_correction:g}" if method in ("layer", "block") else "-",
                 "top-1 agreement": lite.top1_agreement(reference, quantized),
                 f"agreement, FP p>=0.5 ({int(confident.sum())})": lite.top1_agreement(reference[confident], quantized[confident]),
-                "KL": lite.mean_kl(reference, quantized), "seconds": seconds,
+                "KL": lite.mean_kl(reference, quantized),
+                "KL, calibration crops": lite.mean_kl(calibration_reference, lite.logits(model, calibration)),
+                "seconds": seconds,
             })
             print_table("so far", rows[-1:])
     return rows
@@ -170,6 +175,7 @@ def minilm_rows(args: argparse.Namespace) -> list[dict[str, object]]:
     reference = float_model.embeddings
     batches = list(dm.calibration_dataloader())
     forward = lambda m, b: m(b["input_ids"], b["attention_mask"])  # noqa: E731
+    calibration_reference = _embeddings(float_model, batches, forward)
     rows = []
     for grid in args.grid:
         for method, _ in _plan(grid, args.method, ["none"]):
@@ -186,10 +192,23 @@ def minilm_rows(args: argparse.Namespace) -> list[dict[str, object]]:
                 "lr": _lr_cell(args.lr, args.iterations), "scale": _scale_of(method, args.scale_method, args.learn_scale, args.scale_lr),
                 "bias corr.": _bias_cell(args.bias_correction) if method in ("layer", "block") else "off",
                 "upstream": f"{args.upstream_correction:g}" if method in ("layer", "block") else "-",
-                "cosine": minilm.held_out_cosine(model, dm, reference), "seconds": seconds,
+                "cosine": minilm.held_out_cosine(model, dm, reference),
+                "cosine, calibration chunks": _mean_cosine(_embeddings(model, batches, forward), calibration_reference),
+                "seconds": seconds,
             })
             print_table("so far", rows[-1:])
     return rows
+
+
+@torch.no_grad()
+def _embeddings(model: nn.Module, batches: list[Any], forward: Callable[[nn.Module, Any], torch.Tensor]) -> torch.Tensor:
+    """The model's outputs on the calibration batches (how closely the rounding fits the data it saw)."""
+    model.eval()
+    return torch.cat([forward(model, batch) for batch in batches])
+
+
+def _mean_cosine(embeddings: torch.Tensor, reference: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(embeddings, reference, dim=-1).mean().item()
 
 
 def main() -> None:
