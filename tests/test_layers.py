@@ -243,3 +243,42 @@ def test_adaround_every_family_lands_on_grid(symmetric):
     assert result.layers["up"].scale.shape == (1, 3, 1, 1)
     assert result.layers["fc"].scale.shape == (5, 1)
     assert result.layers["fc"].num_samples == 24
+
+
+class _Block(nn.Module):
+    def __init__(self, by_keyword: bool):
+        super().__init__()
+        self.a, self.b, self.by_keyword = nn.Linear(8, 16), nn.Linear(16, 8), by_keyword
+
+    def forward(self, x):
+        if self.by_keyword:
+            return x + self.b(input=torch.relu(self.a(input=x)))
+        return x + self.b(torch.relu(self.a(x)))
+
+
+class _Encoder(nn.Module):
+    """A chain of two blocks of Linear layers; layers and blocks called by position or by keyword."""
+
+    def __init__(self, by_keyword: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(_Block(by_keyword) for _ in range(2))
+        self.by_keyword = by_keyword
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x=x) if self.by_keyword else block(x)
+        return x
+
+
+@pytest.mark.parametrize("reconstruction, loss_form", [("layer", "moments"), ("layer", "minibatch"), ("block", "auto")])
+def test_layers_called_by_keyword_round_as_called_by_position(reconstruction, loss_form):
+    """``self.fc(input=x)`` once failed with an IndexError: recorded calls are read by position."""
+    data = [torch.randn(16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    config = AdaRoundConfig(bits=3, iterations=30, reconstruction=reconstruction, loss_form=loss_form)
+    results = [adaround(_Encoder(by_keyword), data, config) for by_keyword in (False, True)]
+    assert sorted(results[0].layers) == sorted(results[1].layers) and len(results[0].layers) == 4
+    if reconstruction == "block":
+        assert results[1].layers["blocks.0.a"].block == "blocks.0"
+    for name in results[0].layers:
+        assert torch.equal(results[0].layers[name].integer_weight, results[1].layers[name].integer_weight), name

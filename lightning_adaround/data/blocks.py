@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lightning_adaround.data.capture import call_reaching
 from lightning_adaround.data.chain import find_block_chains
-from lightning_adaround.model.layers import ForwardFn, forward_with_hooks
+from lightning_adaround.model.layers import ForwardFn, forward_with_hooks, positional_call
 from lightning_adaround.data.unit import Unit
 
 _RUN = re.compile(r"^(?P<name>[\w.]*)\[(?P<start>\d+):(?P<stop>\d+)\]$")
@@ -167,8 +167,8 @@ def _check_calls(model: nn.Module, blocks: Sequence[Unit], batch: Any, forward_f
     seen: dict[str, list[tuple]] = {b.name: [] for b in blocks}
     handles = []
     for block in blocks:
-        def record(_module, args, kwargs, name=block.name):
-            seen[name].append(args)
+        def record(module, args, kwargs, name=block.name):
+            seen[name].append(positional_call(module, args, kwargs)[0])
         handles.append(block.first[1].register_forward_pre_hook(record, with_kwargs=True))
     forward_with_hooks(model, batch, forward_fn, handles)
     for block in blocks:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lightning_adaround.data.calibration import map_tensors, tensors_in
 from lightning_adaround.data.chain import BlockChain
-from lightning_adaround.model.layers import ForwardFn, forward_with_hooks
+from lightning_adaround.model.layers import ForwardFn, forward_with_hooks, positional_call
 
 Call = tuple[tuple, dict]  # a module call's (args, kwargs)
 
@@ -85,8 +85,8 @@ def call_reaching(module: nn.Module, target: nn.Module, batch: Any, forward_fn: 
     """``(args, kwargs)`` of ``target``'s first call when ``module`` runs on ``batch``; the pass stops there."""
     seen: list[tuple] = []
 
-    def stop_here(_module, args, kwargs):
-        seen.append((args, dict(kwargs)))
+    def stop_here(module, args, kwargs):
+        seen.append(positional_call(module, args, kwargs))
         raise _StopForward
 
     try:
@@ -107,7 +107,8 @@ def every_call(module: nn.Module, target: nn.Module, batch: Any, forward_fn: For
     def keep(value: Any) -> Any:
         return value.detach().clone() if isinstance(value, Tensor) else value
 
-    def record(_module, args, kwargs):
+    def record(module, args, kwargs):
+        args, kwargs = positional_call(module, args, kwargs)
         seen.append((tuple(keep(a) for a in args), {k: keep(v) for k, v in kwargs.items()}))
 
     forward_with_hooks(module, batch, forward_fn, [target.register_forward_pre_hook(record, with_kwargs=True)])
@@ -539,9 +540,9 @@ class _CarriedInputs:
             handles = []
             try:
                 for name, module in inner.items():
-                    def record(_module, call_args, call_kwargs, name=name):
+                    def record(module, call_args, call_kwargs, name=name):
                         if name not in seen:
-                            seen[name] = map_tensors((call_args, dict(call_kwargs)), keep)
+                            seen[name] = map_tensors(positional_call(module, call_args, call_kwargs), keep)
                     handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
                 with float_weights(rounded, originals):
                     out = block(given, *args[1:], **kwargs)

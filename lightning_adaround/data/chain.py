@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 from torch import Tensor, nn
 
-from lightning_adaround.model.layers import ForwardFn, forward_with_hooks
+from lightning_adaround.model.layers import ForwardFn, forward_with_hooks, positional_call
 
 @dataclass
 class BlockChain:
@@ -109,7 +109,7 @@ def find_block_chains(
     handles = []
 
     def pre_hook(module, args, kwargs):
-        calls.setdefault(id(module), []).append(_Call(args, dict(kwargs)))
+        calls.setdefault(id(module), []).append(_Call(*positional_call(module, args, kwargs)))
 
     def post_hook(module, args, kwargs, output):
         calls[id(module)][-1].output = output

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_adaround.model.layers import positional_call
+
 if TYPE_CHECKING:
     from lightning_adaround.data.unit import Unit, UnitData
 
@@ -218,7 +220,9 @@ def inner_layer_moments(
     for _, x, args, kwargs in data.chunks(chunk, device, weights[0].dtype) if data is not None and found else ():
         inputs: list[tuple[str, Tensor]] = []
         handles = [
-            layers[name].register_forward_pre_hook(lambda _m, a, name=name: inputs.append((name, a[0])))
+            layers[name].register_forward_pre_hook(
+                lambda m, a, k, name=name: inputs.append((name, positional_call(m, a, k)[0][0])), with_kwargs=True
+            )
             for name in found
         ]
         try:

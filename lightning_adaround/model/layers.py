@@ -7,6 +7,7 @@ so stride, padding modes, groups and transposed convolutions need no code of our
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -76,6 +77,18 @@ def forward_with_hooks(model: nn.Module, batch: Any, forward_fn: ForwardFn, hand
     finally:
         for handle in handles:
             handle.remove()
+
+
+def positional_call(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A call's ``(args, kwargs)`` with its first input positional: ``fc(input=x)`` is recorded as
+    ``fc(x)`` (the same call), the form every reader of a recorded call takes its input from."""
+    kwargs = dict(kwargs)
+    if not args and kwargs:
+        # the class's forward: an instance's may be wrapped (*args, **kwargs) while a pass runs
+        first = next(iter(list(inspect.signature(type(module).forward).parameters.values())[1:]), None)
+        if first is not None and first.kind is first.POSITIONAL_OR_KEYWORD and first.name in kwargs:
+            return (kwargs.pop(first.name),), kwargs
+    return args, kwargs
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
