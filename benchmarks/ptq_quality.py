@@ -72,7 +72,7 @@ def quantize(
     model: nn.Module, method: str, grid: dict[str, Any], preparation: str, batches: list[Any], iterations: int,
     batch_size: int = 32, lr: Optional[float] = 1e-3, scale_method: str = "mse", bias_correction: Union[bool, str] = False,
     gptq_blocks: tuple[str, ...] = (), learn_scale: bool = False, scale_lr: float = 1e-4,
-    upstream_correction: float = 1.0, **options: Any,
+    upstream_correction: Optional[float] = None, **options: Any,
 ) -> float:
     """Quantize ``model`` in place; seconds spent."""
     started = time.perf_counter()
@@ -118,6 +118,10 @@ def _lr_cell(lr: Optional[float], iterations: int) -> str:
     return f"tied ({AdaRoundConfig(lr=None, iterations=iterations).learning_rate:.2g})"
 
 
+def _upstream_cell(correction: Optional[float]) -> str:
+    return "Linear 0.5, else 1" if correction is None else f"{correction:g}"
+
+
 def _plan(grid: str, methods: list[str], preparations: list[str]) -> list[tuple[str, str]]:
     """(method, preparation) pairs: every preparation for nearest; equalization only where it can help."""
     pairs = []
@@ -154,7 +158,7 @@ def effnet_rows(args: argparse.Namespace) -> list[dict[str, object]]:
                 "model": "EfficientNet-Lite1", "grid": grid, "method": method, "prep": preparation,
                 "lr": _lr_cell(args.lr, args.iterations), "scale": _scale_of(method, args.scale_method, args.learn_scale, args.scale_lr),
                 "bias corr.": _bias_cell(args.bias_correction) if method in ("layer", "block") else "off",
-                "upstream": f"{args.upstream_correction:g}" if method in ("layer", "block") else "-",
+                "upstream": _upstream_cell(args.upstream_correction) if method in ("layer", "block") else "-",
                 "top-1 agreement": lite.top1_agreement(reference, quantized),
                 f"agreement, FP p>=0.5 ({int(confident.sum())})": lite.top1_agreement(reference[confident], quantized[confident]),
                 "KL": lite.mean_kl(reference, quantized),
@@ -191,7 +195,7 @@ def minilm_rows(args: argparse.Namespace) -> list[dict[str, object]]:
                 "model": "MiniLM-L6", "grid": grid, "method": method, "prep": "none",
                 "lr": _lr_cell(args.lr, args.iterations), "scale": _scale_of(method, args.scale_method, args.learn_scale, args.scale_lr),
                 "bias corr.": _bias_cell(args.bias_correction) if method in ("layer", "block") else "off",
-                "upstream": f"{args.upstream_correction:g}" if method in ("layer", "block") else "-",
+                "upstream": _upstream_cell(args.upstream_correction) if method in ("layer", "block") else "-",
                 "cosine": minilm.held_out_cosine(model, dm, reference),
                 "cosine, calibration chunks": _mean_cosine(_embeddings(model, batches, forward), calibration_reference),
                 "seconds": seconds,
@@ -228,7 +232,8 @@ def main() -> None:
     parser.add_argument("--scale-lr", type=float, default=1e-4, help="Adam rate of the learned scales (--learn-scale)")
     parser.add_argument("--upstream-correction", type=float, default=AdaRoundConfig().upstream_correction,
                         help="AdaRound rows: how much of the earlier layers' error each layer makes up for "
-                             "(upstream_correction; 1 targets the float model, as the paper)")
+                             "(upstream_correction; 1 targets the float model, as the paper; default: the "
+                             "library's, 0.5 for Linear layers and 1 for others)")
     parser.add_argument("--bias-correction", nargs="?", const="on", default="off", choices=list(BIAS_CORRECTION),
                         help="bias correction after AdaRound: off, on (bias_correction=True; also the bare flag) "
                              "or auto (kept per channel where it lowers the held-out error)")

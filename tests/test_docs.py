@@ -469,6 +469,8 @@ class _TwoArgBlock(nn.Module):
         self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
 
     def forward(self, x, scale=1.0):
+        if isinstance(x, tuple):  # called with its input wrapped in a tuple
+            (x,) = x
         return self.b(torch.relu(self.a(x))) * scale
 
 
@@ -488,8 +490,8 @@ class _WithBlock(nn.Module):
     def forward(self, x):
         if self.how == "twice":
             return self.block(self.block(x))
-        if self.how == "keyword":
-            return self.block(x=x)
+        if self.how == "tuple":
+            return self.block((x,))
         if self.how == "scale":
             return self.block(x, x.sum())
         return self.block(x)
@@ -527,7 +529,7 @@ def _block_cases() -> dict[str, Callable[[], Any]]:
         ),
         "block: overlap": lambda: run(["block", "block.a"]),
         "block: called twice": lambda: run(["block"], "twice"),
-        "block: keyword input": lambda: run(["block"], "keyword"),
+        "block: input not a tensor": lambda: run(["block"], "tuple"),
         "block: changing argument": lambda: run(["block"], "scale"),
         "block: output not a tensor": lambda: adaround(
             nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), _AsDict()), x,

@@ -196,11 +196,11 @@ def test_settings_that_change_no_weight_may_change_on_resume(tmp_path):
     _assert_same_result(result, reference, model, reference_model)
 
 
-@pytest.mark.parametrize("here, resumes", [(1.0, True), (0.5, False)])
+@pytest.mark.parametrize("here, resumes", [(1.0, True), (0.5, False), (None, False)])
 def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(tmp_path, here, resumes):
-    """A checkpoint written before ``upstream_correction`` existed lacks it: it counts as the
-    default there (which rounds as before), so only a run that sets another value is refused."""
-    config = _config()
+    """A checkpoint written before ``upstream_correction`` existed lacks it: it counts as its default
+    then (1, which rounds as before), not today's (``None``), so a run with any other value is refused."""
+    config = _config(upstream_correction=1.0)  # how the library rounded before the setting existed
     reference, reference_model = _reference(config)
     _interrupted_after_three_layers(tmp_path, config)
     manifest = json.loads((tmp_path / MANIFEST).read_text())
@@ -212,7 +212,7 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(tmp_p
         assert result.restored == LAYERS[:3]
         _assert_same_result(result, reference, model, reference_model)
     else:
-        with pytest.raises(ValueError, match="upstream_correction is 1.0 there and 0.5 here"):
+        with pytest.raises(ValueError, match=f"upstream_correction is 1.0 there and {here} here"):
             adaround(model, _data(), _config(upstream_correction=here), checkpoint_dir=tmp_path)
 
 

@@ -22,7 +22,7 @@ def _two_layers() -> tuple[nn.Module, list[torch.Tensor]]:
     return model, batches
 
 
-def _run(correction: float, loss_form: str):
+def _run(correction, loss_form: str):
     model, batches = _two_layers()
     config = AdaRoundConfig(
         bits=4, scale_method="minmax", iterations=20, loss_form=loss_form, holdout_fraction=0.25,
@@ -51,9 +51,61 @@ def test_values_outside_zero_to_one_are_refused(value):
         AdaRoundConfig(upstream_correction=value)
 
 
-def test_the_default_is_the_papers_full_correction():
-    assert AdaRoundConfig().upstream_correction == 1.0
-    model, batches = _two_layers()
-    a = adaround(copy.deepcopy(model), batches, AdaRoundConfig(bits=4, iterations=20))
-    b = adaround(copy.deepcopy(model), batches, AdaRoundConfig(bits=4, iterations=20, upstream_correction=1))
-    assert all(torch.equal(x.integer_weight, y.integer_weight) for x, y in zip(a.layers.values(), b.layers.values()))
+def _conv_then_linear() -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 4),
+    )
+    return model, list(torch.randn(64, 3, 6, 6).split(16))
+
+
+def _layers(model, batches, **options):
+    return adaround(copy.deepcopy(model), batches, AdaRoundConfig(bits=3, iterations=20, **options)).layers
+
+
+def test_the_default_is_by_the_units_layers():
+    """``None``: 0.5 for a unit of Linear layers only (transformers overfit the full correction),
+    1 for any other (convolutions, and a block holding one)."""
+    assert AdaRoundConfig().upstream_correction is None
+    config = AdaRoundConfig()
+    assert config.upstream_correction_for([nn.Linear(2, 2)]) == 0.5
+    assert config.upstream_correction_for([nn.Conv2d(2, 2, 1)]) == 1.0
+    assert config.upstream_correction_for([nn.Conv2d(2, 2, 1), nn.Linear(2, 2)]) == 1.0
+    assert AdaRoundConfig(upstream_correction=0.25).upstream_correction_for([nn.Linear(2, 2)]) == 0.25
+
+
+@pytest.mark.parametrize("model, same_as", [
+    ("convolutions", 1.0), ("linears", 0.5), ("blocks: convolutions, then linears", None),
+])
+def test_the_default_rounds_as_the_correction_it_names(model, same_as):
+    """The default rounds a model of convolutions as ``1`` and one of Linear layers as ``0.5``, to the
+    bit; blocks of each kind as their own. A unit's round-to-nearest error is measured against its
+    target, so equal errors show the same correction was used."""
+    net, batches = _conv_then_linear()
+    options = {}
+    if model == "convolutions":
+        net = net[:4]
+    elif model == "linears":
+        net, batches = net[5:], [net[:5](b).detach() for b in batches]
+    else:
+        options = dict(reconstruction="block", blocks=["[0:4]", "[5:8]"])
+    default = _layers(net, batches, **options)
+    if same_as is not None:
+        named = _layers(net, batches, upstream_correction=same_as, **options)
+        other = _layers(net, batches, upstream_correction=1.5 - same_as, **options)
+        last = list(default)[-1]
+        assert named[last].nearest_mse != other[last].nearest_mse  # the test tells the two apart
+    else:
+        full, half = (_layers(net, batches, upstream_correction=c, **options) for c in (1.0, 0.5))
+        named = {**{n: full[n] for n in ("0", "2")}, **{n: half[n] for n in ("5", "7")}}
+        assert half["7"].nearest_mse < 0.9 * full["7"].nearest_mse
+    for name in default:
+        assert default[name].nearest_mse == named[name].nearest_mse, name
+        assert torch.equal(default[name].integer_weight, named[name].integer_weight), name
+
+
+def test_the_paper_is_one_option_away():
+    """Linear layers get half the correction by default; ``upstream_correction=1`` gives the paper's."""
+    paper, default = _run(1.0, "moments"), _run(None, "moments")
+    assert default["1"].nearest_mse == pytest.approx(0.25 * paper["1"].nearest_mse, rel=1e-4)

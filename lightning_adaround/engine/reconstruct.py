@@ -220,13 +220,14 @@ def build_objective(
     ), len(run.capture.batches) * run.capture.calls_per_batch(first_name))
     arguments = UnitArguments(unit, first[1], first[1][0][0].shape) if first is not None else None
     per_sample_rows = True
+    correction = config.upstream_correction_for([unit.layer_module(n) for n in unit.layers])
     for index, rounded_call, float_call in chain([first], calls) if first is not None else ():
         assert arguments is not None
         x = rounded_call[0][0].detach()
         x_float = x if float_call is rounded_call else float_call[0][0].detach()
         per_sample = arguments.per_sample(rounded_call, x.shape)
         check_finite(f"{unit.kind} {unit.name!r}", [("input", x), ("float-model input", x_float)], fix=_fix(unit))
-        x_target = target_input(x, x_float, config.upstream_correction)
+        x_target = target_input(x, x_float, correction)
         keep, held, by_sample = _held_out_rows(run, held_out, index, x.shape[0])
         per_sample_rows = per_sample_rows and by_sample
         pieces = []

@@ -136,12 +136,18 @@ def _hash_batches(batches: Sequence[Any]) -> str:
     return digest.hexdigest()
 
 
+# Settings whose default changed after they were added: what a checkpoint written before the
+# setting existed rounded with (its default then), not today's default.
+_FIRST_DEFAULTS = {"upstream_correction": 1.0}
+
+
 def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """What differs between a saved fingerprint and this run's, in words."""
     found = []
     # A setting added after the checkpoint was written counts as its default there: a new
     # setting's default rounds as the library did before it (else VERSION is raised).
     defaults = {f.name: _plain(getattr(AdaRoundConfig(), f.name)) for f in dataclasses.fields(AdaRoundConfig)}
+    defaults.update(_FIRST_DEFAULTS)
     old = {**{k: v for k, v in defaults.items() if k in now["settings"]}, **saved.get("settings", {})}
     new = now["settings"]
     for key in sorted(set(old) | set(new)):
