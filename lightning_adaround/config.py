@@ -70,8 +70,8 @@ class AdaRoundConfig:
         block_loss: ``"mse"``, or ``"fisher"``: weight each block-output element by the squared
             gradient of the task loss (``task_loss=`` on ``adaround``/the callback), as BRECQ.
         iterations: Optimisation steps per layer or block. The paper's 10,000 cost 3-5x the time of
-            2,000 for no measured gain on EfficientNet-Lite1 (KL 0.213 against 0.226, within noise)
-            and 0.005 of cosine on MiniLM (docs/four-bits.md).
+            2,000 for no gain beyond noise: EfficientNet-Lite1 KL 0.213 against 0.226, MiniLM cosine
+            0.981 against 0.978 (docs/four-bits.md).
         batch_size: Calibration samples per step (paper: 32).
         lr: Adam learning rate on the rounding variables (the paper's ``1e-3``); ``None`` ties it
             to ``iterations``: ``1e-3`` at the paper's 10,000, ``1e-2`` at 500 and fewer (measured
