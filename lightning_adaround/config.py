@@ -90,7 +90,7 @@ class AdaRoundConfig:
             the full correction to its calibration text (MiniLM W4 per-channel: cosine 0.958 at
             ``1``, 0.981 at ``0.5``, 10,000 iterations), while a depthwise-separable CNN needs it
             (EfficientNet-Lite1: top-1 agreement 0.629 at ``1``, 0.535 at ``0.5``); measured in
-            docs/four-bits.md.
+            docs/four-bits.md. The summary's note names any correction other than ``1``.
         reg_lambda: Weight of the rounding regularizer.
         warm_start: Fraction of iterations with the regularizer off.
         beta_start, beta_end: Regularizer exponent, annealed on a cosine after the warm start.

@@ -109,3 +109,15 @@ def test_the_paper_is_one_option_away():
     """Linear layers get half the correction by default; ``upstream_correction=1`` gives the paper's."""
     paper, default = _run(1.0, "moments"), _run(None, "moments")
     assert default["1"].nearest_mse == pytest.approx(0.25 * paper["1"].nearest_mse, rel=1e-4)
+
+
+def test_the_summary_says_which_correction_a_layer_was_fitted_with():
+    """The per-layer note names a correction other than the paper's 1, and why it was chosen."""
+    model, batches = _conv_then_linear()
+    by_default = adaround(copy.deepcopy(model), batches, AdaRoundConfig(bits=3, iterations=20))
+    assert "upstream correction 0.5 (Linear layers' default)" in by_default.layers["5"].note
+    assert "upstream correction" not in by_default.layers["2"].note
+    assert "upstream correction 0.5 (Linear layers' default)" in by_default.summary_table()
+    chosen = adaround(copy.deepcopy(model), batches, AdaRoundConfig(bits=3, iterations=20, upstream_correction=0.25))
+    assert "upstream correction 0.25" in chosen.layers["2"].note
+    assert "default" not in chosen.layers["2"].note

@@ -290,7 +290,11 @@ def build_objective(
         channel_errors = _inner_channel_errors(unit, train, weights, float_weights, device, reducer)
     if not per_sample_rows and config.holdout_fraction > 0:
         note = "; ".join(filter(None, [note, "input rows not per sample: none held out"]))
-    note = "; ".join(filter(None, [note, cache.note]))
+    # the paper's target (1) goes unsaid; any other is what this unit was fitted to, and why
+    upstream = f"upstream correction {correction:g}" if correction != 1.0 else ""
+    if upstream and config.upstream_correction is None:
+        upstream += " (Linear layers' default)"
+    note = "; ".join(filter(None, [note, upstream, cache.note]))
     return UnitObjective(
         objective, train_samples, eval_total or train_samples, unit.ops, note, cache_bytes, channel_errors,
     )
