@@ -261,9 +261,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=500, help="AdaRound steps per layer")
     parser.add_argument(
-        "--upstream-correction", type=float, default=1.0,
-        help="share of the earlier layers' rounding error each layer makes up for (1: the paper; "
-             "0.5 suits transformers: cosine 0.981 against 0.958 at 10,000 iterations, docs/four-bits.md)",
+        "--upstream-correction", type=float, default=None,
+        help="share of the earlier layers' rounding error each layer makes up for (default: the library's, "
+             "0.5 for Linear layers; 1: the paper's, cosine 0.958 against 0.981 at 10,000 iterations, "
+             "docs/four-bits.md)",
     )
     parser.add_argument("--calibration-samples", type=int, default=128, help="calibration chunks")
     parser.add_argument("--holdout-samples", type=int, default=256, help="held-out chunks scored")
