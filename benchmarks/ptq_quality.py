@@ -69,7 +69,7 @@ BIAS_CORRECTION = {"off": False, "on": True, "auto": "auto"}  # --bias-correctio
 
 
 def quantize(
-    model: nn.Module, method: str, grid: dict[str, Any], preparation: str, batches: list[Any], iterations: int,
+    model: nn.Module, method: str, grid: dict[str, Any], preparation: str, batches: list[Any], iterations: Optional[int],
     batch_size: int = 32, lr: Optional[float] = 1e-3, scale_method: str = "mse", bias_correction: Union[bool, str] = False,
     gptq_blocks: tuple[str, ...] = (), learn_scale: bool = False, scale_lr: float = 1e-4,
     upstream_correction: Optional[float] = None, **options: Any,
@@ -110,6 +110,11 @@ def _scale_of(method: str, scale_method: str, learn: bool = False, scale_lr: flo
 def _learning_rate(text: str) -> Optional[float]:
     """--lr: a number, or 'tied' for ``lr=None`` (the rate follows the iteration count)."""
     return None if text == "tied" else float(text)
+
+
+def _iterations(text: str) -> Optional[int]:
+    """--iterations: a number, or 'default' for ``iterations=None`` (by each unit's layers)."""
+    return None if text == "default" else int(text)
 
 
 def _lr_cell(lr: Optional[float], iterations: int) -> str:
@@ -222,7 +227,9 @@ def main() -> None:
     parser.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--preparation", nargs="+", choices=list(PREPARATIONS), default=list(PREPARATIONS),
                         help="EfficientNet only; MiniLM has no BatchNorm or ReLU pairs")
-    parser.add_argument("--iterations", type=int, default=500, help="per layer (layer mode) or per block")
+    parser.add_argument("--iterations", type=_iterations, default=500,
+                        help="per layer (layer mode) or per block, or 'default' (iterations=None: 1,000 for Linear "
+                             "layers, 10,000 for others)")
     parser.add_argument("--lr", type=_learning_rate, default=AdaRoundConfig().lr,
                         help="Adam learning rate on the rounding variables, or 'tied' (lr=None: tied to --iterations)")
     parser.add_argument("--scale-method", choices=["mse", "minmax", "output", "auto"], default="mse",
@@ -247,7 +254,7 @@ def main() -> None:
     args.bias_correction = BIAS_CORRECTION[args.bias_correction]
     global SHOW_SUMMARY
     SHOW_SUMMARY = args.summary
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.iterations} iterations, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.iterations or 'default'} iterations, "
           f"{args.calibration} calibration / {args.holdout} held-out samples")
     rows = []
     started = time.perf_counter()

@@ -253,6 +253,24 @@ def test_progress_bar_and_summary_table(tmp_path, capsys, caplog, bar):
     assert "AdaRound net" not in out.out + out.err
 
 
+@pytest.mark.parametrize("bar", ["TQDMProgressBar", "RichProgressBar"])
+def test_progress_bar_counts_the_steps_each_unit_takes_by_default(tmp_path, capsys, bar):
+    """``iterations=None``: each unit's count is known only as it starts (1,000 for these Linear
+    layers); the bar is resized then and ends at the steps taken."""
+    import lightning.pytorch as pl
+
+    from lightning_adaround import AdaRoundCallback
+
+    Boring, BoringData, _ = make_classes(pl)
+    cb = make_callback(AdaRoundCallback, iterations=None)
+    progress = getattr(pl.callbacks, bar)()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb, progress], logger=False, enable_progress_bar=True))
+    trainer.fit(Boring(), datamodule=BoringData())
+    text = "".join(capsys.readouterr())
+    assert {r.iterations for r in cb.result.layers.values()} == {1000}
+    assert ("2000/2000" in text) if bar == "TQDMProgressBar" else ("100%" in text)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -121,3 +121,19 @@ def test_the_summary_says_which_correction_a_layer_was_fitted_with():
     chosen = adaround(copy.deepcopy(model), batches, AdaRoundConfig(bits=3, iterations=20, upstream_correction=0.25))
     assert "upstream correction 0.25" in chosen.layers["2"].note
     assert "default" not in chosen.layers["2"].note
+
+
+def test_iterations_default_by_the_units_layers():
+    """``iterations=None``: 1,000 for a unit of Linear layers only (MiniLM: the same cosine as at
+    10,000), the paper's 10,000 for any other; each layer's result says what it took."""
+    config = AdaRoundConfig()
+    assert config.iterations is None
+    assert config.iterations_for([nn.Linear(2, 2)]) == 1_000
+    assert config.iterations_for([nn.Conv2d(2, 2, 1)]) == 10_000
+    assert config.iterations_for([nn.Conv2d(2, 2, 1), nn.Linear(2, 2)]) == 10_000
+    assert AdaRoundConfig(iterations=20).iterations_for([nn.Conv2d(2, 2, 1)]) == 20
+    model, batches = _conv_then_linear()
+    small = nn.Sequential(model[0], model[1], nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    layers = adaround(copy.deepcopy(small), batches, AdaRoundConfig(bits=3, reg_lambda=0.01)).layers
+    assert layers["0"].iterations == 10_000 and layers["3"].iterations == 1_000
+    assert len(layers["3"].history) and layers["3"].history[-1][0] == 999

@@ -56,7 +56,6 @@ def round_units(
     config, reducer, device, generator = data.config, data.reducer, data.device, data.generator
     writes = checkpoint is not None and reducer.is_main
     result = AdaRoundResult()
-    schedule = BetaSchedule(config.iterations, config.warm_start, config.beta_start, config.beta_end)
     rounded: dict[str, nn.Module] = {}
     block_of = {layer: block for block in blocks for layer in block.layers}
     units: list[Unit] = []
@@ -90,6 +89,10 @@ def round_units(
                     observer.on_layer_restored(saved.result)
                 continue
         started = time.perf_counter()
+        # iterations=None: by the unit's layers (fewer for Linear layers only), like upstream_correction
+        steps = config.iterations_for([modules[n] for n in names])
+        learning_rate = dataclasses.replace(config, iterations=steps).learning_rate  # lr=None ties it to steps
+        schedule = BetaSchedule(steps, config.warm_start, config.beta_start, config.beta_end)
         held_out = data.layout.unit_held_out(config.holdout_fraction, config.seed, positions[0])
         prepared = build_objective(data, unit, rounded, float_weights, held_out)
         if prepared is None:
@@ -110,7 +113,7 @@ def round_units(
                     "round-to-nearest weights: its weights or inputs are too large for float32 arithmetic. "
                     f"Check the model and the calibration data, or leave the layer in float with exclude={names!r}."
                 )
-        observer.on_layer_start(label, index, config.iterations)
+        observer.on_layer_start(label, index, steps)
         # rows split over processes: their gradients are averaged at each step, from the moment a
         # process may fail on the way there (it then meets the others in that average)
         sync = objective.sharded or (reducer.world_size > 1 and reducer.sync_every_step)
@@ -123,10 +126,10 @@ def round_units(
             live = observer if len(candidates) == 1 else None  # else the curves of the rounding kept, after
             on_log = _step_logger(history, kind, label, live)
             numel = sum(w.numel() for w in weights) + learned
-            with reducer.stepping(numel, config.iterations, f"{kind} {label!r}") if sync else nullcontext():
+            with reducer.stepping(numel, steps, f"{kind} {label!r}") if sync else nullcontext():
                 roundings = [RoundingVariable(w, g, learn_scale=config.learn_scale) for w, g in zip(weights, grids)]
                 optimize_rounding(
-                    roundings, objective, config.iterations, config.learning_rate, config.reg_lambda, schedule,
+                    roundings, objective, steps, learning_rate, config.reg_lambda, schedule,
                     average_gradients=reducer.average_gradients if sync else None, on_log=on_log,
                     log_every_n_steps=_log_interval(config), should_stop=observer.should_stop,
                     scale_lr=config.scale_lr,
@@ -162,7 +165,7 @@ def round_units(
                 qmin=grid.qmin, qmax=grid.qmax, axis=grid.axis,
                 integer_weight=compact_integer(rounding.integer_weight(), grid.qmin, grid.qmax),
                 nearest_mse=nearest_mse, adaround_mse=adaround_mse,
-                iterations=config.iterations, seconds=seconds / len(names),
+                iterations=steps, seconds=seconds / len(names),
                 num_samples=prepared.num_samples, eval_samples=prepared.eval_samples,
                 loss_form=objective.form,
                 with_activation=prepared.ops is not None and prepared.ops.activation is not None,

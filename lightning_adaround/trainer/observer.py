@@ -7,7 +7,7 @@ The callback hands :class:`TrainerObserver` to the core as its observer; nothing
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from lightning_adaround.observer import AdaRoundObserver
 from lightning_adaround.result import AdaRoundResult, LayerResult
@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 class TrainerObserver(AdaRoundObserver):
     """Sends the core's progress to the Trainer's loggers and progress bar."""
 
-    def __init__(self, callback: _AdaRoundCallbackBase, trainer: Any, iterations: int) -> None:
+    def __init__(self, callback: _AdaRoundCallbackBase, trainer: Any, iterations: Optional[int]) -> None:
+        """``iterations``: the config's; ``None`` (per unit, by its layers) sizes the bar as each unit starts."""
         self.callback = callback
         self.trainer = trainer
         self.iterations = iterations
@@ -36,9 +37,12 @@ class TrainerObserver(AdaRoundObserver):
             logger.log_metrics(metrics, step=step)
 
     def on_start(self, layer_names: list[str]) -> None:
-        self.progress.start(len(layer_names) * self.iterations)
+        self._units = len(layer_names)
+        self.progress.start(None if self.iterations is None else self._units * self.iterations)
 
     def on_layer_start(self, name: str, index: int, iterations: int) -> None:
+        if self.iterations is None:  # the steps so far, this unit's, and as many for each one left
+            self.progress.set_total(self.progress.done + iterations * (self._units - index))
         self.progress.describe(f"AdaRound {name}")
         self._layer_start = self.callback._log_step
 
@@ -153,8 +157,9 @@ class TrainerProgress:
             rich = any(cls.__name__ == "RichProgressBar" for cls in type(bar).__mro__)
             self.kind = "rich" if rich else "tqdm"
         self._bar: Any = None
+        self.done = 0  # steps counted so far
 
-    def start(self, total: int) -> None:
+    def start(self, total: Optional[int]) -> None:
         if self.kind == "rich":
             from rich.progress import Progress
 
@@ -174,9 +179,17 @@ class TrainerProgress:
         elif self.kind == "tqdm":
             self._bar.set_description(text)
 
+    def set_total(self, total: int) -> None:
+        if self.kind == "rich":
+            self._bar.update(self._task, total=total)
+        elif self.kind == "tqdm":
+            self._bar.total = total
+            self._bar.refresh()
+
     def update(self, steps: int) -> None:
         if steps <= 0 or self._bar is None:
             return
+        self.done += steps
         if self.kind == "rich":
             self._bar.update(self._task, advance=steps)
         else:
