@@ -212,9 +212,13 @@ class AdaRoundConfig:
     @property
     def learning_rate(self) -> float:
         """``lr``, or the rate tied to ``iterations`` when ``lr`` is ``None`` (the paper's count when that is ``None``)."""
+        return self.learning_rate_for(self.iterations or PAPER_ITERATIONS)
+
+    def learning_rate_for(self, iterations: int) -> float:
+        """``lr``, or with ``lr=None`` the rate tied to a unit's ``iterations``."""
         if self.lr is not None:
             return self.lr
-        steps = min(max(self.iterations or PAPER_ITERATIONS, 500), 10_000)
+        steps = min(max(iterations, 500), 10_000)
         return 1e-2 * 10 ** (-math.log(steps / 500) / math.log(20))
 
     def iterations_for(self, layers: Sequence[nn.Module]) -> int:

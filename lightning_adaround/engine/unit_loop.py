@@ -91,7 +91,7 @@ def round_units(
         started = time.perf_counter()
         # iterations=None: by the unit's layers (fewer for Linear layers only), like upstream_correction
         steps = config.iterations_for([modules[n] for n in names])
-        learning_rate = dataclasses.replace(config, iterations=steps).learning_rate  # lr=None ties it to steps
+        learning_rate = config.learning_rate_for(steps)
         schedule = BetaSchedule(steps, config.warm_start, config.beta_start, config.beta_end)
         held_out = data.layout.unit_held_out(config.holdout_fraction, config.seed, positions[0])
         prepared = build_objective(data, unit, rounded, float_weights, held_out)
