@@ -117,6 +117,8 @@ def main() -> None:
     )
     trainer.fit(Net(), train_dataloaders=DataLoader(dataset(), batch_size=32, shuffle=True))
     (OUT / "report.json").write_text(json.dumps(REPORT, indent=1))
+    if torch.distributed.is_initialized():  # exiting with the group up can abort (see ddp_case.py)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -122,6 +122,10 @@ def main() -> None:
         trainer.validate(model, dataloaders=DataLoader(dataset(), batch_size=64), verbose=False)
     else:
         trainer.fit(model, datamodule=Data())
+    # Lightning leaves the process group up; exiting with it can abort (SIGABRT, "terminate called without an
+    # active exception") while gloo's threads are torn down after the interpreter (pytorch/pytorch#190489).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

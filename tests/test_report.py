@@ -352,3 +352,31 @@ def test_a_logger_that_refuses_the_image_costs_a_warning_not_the_result(tmp_path
     with pytest.warns(UserWarning, match="could not send the report to Failing"):
         callback, _ = _fit(tmp_path, logger=logger)
     _is_png(Path(callback.report_path))
+
+
+def test_a_custom_logger_without_an_experiment_takes_no_image_and_costs_no_warning(tmp_path):
+    """Lightning's ``Logger`` base class has no ``experiment``; a user's own logger gets its metrics, no warning."""
+    import warnings
+
+    import lightning.pytorch as pl
+
+    class Recording(pl.loggers.Logger):
+        name, version = "recording", 0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.metrics: list[dict] = []
+
+        def log_hyperparams(self, params, *args, **kwargs) -> None:
+            pass
+
+        def log_metrics(self, metrics, step=None) -> None:
+            self.metrics.append(dict(metrics))
+
+    logger = Recording()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callback, _ = _fit(tmp_path, logger=logger, default_root_dir=tmp_path)
+    assert not [w for w in caught if "could not send the report" in str(w.message)], [str(w.message) for w in caught]
+    assert any(k.startswith("adaround/") for m in logger.metrics for k in m)
+    _is_png(Path(callback.report_path))

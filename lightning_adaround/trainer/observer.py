@@ -132,8 +132,10 @@ class TrainerObserver(AdaRoundObserver):
 
 
 def _send_figure(logger: Any, fig: Any, step: int) -> None:
-    """The report to one logger, by what it offers (no import of wandb or mlflow); CSV takes no images."""
-    experiment = logger.experiment
+    """The report to one logger, by what it offers (no import of wandb or mlflow); CSV takes no images.
+
+    A custom ``Logger`` need not have an ``experiment`` (Lightning's base class has none): it takes no image."""
+    experiment = getattr(logger, "experiment", None)
     if callable(getattr(experiment, "add_figure", None)):  # TensorBoard's SummaryWriter
         experiment.add_figure("adaround/report", fig, global_step=step, close=False)
     elif callable(getattr(experiment, "log_figure", None)) and getattr(logger, "run_id", None):  # MlflowClient
