@@ -29,6 +29,11 @@ LINEAR_ITERATIONS = 1_000
 DEFAULT_LOG_EVERY_N_STEPS = 50
 
 
+def _linear_only(layers: Sequence[nn.Module]) -> bool:
+    """Whether a unit holds only ``nn.Linear`` layers: the kind the ``None`` defaults tell apart."""
+    return all(isinstance(m, nn.Linear) for m in layers)
+
+
 @dataclass(frozen=True)
 class AdaRoundConfig:
     """How to round.
@@ -218,20 +223,20 @@ class AdaRoundConfig:
         """``lr``, or with ``lr=None`` the rate tied to a unit's ``iterations``."""
         if self.lr is not None:
             return self.lr
-        steps = min(max(iterations, 500), 10_000)
+        steps = min(max(iterations, 500), PAPER_ITERATIONS)
         return 1e-2 * 10 ** (-math.log(steps / 500) / math.log(20))
 
     def iterations_for(self, layers: Sequence[nn.Module]) -> int:
         """``iterations`` for a unit of these layers; by their kind when it is ``None``."""
         if self.iterations is not None:
             return self.iterations
-        return LINEAR_ITERATIONS if all(isinstance(m, nn.Linear) for m in layers) else PAPER_ITERATIONS
+        return LINEAR_ITERATIONS if _linear_only(layers) else PAPER_ITERATIONS
 
     def upstream_correction_for(self, layers: Sequence[nn.Module]) -> float:
         """``upstream_correction`` for a unit of these layers; by their kind when it is ``None``."""
         if self.upstream_correction is not None:
             return float(self.upstream_correction)
-        return LINEAR_UPSTREAM_CORRECTION if all(isinstance(m, nn.Linear) for m in layers) else 1.0
+        return LINEAR_UPSTREAM_CORRECTION if _linear_only(layers) else 1.0
 
     def __post_init__(self) -> None:
         # Copies the caller cannot change afterwards (the instance is frozen: object.__setattr__).
